@@ -1,0 +1,29 @@
+"""Errors that a step reports as one clear line, without a traceback."""
+
+
+class PipelineError(Exception):
+    """Base class: the entry point prints the message and exits with status 1."""
+
+
+class ConfigError(PipelineError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DataError(PipelineError):
+    """A source file or stored dataset is missing or malformed."""
+
+
+class StorageError(PipelineError):
+    """Storage cannot be reached or refuses an operation."""
+
+
+class NotFoundError(StorageError):
+    """A key does not exist in storage."""
+
+
+class TrackingError(PipelineError):
+    """The MLflow tracking server or registry cannot serve the request."""
+
+
+class ModelError(PipelineError):
+    """A model cannot be loaded."""

@@ -1,0 +1,64 @@
+"""MLflow connection and the run that each step logs into."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import requests
+from mlflow.entities import Run
+from omegaconf import DictConfig
+
+from steps.config import code_version, flatten, to_yaml
+from steps.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: DictConfig) -> None:
+    """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds."""
+    uri = str(cfg.tracking.uri)
+    scheme = urlparse(uri).scheme
+    artifact_location = None
+    if scheme in ("http", "https"):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=cfg.tracking.connect_timeout_s).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingError(
+                f"no MLflow tracking server at {uri} ({type(exc).__name__}): start one (`docker compose up mlflow -d` "
+                "or `mlflow server`), or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from None
+    elif scheme == "sqlite":
+        database = Path(urlparse(uri).path[1:])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = (database.parent / "artifacts").as_uri()
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    try:
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+        mlflow.set_experiment(name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"MLflow at {uri} refused experiment '{name}': {exc.message}") from None
+
+
+@contextlib.contextmanager
+def step_run(cfg: DictConfig, step: str, nested: bool = False) -> Iterator[Run]:
+    """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
+    connect(cfg)
+    with mlflow.start_run(run_name=step, nested=nested) as run:
+        mlflow.set_tags({"step": step, "git_commit": code_version()})
+        mlflow.log_params(flatten(cfg))
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        log.info(
+            "%s: MLflow run %s in experiment '%s' at %s",
+            step,
+            run.info.run_id,
+            cfg.tracking.experiment,
+            cfg.tracking.uri,
+        )
+        yield run
