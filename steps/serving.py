@@ -76,3 +76,8 @@ class OnnxClassifier:
             }
             out.append(self.session.run(["logits"], feed)[0])
         return np.concatenate(out)
+
+
+def onnx_logits(bundle: Path, texts: list[str], batch_size: int) -> np.ndarray:
+    """Logits of the bundle's int8 model for ``texts``."""
+    return OnnxClassifier(bundle, batch_size).logits(texts)
