@@ -50,12 +50,15 @@ def _read_text_lines(path: Path) -> list[str]:
             line.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _fail(path, number, f"bytes are not UTF-8 ({exc.reason} at column {exc.start + 1})") from None
-    return raw.decode("utf-8").splitlines(keepends=True)
+    # Only \n, \r\n and \r end a line: str.splitlines would also split at U+2028, U+0085 and others inside a text.
+    return io.StringIO(raw.decode("utf-8"), newline="").readlines()
 
 
 def _check(path: Path, line: int, text: object, label: object, n_labels: int, base: int) -> tuple[str, int]:
     if not isinstance(text, str) or not text.strip():
         raise _fail(path, line, "empty text")
+    if label is None or label is pd.NA:
+        raise _fail(path, line, "missing label")
     if isinstance(label, bool) or not isinstance(label, int) or not base <= label < base + n_labels:
         raise _fail(path, line, f"label {label!r} out of range {base}-{base + n_labels - 1}")
     return text, label - base
@@ -73,7 +76,7 @@ def parse_csv(path: Path, n_labels: int) -> pd.DataFrame:
         if len(row) != 3:
             raise _fail(path, line, f"expected 3 columns (class, title, description), found {len(row)}")
         label, title, description = row
-        if not label.strip().isdigit():
+        if not label.strip().isdecimal():
             problem = "a header row, but AG News CSV has none" if line == 1 else f"class {label!r} is not a number"
             raise _fail(path, line, problem)
         rows.append(_check(path, line, f"{title} {description}".strip(), int(label), n_labels, base=1))
@@ -103,9 +106,11 @@ def parse_records(path: Path, frame: pd.DataFrame, n_labels: int) -> pd.DataFram
         raise _fail(path, None, "empty file")
     if sorted(frame.columns) != ["label", "text"]:
         raise _fail(path, None, f"expected columns ['label', 'text'], found {sorted(map(str, frame.columns))}")
+    # Python ints (a column with nulls reads as float: convert_dtypes restores the ints), pd.NA for nulls.
+    labels = frame["label"].convert_dtypes().tolist()
     rows = [
-        _check(path, row, text, int(label) if not isinstance(label, bool) else label, n_labels, base=0)
-        for row, (text, label) in enumerate(zip(frame["text"], frame["label"], strict=True), 1)
+        _check(path, row, text, label, n_labels, base=0)
+        for row, (text, label) in enumerate(zip(frame["text"].tolist(), labels, strict=True), 1)
     ]
     return pd.DataFrame(rows, columns=["text", "label"])
 
@@ -214,43 +219,52 @@ def is_current(storage: Storage, prefix: str, files: dict[str, bytes]) -> bool:
         stored = read_info(storage, prefix)["files"]
     except DataError:
         return False
-    return stored.keys() == files.keys() and all(
+    in_place = stored.keys() == files.keys() and all(
         stored[name]["sha256"] == sha256(data) and storage.size(f"{prefix}/{name}") == len(data)
         for name, data in files.items()
     )
+    return in_place and not storage.list(f"{prefix}/{STAGING}")
+
+
+def _staged(prefix: str, name: str, digest: str) -> str:
+    return f"{prefix}/{STAGING}/{digest}/{name}"
 
 
 def publish(storage: Storage, prefix: str, files: dict[str, bytes], info: dict) -> bool:
-    """Write the data files, then info.json last; return False when storage already holds them.
+    """Stage the data files, commit them with info.json, then move them into place.
 
-    New files go to a staging prefix first, so a run that dies while uploading leaves the previous dataset
-    intact; they are then copied into place and info.json commits them.
+    Returns False when storage already holds exactly these files. A run that dies before info.json is written
+    leaves the previous dataset as it was; one that dies after it leaves the new dataset readable, because
+    ``read_split`` falls back to the staged copy (kept under its sha256) until the file is in place.
     """
     if is_current(storage, prefix, files):
         return False
     for name, data in files.items():
-        storage.write_bytes(f"{prefix}/{STAGING}/{name}", data)
-    for name in files:
-        storage.copy(f"{prefix}/{STAGING}/{name}", f"{prefix}/{name}")
+        storage.write_bytes(_staged(prefix, name, sha256(data)), data)
     storage.write_bytes(f"{prefix}/{INFO}", json.dumps(info, indent=2).encode())
-    for name in files:
-        storage.delete(f"{prefix}/{STAGING}/{name}")
+    for name, data in files.items():
+        storage.copy(_staged(prefix, name, sha256(data)), f"{prefix}/{name}")
+    for key in storage.list(f"{prefix}/{STAGING}"):
+        storage.delete(key)
     return True
 
 
 def read_split(storage: Storage, prefix: str, split: str) -> pd.DataFrame:
-    """Load a split from storage after checking its sha256 against info.json."""
+    """Load a split from storage after checking its sha256 against info.json.
+
+    A file that an interrupted upload committed but did not move into place is read from its staged copy.
+    """
     info = read_info(storage, prefix)
     name = f"{split}.jsonl"
     if name not in info["files"]:
         raise DataError(f"{storage.url(prefix)}/{INFO} lists no {name}")
-    try:
-        data = storage.read_bytes(f"{prefix}/{name}")
-    except NotFoundError:
-        raise DataError(f"{storage.url(f'{prefix}/{name}')} is missing: run the upload step again") from None
-    if sha256(data) != info["files"][name]["sha256"]:
-        raise DataError(
-            f"{storage.url(f'{prefix}/{name}')}: sha256 does not match {INFO} (corrupt or half-written); "
-            "run the upload step again"
-        )
-    return pd.read_json(io.BytesIO(data), lines=True, dtype={"text": str, "label": int})
+    digest = info["files"][name]["sha256"]
+    key = f"{prefix}/{name}"
+    for candidate in (key, _staged(prefix, name, digest)):
+        if storage.exists(candidate) and sha256(data := storage.read_bytes(candidate)) == digest:
+            return pd.read_json(io.BytesIO(data), lines=True, dtype={"text": str, "label": int})
+    if not storage.exists(key):
+        raise DataError(f"{storage.url(key)} is missing: run the upload step again")
+    raise DataError(
+        f"{storage.url(key)}: sha256 does not match {INFO} (corrupt or half-written); run the upload step again"
+    )
