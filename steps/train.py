@@ -197,17 +197,14 @@ def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[s
     """Final metrics, confusion matrix, classification report and misclassified texts."""
     y_true = fitted.eval_frame.label.to_numpy()
     y_pred = fitted.probs.argmax(1)
-    final = metrics.classification_metrics(labels, y_true, y_pred)
+    final = metrics.classification_metrics(labels, y_true, y_pred) | {
+        "train_samples_per_second": fitted.train_metrics["train_samples_per_second"],
+        "train_wall_time_s": fitted.train_metrics["train_wall_time_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_rows": len(fitted.trainer.train_dataset),
+        "eval_rows": len(y_true),
+    }
     mlflow.log_metrics(final)
-    mlflow.log_metrics(
-        {
-            "train_samples_per_second": fitted.train_metrics["train_samples_per_second"],
-            "train_wall_time_s": fitted.train_metrics["train_wall_time_s"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "train_rows": len(fitted.trainer.train_dataset),
-            "eval_rows": len(y_true),
-        }
-    )
     mlflow.log_figure(metrics.confusion_figure(labels, y_true, y_pred), "confusion_matrix.png")
     mlflow.log_dict(metrics.report(labels, y_true, y_pred), "classification_report.json")
     texts = fitted.eval_frame.text.tolist()

@@ -1,0 +1,106 @@
+"""Training benchmarks on the real AG News copy, through the train step itself.
+
+    python bench/train_bench.py throughput [overrides...]   # seed recipe vs ours, same data and sample count
+    python bench/train_bench.py accuracy [overrides...]     # minilm, 5,000 samples, 3 epochs, full test split
+
+Each run uploads AG News (AGNEWS_DIR, default ../shared/data/ag_news) into a temporary store and tracking
+database, trains, and writes its figures to bench/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from steps.config import PROJECT_ROOT, compose
+from steps.train import train
+from steps.tracking import step_run
+from steps.upload import upload
+
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
+RESULTS = PROJECT_ROOT / "bench" / "results"
+
+# The benchmark settings: the issue's protocol, written once here.
+THROUGHPUT = ["model=minilm", "data.sample_size=512", "train.epochs=1", "data.eval_size=1000"]
+ACCURACY = [
+    "model=minilm",
+    "data.sample_size=5000",
+    "train.epochs=3",
+    "train.learning_rate=8e-5",
+    "train.warmup_ratio=0.1",
+]
+KEYS = (
+    "accuracy",
+    "f1_macro",
+    "onnx_int8_accuracy",
+    "onnx_int8_agreement",
+    "train_samples_per_second",
+    "train_wall_time_s",
+    "peak_rss_mb",
+    "train_rows",
+    "eval_rows",
+)
+
+
+def run(workdir: Path, overrides: list[str]) -> dict[str, float]:
+    cfg = compose(
+        [
+            f"storage.uri={workdir / 'store'}",
+            f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"train.output_dir={workdir / 'checkpoints'}",
+            f"data.source={AGNEWS_DIR}",
+            *overrides,
+        ]
+    )
+    upload(cfg)
+    with step_run(cfg, "train"):
+        final = train(cfg)
+    return {key: final[key] for key in KEYS}
+
+
+def machine() -> dict[str, str | int]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+    }
+
+
+def main() -> None:
+    name, extra = sys.argv[1], sys.argv[2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "throughput":
+            seed = run(Path(tmp) / "seed", [*THROUGHPUT, "train=seed_recipe", *extra])
+            ours = run(Path(tmp) / "ours", [*THROUGHPUT, *extra])
+            result = {
+                "seed_recipe": seed,
+                "ours": ours,
+                "speedup": ours["train_samples_per_second"] / seed["train_samples_per_second"],
+                "accuracy_delta_points": 100 * (ours["accuracy"] - seed["accuracy"]),
+            }
+            overrides = THROUGHPUT + extra
+        elif name in ("accuracy", "gpu"):
+            overrides = ACCURACY + extra
+            result = run(Path(tmp) / name, overrides)
+        else:
+            raise SystemExit(f"unknown benchmark {name!r}: throughput, accuracy or gpu")
+    result |= {
+        "command": " ".join(["python bench/train_bench.py", name, *extra]),
+        "overrides": overrides,
+        "machine": machine(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
