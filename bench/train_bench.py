@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from steps.config import PROJECT_ROOT, compose
-from steps.train import train
 from steps.tracking import step_run
+from steps.train import train
 from steps.upload import upload
 
 AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
