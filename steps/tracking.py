@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def connect(cfg: DictConfig) -> None:
-    """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds."""
+    """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds.
+
+    Under ``mlflow run``, which has started the run already, the run's own experiment stays.
+    """
     uri = str(cfg.tracking.uri)
     scheme = urlparse(uri).scheme
     artifact_location = None
@@ -39,6 +43,11 @@ def connect(cfg: DictConfig) -> None:
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment
     try:
+        if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: join its run, in its experiment
+            joined = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+            if joined != name:
+                log.warning("logging into experiment '%s', not '%s': pass `--experiment-name %s`", joined, name, name)
+            return
         if mlflow.get_experiment_by_name(name) is None:
             mlflow.create_experiment(name, artifact_location=artifact_location)
         mlflow.set_experiment(name)
@@ -58,7 +67,7 @@ def step_run(cfg: DictConfig, step: str, nested: bool = False) -> Iterator[Run]:
             "%s: MLflow run %s in experiment '%s' at %s",
             step,
             run.info.run_id,
-            cfg.tracking.experiment,
+            mlflow.get_experiment(run.info.experiment_id).name,
             cfg.tracking.uri,
         )
         yield run
