@@ -28,7 +28,9 @@ class NewsClassifier(mlflow.pyfunc.PythonModel):
 
     # No annotations here: MLflow would read them as a type-hint signature; the logged signature rules.
     def predict(self, context, model_input, params=None):
-        texts = model_input["text"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+        if isinstance(model_input, pd.DataFrame):  # a `text` column, or the one unnamed column of a list input
+            model_input = model_input["text"] if "text" in model_input else model_input.iloc[:, 0]
+        texts = [str(text) for text in model_input]
         probs = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):

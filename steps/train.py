@@ -230,6 +230,7 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
     }
     mlflow.log_metrics(checks)
 
+    # One unnamed string column: MLflow then accepts a list of strings as well as a DataFrame with a `text` column.
     example = pd.DataFrame({"text": INPUT_EXAMPLE})
     output = pd.DataFrame({"predicted_class": labels[:1], "confidence": [1.0]}).join(
         pd.DataFrame([[0.25] * len(labels)], columns=labels)
@@ -239,7 +240,7 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
         python_model=pyfunc.__file__,
         artifacts={"model": str(model_dir), "serving": str(bundle_dir)},
         model_config={"batch_size": cfg.train.eval_batch_size},
-        signature=infer_signature(example, output),
+        signature=infer_signature(INPUT_EXAMPLE, output),
         input_example=example,
         pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, str, dict]:
     """One tiny training run on real rows, shared by the tests that inspect it."""
     root = tmp_path_factory.mktemp("train")
-    cfg = tiny_cfg(root)
+    cfg = tiny_cfg(root, "train.logging_steps=4")
     upload(cfg)
     with step_run(cfg, "train") as run:
         final = train(cfg)
@@ -94,7 +95,7 @@ def test_logged_model_has_signature_example_and_bundle(trained: tuple[DictConfig
     cfg, run_id, _ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
-    assert info.signature.inputs.input_names() == ["text"]
+    assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]  # list or `text` column
     assert info.signature.outputs.input_names() == ["predicted_class", "confidence", *LABELS]
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
     assert (local / "input_example.json").is_file()
@@ -141,25 +142,10 @@ def test_mlflow_models_serve_answers_invocations(trained: tuple[DictConfig, str,
     mlflow.set_tracking_uri(cfg.tracking.uri)
     local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            local,
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # the scoring server is started as `uvicorn` from PATH: put this interpreter's bin folder first
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager", "local"]
+    server = subprocess.Popen([*command, "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL)
     try:
         body = json.dumps({"dataframe_records": [{"text": "Stocks slid as oil prices jumped"}]}).encode()
         request = urllib.request.Request(
