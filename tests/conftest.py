@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,10 +71,24 @@ def s3_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def bucket(s3_env: str, request: pytest.FixtureRequest) -> str:
-    """A fresh, empty bucket on the moto server."""
-    name = "agnews-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    """A fresh, empty bucket on the moto server (a valid, unique name, also for parametrized tests)."""
+    name = f"agnews-{re.sub(r'[^a-z0-9]+', '-', request.node.name.lower())[:40].strip('-')}-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store with its tables made once: copy it where a test or step needs a fresh store.
+
+    Its Default experiment keeps artifacts beside the template (MLflow puts them in ./mlruns of the current folder).
+    """
+    from mlflow.tracking import MlflowClient  # heavy import, only for the tests that use it
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    with contextlib.chdir(folder):
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
 
 
 @pytest.fixture
