@@ -46,14 +46,27 @@ for _name, _fn in {
     OmegaConf.register_new_resolver(_name, _fn, replace=True)
 
 
-def split_overrides(args: list[str]) -> list[str]:
-    """Shell-split each argument, so that one MLproject parameter can carry several Hydra overrides.
+# A Hydra override: `key=value`, `+key=value`, `++key=value`, `~key` or `~key=value`.
+_OVERRIDE = re.compile(r"(\+{1,2})?[\w.@/-]+=.*|~[\w.@/-]+(=.*)?", re.DOTALL)
 
-    ``"data.sample_size=1000 train.epochs=1"`` becomes two overrides. An override with nothing after
-    ``=`` (an MLproject parameter left at its empty default) is dropped.
+
+def _split(arg: str) -> list[str]:
+    """Shell-split ``arg`` when every piece is an override; otherwise keep it whole (a value with spaces)."""
+    try:
+        pieces = shlex.split(arg)
+    except ValueError:
+        return [arg]
+    return pieces if all(_OVERRIDE.fullmatch(p) for p in pieces) else [arg]
+
+
+def split_overrides(args: list[str]) -> list[str]:
+    """Split arguments that carry several Hydra overrides, as one MLproject parameter does.
+
+    ``"data.sample_size=1000 train.epochs=1"`` becomes two overrides; ``"data.source=/a folder"`` stays one.
+    An override with nothing after ``=`` (an MLproject parameter left at its empty default) is dropped.
     """
-    overrides = [piece for arg in args for piece in shlex.split(arg)]
-    return [o for o in overrides if not re.fullmatch(r"[\w.+~/-]+=", o)]
+    overrides = [piece for arg in args for piece in _split(arg)]
+    return [o for o in overrides if not re.fullmatch(r"[\w.+~/@-]+=", o)]
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

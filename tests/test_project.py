@@ -15,7 +15,7 @@ from mlflow.projects._project_spec import load_project
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from steps.config import PROJECT_ROOT, compose
+from steps.config import PROJECT_ROOT, compose, split_overrides
 
 ENTRY_POINTS = ["upload", "train", "register", "mirror", "main"]
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
@@ -84,3 +84,18 @@ def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Pa
     params = run.data.params
     assert (params["data.sample_size"], params["train.epochs"], params["data.source"]) == ("1000", "1", str(source))
     assert params["tracking.uri"] == tracking
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data.sample_size=1000 train.epochs=1"], ["data.sample_size=1000", "train.epochs=1"]),
+        (["data.source=/data/ag news"], ["data.source=/data/ag news"]),  # a value with a space stays whole
+        (["data.source='/data/ag news' seed=3"], ["data.source=/data/ag news", "seed=3"]),
+        (["+train.extra=1 ++seed=2 ~data.eval_size"], ["+train.extra=1", "++seed=2", "~data.eval_size"]),
+        (["", "model=", "data.sample_size="], []),  # unset MLproject parameters
+        (["data.source='unbalanced"], ["data.source='unbalanced"]),  # left for Hydra to report
+    ],
+)
+def test_split_overrides(args: list[str], expected: list[str]) -> None:
+    assert split_overrides(args) == expected
