@@ -27,3 +27,7 @@ class TrackingError(PipelineError):
 
 class ModelError(PipelineError):
     """A model cannot be loaded."""
+
+
+class RegistryError(PipelineError):
+    """A run, model version or alias that the registry needs is missing or unusable."""

@@ -52,12 +52,18 @@ def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) ->
     mlflow.log_dict(info, INFO)
 
 
+def upload_and_log(cfg: DictConfig) -> bool:
+    """The step's work in the active run: publish, tag whether the dataset changed, log it; True when uploaded."""
+    splits, info, changed = upload(cfg)
+    mlflow.set_tag("dataset.changed", str(changed).lower())
+    log_dataset(cfg, splits, info)
+    return changed
+
+
 @entrypoint
 def main(cfg: DictConfig) -> None:
     with step_run(cfg, "upload"):
-        splits, info, changed = upload(cfg)
-        mlflow.set_tag("dataset.changed", str(changed).lower())
-        log_dataset(cfg, splits, info)
+        upload_and_log(cfg)
 
 
 if __name__ == "__main__":

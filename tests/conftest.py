@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+import requests
 from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
@@ -52,17 +57,22 @@ def moto_server() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
-def s3_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point boto3 at the moto server with dummy credentials; returns the endpoint."""
-    for name, value in {
-        "S3_ENDPOINT_URL": moto_server,
-        "MLFLOW_S3_ENDPOINT_URL": moto_server,
+def moto_environ(endpoint: str) -> dict[str, str]:
+    """The variables that point boto3 (ours and MLflow's) at the moto server, with dummy credentials."""
+    return {
+        "S3_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    }
+
+
+@pytest.fixture
+def s3_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point boto3 at the moto server with dummy credentials; returns the endpoint."""
+    for name, value in moto_environ(moto_server).items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
@@ -108,3 +118,61 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         )
 
     return make
+
+
+# Seconds that `mlflow server` may take to create its SQLite schema and answer /health.
+MLFLOW_SERVER_START_S = 120
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` subprocess on 127.0.0.1: SQLite backend, artifacts proxied to S3 on the moto server.
+
+    Yields the tracking URI. Clients reach artifacts through the server (mlflow-artifacts:/), so they need no
+    S3 settings of their own; the server's log is in its tmp folder.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env |= moto_environ(moto_server)
+    bucket = f"mlflow-artifacts-{uuid.uuid4().hex[:8]}"
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    ).create_bucket(Bucket=bucket)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_file = (root / "server.log").open("wb")
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+            *("--artifacts-destination", f"s3://{bucket}/mlartifacts"),
+        ],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the server and the workers it starts stop together
+    )
+    deadline = time.monotonic() + MLFLOW_SERVER_START_S
+    while not _answers(f"{uri}/health"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log_file.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
