@@ -22,6 +22,9 @@ from omegaconf import DictConfig
 
 from steps.config import PROJECT_ROOT, compose
 
+# The Lambda tests' fixtures: a real tiny serving bundle, the mirror layout, the handler module.
+pytest_plugins = ["lambda_fixtures"]
+
 # The one setting that finds the real AG News files (see ../shared/data/ag_news/SOURCES.md).
 AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
 

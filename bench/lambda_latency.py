@@ -1,0 +1,252 @@
+"""The Lambda against the torch pyfunc, side by side in one run: cold start, warm latency, deployment size.
+
+    python bench/lambda_latency.py tracking.uri=sqlite:///mlflow/mlflow.db [more overrides...]
+
+It serves ``models:/<registry.model_name>@champion``, the model the pipeline promoted (for the issue's targets,
+train with ``model=minilm`` first). The mirror step copies that version's bundle into a moto S3 server on
+127.0.0.1, from which the handler loads it.
+
+- cold start: a fresh process that imports the handler and answers one text, with an empty model cache (so the
+  model comes from S3), against a fresh process that loads the pyfunc (from a local copy) and predicts one text;
+  the median of ``--cold-runs``, wall time from spawn to exit;
+- warm: p50 and p95 over ``--warm-runs`` calls of one text, and of a batch of 32, in this process;
+- size: the unzipped Lambda zip (``make lambda-zip``) against the installed size of torch and transformers with
+  their dependencies, each with its model files.
+
+Figures go to bench/results/lambda.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import boto3
+import mlflow
+import numpy as np
+import pandas as pd
+from moto.server import ThreadedMotoServer
+from packaging.requirements import Requirement
+from train_bench import AGNEWS_DIR, RESULTS, machine
+
+from steps.config import PROJECT_ROOT, compose
+from steps.data import parse_csv
+from steps.mirror import BUNDLE_PATH, mirror
+from steps.registry import CHAMPION
+from steps.tracking import connect
+from steps.train import INPUT_EXAMPLE
+
+LAMBDA_DIR = PROJECT_ROOT / "lambda"
+LAMBDA_ZIP = PROJECT_ROOT / "build" / "lambda.zip"
+BUCKET = "bench-models"
+BATCH = 32
+TORCH_PACKAGE = ("torch", "transformers")  # what a torch-based Lambda would have to ship
+TARGETS = {"warm_p50_speedup": 3.0, "cold_start_speedup": 8.0, "size_ratio": 0.25}
+MB = 1e6
+
+LAMBDA_COLD = """
+import json, sys, time
+start = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+import handler
+imported = time.perf_counter()
+response = handler.lambda_handler({"text": sys.argv[2]}, None)
+assert response["statusCode"] == 200, response
+print(json.dumps({"import_s": imported - start, "first_answer_s": time.perf_counter() - imported}))
+"""
+
+PYFUNC_COLD = """
+import json, sys, time
+start = time.perf_counter()
+import mlflow, pandas as pd
+imported = time.perf_counter()
+model = mlflow.pyfunc.load_model(sys.argv[1])
+loaded = time.perf_counter()
+model.predict(pd.DataFrame({"text": [sys.argv[2]]}))
+answered = time.perf_counter()
+print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "first_answer_s": answered - loaded}))
+"""
+
+
+def texts() -> list[str]:
+    """AG News test texts where the local copy is present, else the train step's input example."""
+    path = AGNEWS_DIR / "test.csv"
+    return parse_csv(path, n_labels=4).text.tolist() if path.is_file() else list(INPUT_EXAMPLE)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def installed_size(roots: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Bytes on disk of ``roots`` and everything they require (extras left out), as installed here."""
+    seen: dict[str, int] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in seen:
+            continue
+        files = [f for f in dist.files or [] if f.parts[0] != ".."]
+        seen[key] = sum(Path(dist.locate_file(f)).stat().st_size for f in files if Path(dist.locate_file(f)).is_file())
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return sum(seen.values()), sorted(seen)
+
+
+def lambda_zip_size() -> int:
+    """Unzipped bytes of the deployment zip, built (or found up to date) by ``make lambda-zip``."""
+    subprocess.run(
+        ["make", "-o", ".venv/.installed", "lambda-zip", f"PY={sys.executable}"], cwd=PROJECT_ROOT, check=True
+    )
+    with zipfile.ZipFile(LAMBDA_ZIP) as archive:
+        return sum(info.file_size for info in archive.infolist())
+
+
+def cold_starts(code: str, args: list[str], env: dict[str, str], runs: int) -> dict:
+    """Median wall time of ``runs`` fresh processes, with the phases the last one reported."""
+    walls, phases = [], {}
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as cache:
+            started = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-c", code, *args],
+                env=env | {"MODEL_CACHE_DIR": cache},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            walls.append(time.perf_counter() - started)
+        phases = json.loads(done.stdout.splitlines()[-1])
+    return {"median_s": statistics.median(walls), "runs_s": walls, "phases_s": phases}
+
+
+def warm(call: Callable[[list[str]], object], pool: list[str], size: int, runs: int) -> dict:
+    """p50 and p95 in milliseconds of ``call`` on ``size`` texts at a time, after one warm-up call."""
+    call(pool[:size])
+    times = []
+    for i in range(runs):
+        start = (i * size) % (len(pool) - size + 1)
+        began = time.perf_counter()
+        call(pool[start : start + size])
+        times.append(1000 * (time.perf_counter() - began))
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "runs": runs}
+
+
+def lambda_call(handler) -> Callable[[list[str]], object]:
+    def call(batch: list[str]) -> object:
+        response = handler.lambda_handler({"texts": batch}, None)
+        assert response["statusCode"] == 200, response
+        return response
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: tracking.uri=..., registry.model_name=...")
+    parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--warm-runs", type=int, default=200)
+    parser.add_argument("--batch-runs", type=int, default=40)
+    args = parser.parse_args()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3_env = {
+        "S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+    }
+    os.environ.update(s3_env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    cfg = compose([*args.overrides, f"storage.uri=s3://{BUCKET}"])
+    connect(cfg)
+    mirrored = mirror(cfg)
+    model_root = f"s3://{BUCKET}/{cfg.storage.model_prefix}/{cfg.registry.model_name}"
+    lambda_env = os.environ | s3_env | {"MODEL_URI": model_root}
+    pool = texts()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pyfunc_dir = mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.model_name}@{CHAMPION}", dst_path=tmp)
+        cold = {
+            "lambda": cold_starts(LAMBDA_COLD, [str(LAMBDA_DIR), pool[0]], lambda_env, args.cold_runs),
+            "pyfunc": cold_starts(PYFUNC_COLD, [pyfunc_dir, pool[0]], dict(os.environ), args.cold_runs),
+        }
+        os.environ.update({"MODEL_URI": model_root, "MODEL_CACHE_DIR": str(Path(tmp) / "cache")})
+        sys.path.insert(0, str(LAMBDA_DIR))
+        import handler
+
+        pyfunc = mlflow.pyfunc.load_model(pyfunc_dir)
+        calls = {"lambda": lambda_call(handler), "pyfunc": lambda batch: pyfunc.predict(pd.DataFrame({"text": batch}))}
+        latency = {
+            name: {
+                "one_text": warm(call, pool, 1, args.warm_runs),
+                f"batch_{BATCH}": warm(call, pool, BATCH, args.batch_runs),
+            }
+            for name, call in calls.items()
+        }
+        torch_model = folder_size(Path(pyfunc_dir) / "artifacts" / "model")
+        bundle = folder_size(Path(pyfunc_dir) / BUNDLE_PATH)
+
+    torch_package, torch_dists = installed_size(TORCH_PACKAGE)
+    size = {
+        "lambda_package_mb": lambda_zip_size() / MB,
+        "lambda_model_mb": bundle / MB,
+        "torch_package_mb": torch_package / MB,
+        "torch_model_mb": torch_model / MB,
+        "torch_package_distributions": torch_dists,
+    }
+    ratios = {
+        "warm_p50_speedup_one_text": latency["pyfunc"]["one_text"]["p50_ms"] / latency["lambda"]["one_text"]["p50_ms"],
+        f"warm_p50_speedup_batch_{BATCH}": latency["pyfunc"][f"batch_{BATCH}"]["p50_ms"]
+        / latency["lambda"][f"batch_{BATCH}"]["p50_ms"],
+        "cold_start_speedup": cold["pyfunc"]["median_s"] / cold["lambda"]["median_s"],
+        "size_ratio": (size["lambda_package_mb"] + size["lambda_model_mb"])
+        / (size["torch_package_mb"] + size["torch_model_mb"]),
+    }
+    result = {
+        "model": f"models:/{cfg.registry.model_name}/{mirrored.version}",
+        "cold_start": cold,
+        "warm": latency,
+        "size": size,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "targets_met": {
+            "warm_p50": min(ratios["warm_p50_speedup_one_text"], ratios[f"warm_p50_speedup_batch_{BATCH}"])
+            >= TARGETS["warm_p50_speedup"],
+            "cold_start": ratios["cold_start_speedup"] >= TARGETS["cold_start_speedup"],
+            "size": ratios["size_ratio"] <= TARGETS["size_ratio"],
+        },
+        "command": " ".join(["python bench/lambda_latency.py", *sys.argv[1:]]),
+        "machine": machine(),
+    }
+    server.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lambda.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Serving-bundle inference with ONNX Runtime and a `tokenizers` fast tokenizer: no torch, no transformers.
+
+The one implementation of bundle inference: the Lambda imports it, and the pipeline loads it by file path
+(``steps.serving``) to check the int8 bundle against the torch model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+ONNX_FILE = "model.int8.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+BUNDLE_FILES = (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "logits"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the row maximum for stability."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """A serving bundle (``model.int8.onnx``, ``tokenizer.json``, ``config.json``) ready to classify texts."""
+
+    def __init__(self, bundle: Path, batch_size: int) -> None:
+        config = json.loads((bundle / CONFIG_FILE).read_text(encoding="utf-8"))
+        self.labels: list[str] = list(config["labels"])
+        self.batch_size = batch_size
+        self.tokenizer = Tokenizer.from_file(str(bundle / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(int(config["max_length"]))
+        pad = config["pad_token"]
+        pad_id = self.tokenizer.token_to_id(pad)
+        if pad_id is None:
+            raise ValueError(f"{bundle / CONFIG_FILE}: pad_token {pad!r} is not in the tokenizer's vocabulary")
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
+        options = ort.SessionOptions()
+        # Idle threads sleep rather than spin: on Lambda's fractional vCPUs (or a shared CPU) spinning slows inference.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(bundle / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Logits, shape [len(texts), len(labels)], computed ``batch_size`` texts at a time."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            out.append(self.session.run([OUTPUT], dict(zip(INPUTS, (ids, mask), strict=True)))[0])
+        logits = np.concatenate(out)
+        if logits.shape[1] != len(self.labels):
+            raise ValueError(f"the model gives {logits.shape[1]} logits for {len(self.labels)} labels")
+        return logits
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One ``{"predicted_class", "confidence", "probabilities"}`` per text."""
+        results = []
+        for row in softmax(self.logits(texts)):
+            best = int(row.argmax())
+            results.append(
+                {
+                    "predicted_class": self.labels[best],
+                    "confidence": float(row[best]),
+                    "probabilities": {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                }
+            )
+        return results
