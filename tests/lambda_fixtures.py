@@ -1,12 +1,12 @@
 """Fixtures for the Lambda tests: a real tiny serving bundle, the mirror layout, and the handler module.
 
-Loaded by tests/conftest.py (``pytest_plugins``). The mirror layout is written here, by the contract in
-steps/serving.py and issue 4, until the mirror step exists.
+Loaded by tests/conftest.py (``pytest_plugins``). The layout is the mirror step's (its pointer is written by
+``steps.mirror.point_to``), laid out here straight from a bundle folder, with no registry; the parity test runs
+the mirror step itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,6 +18,8 @@ import boto3
 import pytest
 
 from steps.config import PROJECT_ROOT, compose
+from steps.mirror import MANIFEST, POINTER, digest, point_to
+from steps.storage import LocalStorage
 
 LAMBDA_DIR = PROJECT_ROOT / "lambda"
 MODEL_NAME = "distilbert-agnews"
@@ -35,10 +37,6 @@ LAMBDA_ENV = (
 )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True) -> Path:
     """Lay ``bundle`` out as ``root/v<version>/`` with its manifest; then, if asked, point champion.json at it."""
     folder = root / f"v{version}"
@@ -46,7 +44,7 @@ def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True
     files = {}
     for path in sorted(bundle.iterdir()):
         shutil.copy(path, folder / path.name)
-        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        files[path.name] = digest(path.read_bytes())
     manifest = {
         "model_name": MODEL_NAME,
         "version": version,
@@ -55,28 +53,22 @@ def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True
         "files": files,
         "created_at": datetime.now(UTC).isoformat(),
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if champion:
         point_champion(root, version)
     return folder
 
 
 def point_champion(root: Path, version: int) -> None:
-    """Write ``champion.json`` naming ``v<version>``, with its manifest's sha256."""
-    pointer = {
-        "model_name": MODEL_NAME,
-        "version": version,
-        "manifest": f"v{version}/manifest.json",
-        "manifest_sha256": _sha256(root / f"v{version}" / "manifest.json"),
-        "updated_at": datetime.now(UTC).isoformat(),
-    }
-    (root / "champion.json").write_text(json.dumps(pointer, indent=2))
+    """Write ``champion.json`` naming ``v<version>``, as the mirror step does."""
+    manifest_bytes = (root / f"v{version}" / MANIFEST).read_bytes()
+    point_to(LocalStorage(root), POINTER, MODEL_NAME, version, manifest_bytes)
 
 
 def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:
     """Copy every file below ``root`` to ``s3://bucket/prefix/``, champion.json last."""
     client = boto3.client("s3", endpoint_url=endpoint)
-    files = sorted(root.rglob("*"), key=lambda p: p.name == "champion.json")
+    files = sorted(root.rglob("*"), key=lambda p: p.name == POINTER)
     for path in files:
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")

@@ -1,4 +1,7 @@
-"""Parity: on the full AG News test split, the Lambda's class agrees with the registered torch pyfunc's."""
+"""Parity: on the full AG News test split, the Lambda's class agrees with the registered torch pyfunc's.
+
+The model goes the pipeline's way: upload, train (tiny), register (gate opened) and mirror to local storage.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from lambda_fixtures import MODEL_NAME, mirror_version
 
 from steps.data import read_split
+from steps.register import register
 from steps.storage import open_storage
 from steps.tracking import step_run
 from steps.train import train
@@ -28,16 +31,16 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
         "data.sample_size=400",
         "data.eval_size=200",
         "train.epochs=1",
+        "registry.min_accuracy=0",
     )
     upload(cfg)
-    with step_run(cfg, "train") as run:
+    with step_run(cfg, "train"):
         train(cfg)
-    registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", cfg.registry.model_name)
-    model_uri = f"models:/{cfg.registry.model_name}/{registered.version}"
-
-    bundle = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "pyfunc"))) / "artifacts"
-    root = tmp_path / "mirror" / "models" / MODEL_NAME
-    mirror_version(bundle / "serving", root, int(registered.version))
+    with step_run(cfg, "register"):
+        outcome = register(cfg)
+    assert outcome.promoted
+    model_uri = f"models:/{outcome.model_name}/{outcome.version}"
+    root = Path(cfg.storage.uri) / cfg.storage.model_prefix / outcome.model_name
 
     texts = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test").text.tolist()
     assert len(texts) == TEST_ROWS
