@@ -16,10 +16,12 @@ import datasets
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from accelerate import PartialState
 from mlflow.models import infer_signature
 from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
+from torch.utils.data import SequentialSampler
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -98,6 +100,17 @@ def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: DictCon
     )
 
 
+class OrderedEvalTrainer(Trainer):
+    """A Trainer that evaluates in dataset order, so that predictions line up with the eval rows.
+
+    With length grouping, transformers 5 also shuffles evaluation batches by length; the eval split is instead
+    sorted by length once (see ``fit``), which keeps padding as low without losing the order.
+    """
+
+    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
 class MlflowMetrics(TrainerCallback):
     """Logs the Trainer's loss, learning rate and eval metrics, by global step, into the active run.
 
@@ -154,6 +167,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
         read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.seed, "data.sample_size"
     )
     eval_frame = stratified_sample(read_split(storage, prefix, "test"), cfg.data.eval_size, cfg.seed, "data.eval_size")
+    eval_frame = eval_frame.iloc[eval_frame.text.str.len().argsort(kind="stable")].reset_index(drop=True)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, labels, tokenizer)
@@ -173,7 +187,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     extra = list(callbacks)
     if cfg.train.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = Trainer(
+    trainer = OrderedEvalTrainer(
         model=model,
         args=training_args(cfg, output_dir),
         train_dataset=tokenize(train_frame, tokenizer, cfg.train),

@@ -48,7 +48,8 @@ def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, str, dict]:
     """One tiny training run on real rows, shared by the tests that inspect it."""
     root = tmp_path_factory.mktemp("train")
-    cfg = tiny_cfg(root, "train.logging_steps=4")
+    # enough rows and epochs for the tiny model to beat chance, so that misaligned predictions would show
+    cfg = tiny_cfg(root, "data.sample_size=1200", "train.epochs=2")
     upload(cfg)
     with step_run(cfg, "train") as run:
         final = train(cfg)
@@ -76,9 +77,13 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
         "onnx_int8_agreement",
     ]:
         assert key in metrics, key
-    assert metrics["train_rows"] == 400 and metrics["eval_rows"] == 200
+    assert metrics["train_rows"] == 1200 and metrics["eval_rows"] == 200
+    assert metrics["f1_macro"] > 0.2  # predicts more than one class
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == final["accuracy"]
     assert metrics["onnx_int8_agreement"] >= 0.9
+    # the final metrics come from the kept (best) checkpoint, with predictions aligned to the eval rows
+    best = max(m.value for m in client.get_metric_history(run_id, "eval_accuracy"))
+    assert metrics["accuracy"] == pytest.approx(best)
     assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
     assert client.get_metric_history(run_id, "learning_rate")
     assert run.data.params["train.max_length"] == "128" and run.data.params["model.name"] == "tiny-distilbert"
