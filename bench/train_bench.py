@@ -3,12 +3,15 @@
     python bench/train_bench.py throughput [overrides...]   # seed recipe vs ours, same data and sample count
     python bench/train_bench.py accuracy [overrides...]     # minilm, 5,000 samples, 3 epochs, full test split
 
-Each run uploads AG News (AGNEWS_DIR, default ../shared/data/ag_news) into a temporary store and tracking
-database, trains, and writes its figures to bench/results/<name>.json.
+Each run uploads AG News (AGNEWS_DIR, default ../shared/data/ag_news) into a store and tracking database under
+a temporary folder (or ``--workdir DIR``, kept afterwards, e.g. to register the model and run
+bench/lambda_latency.py on it), trains, and writes its figures to bench/results/train_<name>.json.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
@@ -72,8 +75,13 @@ def machine() -> dict[str, str | int]:
 
 
 def main() -> None:
-    name, extra = sys.argv[1], sys.argv[2:]
-    with tempfile.TemporaryDirectory() as tmp:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=["throughput", "accuracy"])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    parser.add_argument("--workdir", type=Path, help="keep the store and tracking database here")
+    args = parser.parse_args()
+    name, extra = args.name, args.overrides
+    with contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory() as tmp:
         if name == "throughput":
             overrides = {
                 "seed_recipe": [*THROUGHPUT, "train=seed_recipe", *extra],
@@ -86,13 +94,11 @@ def main() -> None:
                 "speedup": ours["train_samples_per_second"] / seed["train_samples_per_second"],
                 "accuracy_delta_points": 100 * (ours["accuracy"] - seed["accuracy"]),
             }
-        elif name == "accuracy":
+        else:
             overrides = {name: ACCURACY + extra}
             result = run(Path(tmp) / name, overrides[name])
-        else:
-            raise SystemExit(f"unknown benchmark {name!r}: throughput or accuracy")
     result |= {
-        "command": " ".join(["python bench/train_bench.py", name, *extra]),
+        "command": " ".join(["python bench/train_bench.py", *sys.argv[1:]]),
         "overrides": overrides,
         "machine": machine(),
     }
