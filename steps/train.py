@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import tempfile
@@ -17,7 +18,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import PartialState
 from mlflow.models import infer_signature
 from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
@@ -49,6 +49,11 @@ INPUT_EXAMPLE = [
     "Apple reported strong quarterly earnings with iPhone sales up 15%",
     "The Red Sox beat the Yankees 5-3 to win the pennant",
 ]
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process: torchrun and accelerate launch set RANK before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def validate(cfg: DictConfig) -> None:
@@ -176,7 +181,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     checkpoint = get_last_checkpoint(str(output_dir)) if cfg.train.resume and output_dir.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log.warning("train.resume=true but %s holds no checkpoint: starting from scratch", output_dir)
-    if checkpoint is None and PartialState().is_main_process:
+    if checkpoint is None and is_main_process():
         shutil.rmtree(output_dir, ignore_errors=True)
     if checkpoint and mlflow.active_run():
         mlflow.set_tag("resumed_from_checkpoint", checkpoint)
@@ -284,7 +289,7 @@ def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[st
 
 @entrypoint
 def main(cfg: DictConfig) -> None:
-    if PartialState().is_main_process:
+    if is_main_process():
         with step_run(cfg, "train"):
             train(cfg)
     else:
