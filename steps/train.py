@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 from torch.utils.data import SequentialSampler
 from transformers import (
@@ -72,14 +72,7 @@ def validate(cfg: DictConfig) -> None:
     }
     for key, ok in checks.items():
         if not ok:
-            raise ConfigError(f"{key}={eval_path(cfg, key)} is out of range")
-
-
-def eval_path(cfg: DictConfig, dotted: str) -> object:
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range")
 
 
 def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
