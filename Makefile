@@ -34,10 +34,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The Lambda zip: the handler plus manylinux wheels for the Lambda runtime (no torch), then its unzipped size,
-# which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). The pinned wheels need glibc 2.28, so the runtime is
-# python3.12 (Amazon Linux 2023); python3.11 runs on Amazon Linux 2 (glibc 2.26). pip's cache keeps the downloads.
-LAMBDA_PYTHON ?= 3.12
+# The Lambda zip: the handler plus manylinux2014 wheels for the python3.11 runtime (Amazon Linux 2, glibc 2.26;
+# no torch), then its unzipped size, which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). pip's cache keeps the downloads.
+LAMBDA_PYTHON ?= 3.11
 LAMBDA_BUILD ?= build/lambda
 LAMBDA_ZIP ?= build/lambda.zip
 LAMBDA_LIMIT := 262144000
@@ -48,7 +47,7 @@ lambda-zip: $(LAMBDA_ZIP)
 $(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) | $(STAMP)
 	rm -rf $(LAMBDA_BUILD) $@
 	$(PY) -m pip install --quiet --no-deps --no-compile --only-binary=:all: --implementation cp \
-		--python-version $(LAMBDA_PYTHON) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		--python-version $(LAMBDA_PYTHON) --platform manylinux2014_x86_64 \
 		--target $(LAMBDA_BUILD) -r lambda/requirements.txt
 	cp $(LAMBDA_CODE) $(LAMBDA_BUILD)/
 	mkdir -p $(dir $@)

@@ -8,11 +8,16 @@ the mirror step itself.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import boto3
 import pytest
@@ -35,6 +40,64 @@ LAMBDA_ENV = (
     "MODEL_CACHE_DIR",
     "AWS_LAMBDA_FUNCTION_NAME",
 )
+
+
+class LambdaPackage(NamedTuple):
+    zip: Path
+    make_output: str
+    folder: Path  # the zip unpacked, as the Lambda runtime sees it
+
+
+def lambda_python() -> str:
+    """The Lambda runtime's Python version: LAMBDA_PYTHON in the Makefile."""
+    return re.search(r"^LAMBDA_PYTHON \?= (\S+)$", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def invoke_packaged(package: Path, model_root: Path, cache: Path, events: list[object]) -> list[dict]:
+    """The packaged handler's answers to ``events``, in a process that sees only ``package``: no site-packages (-S),
+    no project, no torch."""
+    code = (
+        "import json, sys; sys.path[:0] = [sys.argv[1]]; import handler; "
+        "print(json.dumps([handler.lambda_handler(event, None) for event in json.load(sys.stdin)]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(package)],
+        input=json.dumps(events),
+        env={"MODEL_URI": str(model_root), "MODEL_CACHE_DIR": str(cache)},
+        cwd=cache.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def lambda_package(tmp_path_factory: pytest.TempPathFactory) -> LambdaPackage:
+    """``make lambda-zip`` into a temporary folder, and the zip unpacked; it runs on the runtime's Python only."""
+    python = lambda_python()
+    if f"{sys.version_info.major}.{sys.version_info.minor}" != python:
+        pytest.skip(f"the Lambda zip holds wheels for Python {python}, and this is Python {sys.version.split()[0]}")
+    tmp = tmp_path_factory.mktemp("lambda-zip")
+    out = tmp / "lambda.zip"
+    done = subprocess.run(
+        [
+            "make",
+            "-o",
+            ".venv/.installed",
+            "lambda-zip",
+            f"PY={sys.executable}",
+            f"LAMBDA_BUILD={tmp / 'build'}",
+            f"LAMBDA_ZIP={out}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with zipfile.ZipFile(out) as archive:
+        archive.extractall(tmp / "unpacked")
+    return LambdaPackage(out, done.stdout, tmp / "unpacked")
 
 
 def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """Parity: on the full AG News test split, the Lambda's class agrees with the registered torch pyfunc's.
 
-The model goes the pipeline's way: upload, train (tiny), register (gate opened) and mirror to local storage.
+The model goes the pipeline's way: upload, train (tiny), register (gate opened) and mirror to local storage. The
+Lambda is the deployment zip, unpacked and run on its own (its onnxruntime, not the project's).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from lambda_fixtures import LambdaPackage, invoke_packaged
 
 from steps.data import read_split
 from steps.register import register
@@ -23,7 +25,7 @@ TEST_ROWS = 7600
 
 
 def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
-    make_cfg, agnews_dir: Path, serve, tmp_path: Path
+    make_cfg, agnews_dir: Path, lambda_package: LambdaPackage, tmp_path: Path
 ) -> None:
     cfg = make_cfg(
         "model=tiny",
@@ -46,13 +48,11 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
     assert len(texts) == TEST_ROWS
     expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
 
-    invoke = serve(root)
     batch = 64  # MAX_BATCH's default
-    answered = []
-    for start in range(0, len(texts), batch):
-        response = invoke({"texts": texts[start : start + batch]})
-        assert response["statusCode"] == 200
-        answered += response["body"]
+    events = [{"texts": texts[start : start + batch]} for start in range(0, len(texts), batch)]
+    responses = invoke_packaged(lambda_package.folder, root, tmp_path / "cache", events)
+    assert {response["statusCode"] for response in responses} == {200}
+    answered = [body for response in responses for body in response["body"]]
     got = pd.DataFrame([body["probabilities"] | {"predicted_class": body["predicted_class"]} for body in answered])
     agreement = (got["predicted_class"] == expected["predicted_class"]).mean()
     assert agreement >= MIN_AGREEMENT, f"agreement {agreement:.4f}"
