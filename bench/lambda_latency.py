@@ -6,10 +6,14 @@ It serves ``models:/<registry.model_name>@champion``, the model the pipeline pro
 train with ``model=minilm`` first). The mirror step copies that version's bundle into a moto S3 server on
 127.0.0.1, from which the handler loads it.
 
+The Lambda side runs the deployment zip (``make lambda-zip``) unpacked, with its own numpy and onnxruntime ahead of
+this environment's (boto3, which the runtime ships, comes from here).
+
 - cold start: a fresh process that imports the handler and answers one text, with an empty model cache (so the
   model comes from S3), against a fresh process that loads the pyfunc (from a local copy) and predicts one text;
   the median of ``--cold-runs``, wall time from spawn to exit;
-- warm: p50 and p95 over ``--warm-runs`` calls of one text, and of a batch of 32, in this process;
+- warm: p50 and p95 over ``--warm-runs`` calls of one text, and of a batch of 32: the pyfunc in this process, the
+  Lambda in one process of its own;
 - size: the unzipped Lambda zip (``make lambda-zip``) against the installed size of torch and transformers with
   their dependencies, each with its model files.
 
@@ -28,7 +32,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import numpy as np
 import pandas as pd
 from moto.server import ThreadedMotoServer
 from packaging.requirements import Requirement
+from timing import timings
 from train_bench import AGNEWS_DIR, RESULTS, machine
 
 from steps.config import PROJECT_ROOT, compose
@@ -47,7 +51,6 @@ from steps.registry import CHAMPION
 from steps.tracking import connect
 from steps.train import INPUT_EXAMPLE
 
-LAMBDA_DIR = PROJECT_ROOT / "lambda"
 LAMBDA_ZIP = PROJECT_ROOT / "build" / "lambda.zip"
 BUCKET = "bench-models"
 BATCH = 32
@@ -58,12 +61,26 @@ MB = 1e6
 LAMBDA_COLD = """
 import json, sys, time
 start = time.perf_counter()
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1]]
 import handler
 imported = time.perf_counter()
 response = handler.lambda_handler({"text": sys.argv[2]}, None)
 assert response["statusCode"] == 200, response
 print(json.dumps({"import_s": imported - start, "first_answer_s": time.perf_counter() - imported}))
+"""
+
+LAMBDA_WARM = """
+import json, sys
+sys.path[:0] = sys.argv[1:3]
+import handler
+from timing import timings
+pool, sizes = json.load(sys.stdin)
+
+def call(batch):
+    response = handler.lambda_handler({"texts": batch}, None)
+    assert response["statusCode"] == 200, response
+
+print(json.dumps({name: timings(call, pool, size, runs) for name, (size, runs) in sizes.items()}))
 """
 
 PYFUNC_COLD = """
@@ -111,12 +128,14 @@ def installed_size(roots: tuple[str, ...]) -> tuple[int, list[str]]:
     return sum(seen.values()), sorted(seen)
 
 
-def lambda_zip_size() -> int:
-    """Unzipped bytes of the deployment zip, built (or found up to date) by ``make lambda-zip``."""
+def lambda_package(folder: Path) -> int:
+    """Build (or find up to date) the deployment zip with ``make lambda-zip``, unpack it into ``folder``, and return
+    its unzipped bytes."""
     subprocess.run(
         ["make", "-o", ".venv/.installed", "lambda-zip", f"PY={sys.executable}"], cwd=PROJECT_ROOT, check=True
     )
     with zipfile.ZipFile(LAMBDA_ZIP) as archive:
+        archive.extractall(folder)
         return sum(info.file_size for info in archive.infolist())
 
 
@@ -138,25 +157,21 @@ def cold_starts(code: str, args: list[str], env: dict[str, str], runs: int) -> d
     return {"median_s": statistics.median(walls), "runs_s": walls, "phases_s": phases}
 
 
-def warm(call: Callable[[list[str]], object], pool: list[str], size: int, runs: int) -> dict:
-    """p50 and p95 in milliseconds of ``call`` on ``size`` texts at a time, after one warm-up call."""
-    call(pool[:size])
-    times = []
-    for i in range(runs):
-        start = (i * size) % (len(pool) - size + 1)
-        began = time.perf_counter()
-        call(pool[start : start + size])
-        times.append(1000 * (time.perf_counter() - began))
-    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "runs": runs}
+def summary(times: list[float]) -> dict:
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "runs": len(times)}
 
 
-def lambda_call(handler) -> Callable[[list[str]], object]:
-    def call(batch: list[str]) -> object:
-        response = handler.lambda_handler({"texts": batch}, None)
-        assert response["statusCode"] == 200, response
-        return response
-
-    return call
+def lambda_warm(package: Path, env: dict[str, str], pool: list[str], sizes: dict[str, tuple[int, int]]) -> dict:
+    """Warm latencies of the packaged handler, in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", LAMBDA_WARM, str(package), str(Path(__file__).parent)],
+        input=json.dumps([pool, sizes]),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {name: summary(times) for name, times in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 def main() -> None:
@@ -188,31 +203,30 @@ def main() -> None:
     lambda_env = os.environ | s3_env | {"MODEL_URI": model_root}
     pool = texts()
 
+    sizes = {"one_text": (1, args.warm_runs), f"batch_{BATCH}": (BATCH, args.batch_runs)}
     with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "package"
+        package_bytes = lambda_package(package)
         pyfunc_dir = mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.model_name}@{CHAMPION}", dst_path=tmp)
         cold = {
-            "lambda": cold_starts(LAMBDA_COLD, [str(LAMBDA_DIR), pool[0]], lambda_env, args.cold_runs),
+            "lambda": cold_starts(LAMBDA_COLD, [str(package), pool[0]], lambda_env, args.cold_runs),
             "pyfunc": cold_starts(PYFUNC_COLD, [pyfunc_dir, pool[0]], dict(os.environ), args.cold_runs),
         }
-        os.environ.update({"MODEL_URI": model_root, "MODEL_CACHE_DIR": str(Path(tmp) / "cache")})
-        sys.path.insert(0, str(LAMBDA_DIR))
-        import handler
-
         pyfunc = mlflow.pyfunc.load_model(pyfunc_dir)
-        calls = {"lambda": lambda_call(handler), "pyfunc": lambda batch: pyfunc.predict(pd.DataFrame({"text": batch}))}
+
+        def pyfunc_call(batch: list[str]) -> object:
+            return pyfunc.predict(pd.DataFrame({"text": batch}))
+
         latency = {
-            name: {
-                "one_text": warm(call, pool, 1, args.warm_runs),
-                f"batch_{BATCH}": warm(call, pool, BATCH, args.batch_runs),
-            }
-            for name, call in calls.items()
+            "lambda": lambda_warm(package, lambda_env | {"MODEL_CACHE_DIR": str(Path(tmp) / "cache")}, pool, sizes),
+            "pyfunc": {name: summary(timings(pyfunc_call, pool, *size)) for name, size in sizes.items()},
         }
         torch_model = folder_size(Path(pyfunc_dir) / "artifacts" / "model")
         bundle = folder_size(Path(pyfunc_dir) / BUNDLE_PATH)
 
     torch_package, torch_dists = installed_size(TORCH_PACKAGE)
     size = {
-        "lambda_package_mb": lambda_zip_size() / MB,
+        "lambda_package_mb": package_bytes / MB,
         "lambda_model_mb": bundle / MB,
         "torch_package_mb": torch_package / MB,
         "torch_model_mb": torch_model / MB,

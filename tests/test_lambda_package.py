@@ -81,6 +81,13 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     assert unzipped <= ZIP_LIMIT
     assert f"{unzipped / 2**20:.1f} MiB unzipped (AWS limit 250 MiB)" in lambda_package.make_output
     assert set(CODE) <= set(names)
+    # bytecode for the runtime's Python, valid whatever mtimes the unzip gives (PEP 552 flags: hash-based, unchecked)
+    tag = f"cpython-{target.replace('.', '')}"
+    pycs = {name for name in names if name.endswith(".pyc")}
+    assert {f"__pycache__/{Path(code).stem}.{tag}.pyc" for code in CODE} <= pycs
+    assert "numpy/__pycache__/__init__." + tag + ".pyc" in pycs
+    with zipfile.ZipFile(lambda_package.zip) as archive:
+        assert {int.from_bytes(archive.read(name)[4:8], "little") for name in pycs} == {0b01}
     assert {n.split("/")[0] for n in names}.isdisjoint(NOT_IN_PACKAGE)
     assert len(tags) >= len(pins(LAMBDA_DIR / "requirements.txt"))
     for tag in tags:
