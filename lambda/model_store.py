@@ -158,7 +158,7 @@ class LoadedModel:
     folder: Path
 
 
-def load_version(source: Source, champion: dict[str, Any], cache_dir: Path, batch_size: int) -> LoadedModel:
+def load_version(source: Source, champion: dict[str, Any], cache_dir: Path) -> LoadedModel:
     """Download (or keep) and verify the files of the version that ``champion`` names, then load them."""
     version = _field(champion, "version", CHAMPION)
     manifest_key = str(_field(champion, "manifest", CHAMPION))
@@ -179,7 +179,7 @@ def load_version(source: Source, champion: dict[str, Any], cache_dir: Path, batc
     for name, meta in files.items():
         key = "/".join([*parts[:-1], _safe_name(name, "file")])
         _fetch(source, key, folder / name, str(_field(meta, "sha256", f"{manifest_key} files[{name!r}]")))
-    predictor = Predictor(folder, batch_size)
+    predictor = Predictor(folder)
     predictor.predict([WARMUP_TEXT])
     return LoadedModel(version, predictor, folder)
 
@@ -235,7 +235,7 @@ class ModelStore:
         old = self._current
         if old is not None and str(old.version) == str(_field(champion, "version", CHAMPION)):
             return
-        new = load_version(source, champion, self.settings.cache_dir, self.settings.max_batch)
+        new = load_version(source, champion, self.settings.cache_dir)
         self._current = new
         log.info("serving version %s from %s", new.version, source.url(CHAMPION))
         if old is not None and old.folder != new.folder:

@@ -34,6 +34,7 @@ def export_bundle(
     tokenizer: PreTrainedTokenizerFast,
     labels: list[str],
     max_length: int,
+    batch_size: int,
     out_dir: Path,
     opset: int,
 ) -> Path:
@@ -60,11 +61,16 @@ def export_bundle(
             )
         quantize_dynamic(fp32, out_dir / predictor.ONNX_FILE, weight_type=QuantType.QInt8)
     tokenizer.backend_tokenizer.save(str(out_dir / predictor.TOKENIZER_FILE))
-    config = {"labels": list(labels), "max_length": max_length, "pad_token": tokenizer.pad_token}
+    config = {
+        "labels": list(labels),
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "pad_token": tokenizer.pad_token,
+    }
     (out_dir / predictor.CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return out_dir
 
 
-def onnx_logits(bundle: Path, texts: list[str], batch_size: int) -> np.ndarray:
+def onnx_logits(bundle: Path, texts: list[str]) -> np.ndarray:
     """Logits of the bundle's int8 model for ``texts``, computed exactly as the Lambda computes them."""
-    return _predictor_module().Predictor(bundle, batch_size).logits(texts)
+    return _predictor_module().Predictor(bundle).logits(texts)

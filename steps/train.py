@@ -69,9 +69,11 @@ def validate(cfg: DictConfig) -> None:
         "train.learning_rate": t.learning_rate > 0,
         "train.batch_size": t.batch_size > 0,
         "train.eval_batch_size": t.eval_batch_size > 0,
+        "train.serving_batch_size": t.serving_batch_size > 0,
         "train.max_length": t.max_length > 0,
         "train.weight_decay": t.weight_decay >= 0,
         "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
+        "train.label_smoothing": 0 <= t.label_smoothing < 1,
         "data.sample_size": (cfg.data.sample_size or 0) >= 0,
         "data.eval_size": (cfg.data.eval_size or 0) >= 0,
     }
@@ -148,6 +150,7 @@ def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
         num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
+        label_smoothing_factor=t.label_smoothing,
         warmup_steps=t.warmup_ratio,
         lr_scheduler_type=t.lr_scheduler,
         per_device_train_batch_size=t.batch_size,
@@ -255,10 +258,16 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
     model_dir, bundle_dir = workdir / "model", workdir / "serving"
     fitted.trainer.save_model(str(model_dir))
     serving.export_bundle(
-        fitted.trainer.model, fitted.tokenizer, labels, cfg.train.max_length, bundle_dir, cfg.train.onnx_opset
+        fitted.trainer.model,
+        fitted.tokenizer,
+        labels,
+        cfg.train.max_length,
+        cfg.train.serving_batch_size,
+        bundle_dir,
+        cfg.train.onnx_opset,
     )
     texts = fitted.eval_frame.text.tolist()
-    int8_pred = serving.onnx_logits(bundle_dir, texts, cfg.train.eval_batch_size).argmax(1)
+    int8_pred = serving.onnx_logits(bundle_dir, texts).argmax(1)
     checks = {
         "onnx_int8_accuracy": float((int8_pred == fitted.eval_frame.label.to_numpy()).mean()),
         "onnx_int8_agreement": float((int8_pred == fitted.probs.argmax(1)).mean()),

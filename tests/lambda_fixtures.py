@@ -150,7 +150,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, list(cfg.data.labels), tokenizer)
     out = tmp_path_factory.mktemp("bundle")
-    return export_bundle(model, tokenizer, list(cfg.data.labels), cfg.train.max_length, out, cfg.train.onnx_opset)
+    t = cfg.train
+    return export_bundle(model, tokenizer, list(cfg.data.labels), t.max_length, t.serving_batch_size, out, t.onnx_opset)
 
 
 @pytest.fixture

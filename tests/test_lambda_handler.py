@@ -76,7 +76,18 @@ def test_direct_invoke_answers_the_seed_example_in_the_seed_format(invoke) -> No
 
 
 def test_batch_returns_one_body_per_text_matching_single_calls(invoke) -> None:
-    texts = [SEED_TEXT, "The Lakers beat the Celtics in overtime", "UN council meets on the crisis"]
+    # more texts than the bundle's batch size, not in order of length: the answers come back in the request's order
+    texts = [
+        SEED_TEXT,
+        "The Lakers beat the Celtics in overtime",
+        "UN council meets on the crisis",
+        "Oil",
+        "Researchers unveiled a chip that trains neural networks with a fraction of the power, the journal reported",
+        "Shares of the bank fell 4% after it cut its forecast",
+        "Rain delays the final",
+        "Ministers from both countries met in Geneva on Monday to discuss a ceasefire along the disputed border",
+        "New phone",
+    ]
     response = invoke({"texts": texts})
     assert response["statusCode"] == 200
     assert len(response["body"]) == len(texts)
