@@ -51,7 +51,7 @@ $(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) | $(STAMP)
 		--target $(LAMBDA_BUILD) -r lambda/requirements.txt
 	cp $(LAMBDA_CODE) $(LAMBDA_BUILD)/
 	# Bytecode in the zip: /var/task is read-only, so without it every cold start compiles numpy's and the handler's
-	# sources (half a second). unchecked-hash .pyc files hold whatever mtimes the unzip gives the sources.
+	# sources. unchecked-hash .pyc files hold whatever mtimes the unzip gives the sources.
 	@if $(PY) -c 'import sys; sys.exit(not sys.version.startswith("$(LAMBDA_PYTHON)."))'; then \
 		$(PY) -m compileall -q -j 0 --invalidation-mode unchecked-hash $(LAMBDA_BUILD); \
 	else echo "no bytecode in the zip: $(PY) is not Python $(LAMBDA_PYTHON)"; fi
