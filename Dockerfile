@@ -30,9 +30,9 @@ COPY container/entrypoint.sh /usr/local/bin/entrypoint
 WORKDIR /app
 COPY MLproject ./
 COPY conf/ conf/
+COPY bundle/ bundle/
+COPY agnews/ agnews/
 COPY steps/ steps/
-# The serving bundle's inference code, shared with the Lambda function (steps/serving.py loads it by path).
-COPY lambda/predictor.py lambda/
 
 # MLflow imports GitPython, and the image has no git: no warning about it on every run.
 ENV GIT_PYTHON_REFRESH=quiet

@@ -33,23 +33,28 @@ test-container: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
-# The Lambda zip: the handler plus manylinux2014 wheels for the python3.11 runtime (Amazon Linux 2, glibc 2.26;
-# no torch), then its unzipped size, which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). pip's cache keeps the downloads.
+# The Lambda zip: the handler's modules at its root (/var/task), the serving contract as the package bundle/, and
+# manylinux2014 wheels for the python3.11 runtime (Amazon Linux 2, glibc 2.26; no torch), then its unzipped size,
+# which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). pip's cache keeps the downloads. lambda/Dockerfile copies the same.
 LAMBDA_PYTHON ?= 3.11
 LAMBDA_BUILD ?= build/lambda
 LAMBDA_ZIP ?= build/lambda.zip
 LAMBDA_LIMIT := 262144000
-LAMBDA_CODE := lambda/handler.py lambda/model_store.py lambda/predictor.py lambda/settings.py
+LAMBDA_CODE := lambda/handler.py lambda/model_store.py lambda/settings.py
+LAMBDA_BUNDLE := bundle/__init__.py bundle/layout.py bundle/predictor.py
 
 lambda-zip: $(LAMBDA_ZIP)
 
-$(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) | $(STAMP)
+$(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) $(LAMBDA_BUNDLE) | $(STAMP)
 	rm -rf $(LAMBDA_BUILD) $@
 	$(PY) -m pip install --quiet --no-deps --no-compile --only-binary=:all: --implementation cp \
 		--python-version $(LAMBDA_PYTHON) --platform manylinux2014_x86_64 \
 		--target $(LAMBDA_BUILD) -r lambda/requirements.txt
 	cp $(LAMBDA_CODE) $(LAMBDA_BUILD)/
+	mkdir -p $(LAMBDA_BUILD)/bundle
+	cp $(LAMBDA_BUNDLE) $(LAMBDA_BUILD)/bundle/
 	# Bytecode in the zip: /var/task is read-only, so without it every cold start compiles numpy's and the handler's
 	# sources. unchecked-hash .pyc files hold whatever mtimes the unzip gives the sources.
 	@if $(PY) -c 'import sys; sys.exit(not sys.version.startswith("$(LAMBDA_PYTHON)."))'; then \

@@ -43,14 +43,15 @@ import pandas as pd
 from moto.server import ThreadedMotoServer
 from packaging.requirements import Requirement
 from timing import timings
-from train_bench import AGNEWS_DIR, RESULTS, machine
+from train_bench import RESULTS, machine
 
-from steps.config import PROJECT_ROOT, compose
-from steps.data import parse_csv
-from steps.mirror import BUNDLE_PATH, mirror
-from steps.registry import CHAMPION
-from steps.tracking import connect
-from steps.train import INPUT_EXAMPLE
+from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
+from agnews.data import parse_csv
+from agnews.publishing import mirror
+from agnews.pyfunc import BUNDLE_PATH
+from agnews.registry import CHAMPION
+from agnews.tracking import connect
+from agnews.training import INPUT_EXAMPLE
 
 LAMBDA_ZIP = PROJECT_ROOT / "build" / "lambda.zip"
 BUCKET = "bench-models"

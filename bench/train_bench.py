@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from steps.config import PROJECT_ROOT, compose
-from steps.tracking import step_run
-from steps.train import train
-from steps.upload import upload
+from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
+from agnews.ingest import upload
+from agnews.tracking import step_run
+from agnews.training import train
 
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
 RESULTS = PROJECT_ROOT / "bench" / "results"
 
 # The benchmark settings: the protocol, written once here.

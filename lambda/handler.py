@@ -3,6 +3,10 @@
 Events: a direct invoke ``{"text": "..."}`` or ``{"texts": [...]}``, and API Gateway REST (v1), HTTP API (v2)
 and Function URL events, whose JSON body may be base64-encoded. POST classifies; GET tells which model answers.
 Configuration: environment variables, see settings.py. Locally: ``python lambda/handler.py "some text"``.
+
+``Service`` is the adapter: events in, responses out, over any ``Store``. ``lambda_handler`` is a ``Service`` over
+the container's ``ModelStore``, built from the environment on first use; until then this module imports the
+standard library and settings only (no onnxruntime, numpy or tokenizers).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from model_store import ModelError, ModelStore
-from settings import LOGGER, ConfigError, Settings
+from settings import LOGGER, ConfigError, ModelError, Settings
+
+if TYPE_CHECKING:
+    from model_store import ModelStore
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
@@ -33,10 +39,49 @@ class BadRequest(Exception):
     """Input the handler cannot use; the message says what was wrong (and never repeats the input)."""
 
 
+class Predictor(Protocol):
+    """What the handler asks of a model: its labels, and one result dict per text."""
+
+    @property
+    def labels(self) -> list[str]: ...
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]: ...
+
+
+class Model(Protocol):
+    """The model that answers a request."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def predictor(self) -> Predictor: ...
+
+
+class Store(Protocol):
+    """Where the handler gets its limits and its model. ``settings`` may raise ConfigError (a 500), ``get()``
+    ModelError (a 503)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    def get(self) -> Model: ...
+
+
 @functools.cache
 def model_store() -> ModelStore:
     """The container's one store, built on first use; a bad setting raises ConfigError, and is retried next call."""
+    from model_store import ModelStore  # onnxruntime, numpy and tokenizers: only with the real store
+
     return ModelStore(Settings.from_env())
+
+
+class ContainerStore:
+    """The ``Store`` that ``lambda_handler`` serves from: ``model_store()``, built when first asked for."""
+
+    @property
+    def settings(self) -> Settings:
+        return model_store().settings
+
+    def get(self) -> Model:
+        return model_store().get()
 
 
 def _kind(value: object) -> str:
@@ -109,39 +154,53 @@ def _texts(payload: object, settings: Settings) -> tuple[list[str], bool]:
     return [_checked_text(text, f'"texts"[{i}]', settings) for i, text in enumerate(texts)], False
 
 
-def _answer(event: object, method: str | None) -> tuple[int, Any]:
-    """Status code and body for one event."""
-    try:
-        store = model_store()
-        if method == "GET":
-            model = store.get()
-            return 200, {"model_version": model.version, "labels": model.predictor.labels}
-        if method is not None and method not in ALLOWED_METHODS:
-            return 405, {"error": "method not allowed: POST a JSON object to classify, GET to see the model version"}
-        texts, single = _texts(event if method is None else _json_body(event), store.settings)
-        model = store.get()
-        results = [result | {"model_version": model.version} for result in model.predictor.predict(texts)]
-        return 200, results[0] if single else results
-    except BadRequest as exc:
-        return 400, {"error": str(exc)}
-    except ModelError as exc:
-        return 503, {"error": f"no model available: {exc}"}
-    except ConfigError as exc:
-        return 500, {"error": f"configuration error: {exc}"}
+class Service:
+    """The handler over ``store``: answers every event with a response, and never raises."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _answer(self, event: object, method: str | None) -> tuple[int, Any]:
+        """Status code and body for one event."""
+        try:
+            settings = self.store.settings  # a configuration error comes first, whatever the event
+            if method == "GET":
+                model = self.store.get()
+                return 200, {"model_version": model.version, "labels": model.predictor.labels}
+            if method is not None and method not in ALLOWED_METHODS:
+                error = "method not allowed: POST a JSON object to classify, GET to see the model version"
+                return 405, {"error": error}
+            texts, single = _texts(event if method is None else _json_body(event), settings)
+            model = self.store.get()
+            results = [result | {"model_version": model.version} for result in model.predictor.predict(texts)]
+            return 200, results[0] if single else results
+        except BadRequest as exc:
+            return 400, {"error": str(exc)}
+        except ModelError as exc:
+            return 503, {"error": f"no model available: {exc}"}
+        except ConfigError as exc:
+            return 500, {"error": f"configuration error: {exc}"}
+
+    def handle(self, event: Any, context: Any) -> dict[str, Any]:
+        """The response to one Lambda event: a proxy response for an HTTP event, else statusCode and body."""
+        method = _http_method(event)
+        try:
+            status, body = self._answer(event, method)
+        except Exception:  # the last guard: a bug must still give a response, not a crashed invocation
+            log.exception("unexpected error")
+            status, body = 500, {"error": "internal error"}
+        if method is None:
+            return {"statusCode": status, "body": body}
+        headers = JSON_HEADERS | ({"Allow": ", ".join(ALLOWED_METHODS)} if status == 405 else {})
+        return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
+
+
+service = Service(ContainerStore())
 
 
 def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     """The Lambda handler: never raises, whatever the event."""
-    method = _http_method(event)
-    try:
-        status, body = _answer(event, method)
-    except Exception:  # the last guard: a bug must still give a response, not a crashed invocation
-        log.exception("unexpected error")
-        status, body = 500, {"error": "internal error"}
-    if method is None:
-        return {"statusCode": status, "body": body}
-    headers = JSON_HEADERS | ({"Allow": ", ".join(ALLOWED_METHODS)} if status == 405 else {})
-    return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
+    return service.handle(event, context)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,39 +1,34 @@
 """The champion model, loaded from the mirror layout in S3 or a folder, verified, cached and swapped when promoted.
 
-Layout under the model's root: ``champion.json`` = {"version", "manifest": "v<N>/manifest.json",
-"manifest_sha256", ...} names ``v<N>/manifest.json`` = {"version", "files": {name: {"sha256", "bytes"}}, ...},
-which lists the bundle files beside it.
+Layout under the model's root (``bundle.layout`` owns it): ``champion.json`` names ``v<N>/manifest.json`` and its
+sha256; the manifest lists the sha256 of every bundle file beside it. Each version is downloaded to its own folder
+of the cache, and every file is checked against the manifest before it is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import posixpath
-import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol, TypeVar
 
-from predictor import BUNDLE_FILES, Predictor
-from settings import LOGGER, Settings
+from settings import LOGGER, NO_MODEL, ModelError, Settings
 
-CHAMPION = "champion.json"
+from bundle.layout import POINTER, ContractError, Pointer, parse_manifest, parse_pointer, sha256
+from bundle.predictor import Predictor
+
 CHUNK = 1024 * 1024
 WARMUP_TEXT = "warm-up"
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 log = logging.getLogger(LOGGER)
-
-
-class ModelError(Exception):
-    """No servable model; the message says why."""
+Document = TypeVar("Document")
 
 
 class Source(Protocol):
@@ -92,38 +87,27 @@ class S3Source:
 def open_source(settings: Settings) -> Source:
     """The source named by the settings, or a ModelError when none is configured."""
     if not settings.model_uri:
-        raise ModelError("no model configured: set MODEL_URI, or S3_BUCKET (and MODEL_PREFIX)")
+        raise ModelError(NO_MODEL)
     if settings.model_uri.startswith("s3://"):
         bucket, _, prefix = settings.model_uri.removeprefix("s3://").partition("/")
         return S3Source(bucket, prefix, settings)
     return LocalSource(Path(settings.model_uri.removeprefix("file://")).expanduser())
 
 
-def _read_json(source: Source, key: str) -> tuple[dict[str, Any], str]:
-    """The JSON object stored at ``key`` and the sha256 of its bytes."""
+def _read(source: Source, key: str) -> bytes:
     with source.open(key) as stream:
-        data = stream.read()
+        return stream.read()
+
+
+def _parse(source: Source, key: str, data: bytes, parse: Callable[[bytes, str], Document]) -> Document:
+    """``data``, read from ``key``, parsed by a ``bundle.layout`` reader; a broken contract is a ModelError that
+    names the document's URL."""
+    url = source.url(key)
     try:
-        value = json.loads(data)
-    except ValueError as exc:
-        raise ModelError(f"{source.url(key)} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ModelError(f"{source.url(key)} is not a JSON object")
-    return value, hashlib.sha256(data).hexdigest()
-
-
-def _field(doc: dict[str, Any], name: str, where: str) -> Any:
-    if name not in doc:
-        raise ModelError(f"{where} lacks {name!r}")
-    return doc[name]
-
-
-def _safe_name(value: object, what: str) -> str:
-    """``value`` as a single path component; anything that could leave its folder is refused."""
-    name = str(value)
-    if not SAFE_NAME.fullmatch(name):
-        raise ModelError(f"{what} {name!r} is not a plain file name")
-    return name
+        return parse(data, url)
+    except ContractError as exc:
+        message = str(exc)
+        raise ModelError(message if message.startswith(url) else f"{url}: {message}") from None
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -133,9 +117,9 @@ def _file_sha256(path: Path) -> str | None:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
-def _fetch(source: Source, key: str, target: Path, sha256: str) -> None:
+def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
     """Copy ``key`` to ``target`` unless a file with that sha256 is there; a mismatch raises ModelError."""
-    if _file_sha256(target) == sha256:
+    if _file_sha256(target) == expected:
         return
     partial = target.with_name(f".{target.name}.part")
     digest = hashlib.sha256()
@@ -143,9 +127,9 @@ def _fetch(source: Source, key: str, target: Path, sha256: str) -> None:
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
-    if digest.hexdigest() != sha256:
+    if digest.hexdigest() != expected:
         partial.unlink()
-        raise ModelError(f"{source.url(key)}: sha256 {digest.hexdigest()} does not match the manifest's {sha256}")
+        raise ModelError(f"{source.url(key)}: sha256 {digest.hexdigest()} does not match the manifest's {expected}")
     partial.replace(target)
 
 
@@ -153,35 +137,26 @@ def _fetch(source: Source, key: str, target: Path, sha256: str) -> None:
 class LoadedModel:
     """A verified bundle, ready to answer."""
 
-    version: int | str
+    version: int
     predictor: Predictor
     folder: Path
 
 
-def load_version(source: Source, champion: dict[str, Any], cache_dir: Path) -> LoadedModel:
-    """Download (or keep) and verify the files of the version that ``champion`` names, then load them."""
-    version = _field(champion, "version", CHAMPION)
-    manifest_key = str(_field(champion, "manifest", CHAMPION))
-    parts = manifest_key.split("/")
-    for part in parts:
-        _safe_name(part, "manifest path part")
-    manifest, manifest_sha256 = _read_json(source, manifest_key)
-    if manifest_sha256 != _field(champion, "manifest_sha256", CHAMPION):
-        raise ModelError(f"{source.url(manifest_key)}: sha256 {manifest_sha256} does not match {CHAMPION}")
-    if str(manifest.get("version")) != str(version):
-        raise ModelError(f"{source.url(manifest_key)} is for version {manifest.get('version')!r}, not {version!r}")
-    files = _field(manifest, "files", manifest_key)
-    missing = [name for name in BUNDLE_FILES if name not in files]
-    if missing:
-        raise ModelError(f"{source.url(manifest_key)} lists no {', '.join(missing)}")
-    folder = cache_dir / _safe_name(version, "version")
+def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedModel:
+    """Download (or keep) and verify the files of the version that ``pointer`` names, then load them."""
+    data = _read(source, pointer.manifest)
+    if sha256(data) != pointer.manifest_sha256:
+        raise ModelError(f"{source.url(pointer.manifest)}: sha256 {sha256(data)} does not match {POINTER}")
+    manifest = _parse(source, pointer.manifest, data, parse_manifest)
+    if manifest.version != pointer.version:
+        raise ModelError(f"{source.url(pointer.manifest)} is for version {manifest.version}, not {pointer.version}")
+    folder = cache_dir / str(pointer.version)  # a positive int, as parse_pointer checked
     folder.mkdir(parents=True, exist_ok=True)
-    for name, meta in files.items():
-        key = "/".join([*parts[:-1], _safe_name(name, "file")])
-        _fetch(source, key, folder / name, str(_field(meta, "sha256", f"{manifest_key} files[{name!r}]")))
+    for name, expected in manifest.files.items():  # names checked by parse_manifest: none leaves the folder
+        _fetch(source, posixpath.join(posixpath.dirname(pointer.manifest), name), folder / name, expected)
     predictor = Predictor(folder)
     predictor.predict([WARMUP_TEXT])
-    return LoadedModel(version, predictor, folder)
+    return LoadedModel(pointer.version, predictor, folder)
 
 
 class ModelStore:
@@ -231,12 +206,12 @@ class ModelStore:
 
     def _swap_to_champion(self) -> None:
         source = self._source = self._source or open_source(self.settings)
-        champion, _ = _read_json(source, CHAMPION)
+        pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
         old = self._current
-        if old is not None and str(old.version) == str(_field(champion, "version", CHAMPION)):
+        if old is not None and old.version == pointer.version:
             return
-        new = load_version(source, champion, self.settings.cache_dir)
+        new = load_version(source, pointer, self.settings.cache_dir)
         self._current = new
-        log.info("serving version %s from %s", new.version, source.url(CHAMPION))
+        log.info("serving version %s from %s", new.version, source.url(POINTER))
         if old is not None and old.folder != new.folder:
             shutil.rmtree(old.folder, ignore_errors=True)

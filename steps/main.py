@@ -1,67 +1,9 @@
-"""The `main` pipeline: upload -> train -> register (with mirror), as nested child runs of one parent run.
+"""The `main` step: upload -> train -> register (with mirror), as nested child runs of one parent run."""
 
-The steps run in this process (no nested ``mlflow run``, which would start Docker again inside a container).
-The parent run tags each child's run id as ``child.<step>``, plus the registered version and its alias; a failed
-child fails the parent, and both carry its error as the ``error`` tag.
-"""
+from omegaconf import DictConfig
 
-from __future__ import annotations
-
-import contextlib
-import logging
-from collections.abc import Iterator
-
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
-
-from steps.config import entrypoint
-from steps.errors import ConfigError
-from steps.register import register
-from steps.registry import Outcome
-from steps.tracking import step_run
-from steps.train import train
-from steps.upload import upload_and_log
-
-log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def child(cfg: DictConfig, step: str, parent: Run) -> Iterator[Run]:
-    """A nested run for ``step``, named on the parent; an error is tagged on both runs and fails both."""
-    client = MlflowClient()
-    with step_run(cfg, step, nested=True) as run:
-        client.set_tag(parent.info.run_id, f"child.{step}", run.info.run_id)
-        try:
-            yield run
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag("error", message)
-            client.set_tag(parent.info.run_id, "failed_step", step)
-            client.set_tag(parent.info.run_id, "error", message)
-            log.error("%s step failed (run %s): %s", step, run.info.run_id, message)
-            raise
-
-
-def pipeline(cfg: DictConfig) -> Outcome:
-    """Upload (skipped when storage holds the identical dataset), train, and register the run just trained."""
-    if cfg.registry.rollback or cfg.registry.version is not None or cfg.registry.run_id:
-        raise ConfigError(
-            "main registers the run it trains: use `python -m steps.register` for registry.run_id, "
-            "registry.version or registry.rollback"
-        )
-    with step_run(cfg, "main") as parent:
-        with child(cfg, "upload", parent):
-            uploaded = upload_and_log(cfg)
-        mlflow.set_tag("upload", "uploaded" if uploaded else "skipped")
-        with child(cfg, "train", parent) as trained:
-            train(cfg)
-        register_cfg = OmegaConf.merge(cfg, {"registry": {"run_id": trained.info.run_id}})
-        with child(register_cfg, "register", parent):
-            outcome = register(register_cfg)
-        mlflow.set_tags(outcome.tags())
-    return outcome
+from agnews.config import entrypoint
+from agnews.pipeline import pipeline
 
 
 @entrypoint

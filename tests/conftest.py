@@ -1,12 +1,12 @@
-"""Shared fixtures: the real AG News copy, a moto S3 server over HTTP, and composed configs."""
+"""Shared fixtures: the real AG News copy, a moto S3 server over HTTP, a real `mlflow server`, composed configs."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,34 +20,20 @@ import requests
 from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
-from steps.config import PROJECT_ROOT, compose
-
-# The Lambda tests' fixtures: a real tiny serving bundle, the mirror layout, the handler module.
-pytest_plugins = ["lambda_fixtures"]
-
-# The one setting that finds the real AG News files (see ../shared/data/ag_news/SOURCES.md).
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
+from agnews.config import compose
+from tests.helpers import answers, free_port, moto_environ, require_agnews
 
 
-def require_agnews() -> Path:
-    """The AG News folder; skipped where it is absent, but a failure under CI."""
-    if not (AGNEWS_DIR / "test.csv").is_file():
-        message = f"AG News not found at {AGNEWS_DIR} (set AGNEWS_DIR)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return AGNEWS_DIR
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--model-uri",
+        help="the MLflow model that tests/model checks, e.g. models:/distilbert-agnews@champion",
+    )
 
 
 @pytest.fixture(scope="session")
 def agnews_dir() -> Path:
     return require_agnews()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,18 +44,6 @@ def moto_server() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
-
-
-def moto_environ(endpoint: str) -> dict[str, str]:
-    """The variables that point boto3 (ours and MLflow's) at the moto server, with dummy credentials."""
-    return {
-        "S3_ENDPOINT_URL": endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
 
 
 @pytest.fixture
@@ -160,7 +134,7 @@ def mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) ->
         start_new_session=True,  # its own process group: the server and the workers it starts stop together
     )
     deadline = time.monotonic() + MLFLOW_SERVER_START_S
-    while not _answers(f"{uri}/health"):
+    while not answers(f"{uri}/health"):
         if server.poll() is not None or time.monotonic() > deadline:
             os.killpg(server.pid, signal.SIGKILL)
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
@@ -174,8 +148,20 @@ def mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) ->
     log_file.close()
 
 
-def _answers(url: str) -> bool:
+@pytest.fixture
+def iam_enforced(bucket: str, s3_env: str) -> Iterator[dict[str, tuple[str, str]]]:
+    """IAM users 'writer' (s3:*) and 'reader' (get and list only) with keys; the server checks every request."""
+    iam = boto3.client("iam", endpoint_url=s3_env)
+    keys = {}
+    for role, actions in {"writer": ["s3:*"], "reader": ["s3:GetObject", "s3:ListBucket"]}.items():
+        user = f"{role}-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=user)
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+        iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        keys[role] = (key["AccessKeyId"], key["SecretAccessKey"])
+    requests.post(f"{s3_env}/moto-api/reset-auth", data=b"0", timeout=5).raise_for_status()
     try:
-        return requests.get(url, timeout=2).ok
-    except requests.RequestException:
-        return False
+        yield keys
+    finally:
+        requests.post(f"{s3_env}/moto-api/reset-auth", data=b"inf", timeout=5).raise_for_status()

@@ -1,0 +1,135 @@
+"""Hydra plumbing shared by the entry points: resolvers, argv handling, config logging."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from agnews.errors import PipelineError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+# The local AG News copy that the tests and benchmarks read (see ../shared/data/ag_news/SOURCES.md).
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
+
+log = logging.getLogger(__name__)
+
+
+def _storage_uri(bucket: str | None, local_dir: str) -> str:
+    return f"s3://{bucket}" if bucket else local_dir
+
+
+def _package_dir(package: str, subdir: str) -> str:
+    return str(importlib.resources.files(package) / subdir)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", Path(name).name.lower()).strip("-")
+
+
+for _name, _fn in {
+    "project_root": lambda: str(PROJECT_ROOT),
+    "storage_uri": _storage_uri,
+    "package_dir": _package_dir,
+    "slug": _slug,
+}.items():
+    OmegaConf.register_new_resolver(_name, _fn, replace=True)
+
+
+# A Hydra override: `key=value`, `+key=value`, `++key=value`, `~key` or `~key=value`.
+_OVERRIDE = re.compile(r"(\+{1,2})?[\w.@/-]+=.*|~[\w.@/-]+(=.*)?", re.DOTALL)
+
+
+def _split(arg: str) -> list[str]:
+    """Shell-split ``arg`` when every piece is an override; otherwise keep it whole (a value with spaces)."""
+    try:
+        pieces = shlex.split(arg)
+    except ValueError:
+        return [arg]
+    return pieces if all(_OVERRIDE.fullmatch(p) for p in pieces) else [arg]
+
+
+def split_overrides(args: list[str]) -> list[str]:
+    """Split arguments that carry several Hydra overrides, as one MLproject parameter does.
+
+    ``"data.sample_size=1000 train.epochs=1"`` becomes two overrides; ``"data.source=/a folder"`` stays one.
+    An override with nothing after ``=`` (an MLproject parameter left at its empty default) is dropped.
+    """
+    overrides = [piece for arg in args for piece in _split(arg)]
+    return [o for o in overrides if not re.fullmatch(r"[\w.+~/@-]+=", o)]
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the config as the entry points do (for tests and library use)."""
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose(config_name="config", overrides=split_overrides(overrides or []))
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Flatten the resolved config into dotted keys, as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix.rstrip(".")] = json.dumps(node) if isinstance(node, list) else node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def code_version() -> str:
+    """The git commit of the project, with '-dirty' for uncommitted changes, or 'unknown'."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def entrypoint(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """Wrap ``task(cfg)`` as a Hydra command line that reports PipelineErrors as one line."""
+
+    @functools.wraps(task)
+    def guarded(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(guarded)
+
+    def main() -> None:
+        sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
+        hydra_main()
+
+    return main

@@ -1,0 +1,79 @@
+"""The ONNX int8 serving bundle: export and quantize it; run it through the Lambda's own predictor."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from bundle.layout import CONFIG_FILE, INPUTS, ONNX_FILE, OUTPUT, TOKENIZER_FILE, BundleConfig
+from bundle.predictor import Predictor
+
+
+def export_bundle(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    labels: list[str],
+    max_length: int,
+    batch_size: int,
+    out_dir: Path,
+    opset: int,
+) -> Path:
+    """Write ``model.int8.onnx``, ``tokenizer.json`` and ``config.json`` into ``out_dir``.
+
+    The export runs on a float32 CPU copy of ``model``, so it does not depend on the device or precision the model
+    was trained in (a CUDA or bf16 model exports the same way), and leaves ``model`` itself untouched.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample = tokenizer(
+        ["an example headline", "a longer example headline for the exporter"], padding=True, return_tensors="pt"
+    )
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    # The eager attention graph is the one that onnxruntime's transformer optimizer fuses into its Attention op.
+    model.set_attn_implementation("eager")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (sample["input_ids"], sample["attention_mask"]),
+                str(fp32),
+                input_names=list(INPUTS),
+                output_names=[OUTPUT],
+                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in INPUTS} | {OUTPUT: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        # Fuse embeddings, attention, layer norms and GELU into onnxruntime's transformer kernels (opt_level 0: these
+        # fusions alone, so the graph names no operator domain beyond com.microsoft and runs on older runtimes too),
+        # then quantize the fused graph, which runs faster on a CPU than the quantized plain export.
+        optimize_model(
+            str(fp32),
+            model_type="bert",
+            num_heads=model.config.num_attention_heads,
+            hidden_size=model.config.hidden_size,
+            opt_level=0,
+        ).save_model_to_file(str(fused))
+        # Shape inference gives the fused (com.microsoft) operators' outputs no type; they are float.
+        quantize_dynamic(
+            fused,
+            out_dir / ONNX_FILE,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    tokenizer.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    config = BundleConfig(list(labels), max_length, batch_size, tokenizer.pad_token)
+    (out_dir / CONFIG_FILE).write_bytes(config.to_bytes())
+    return out_dir
+
+
+def onnx_logits(bundle: Path, texts: list[str]) -> np.ndarray:
+    """Logits of the bundle's int8 model for ``texts``, computed exactly as the Lambda computes them."""
+    return Predictor(bundle).logits(texts)

@@ -1,0 +1,59 @@
+"""Ingest: AG News from the Hub or local files into storage as checked JSONL, logged as ``mlflow.data`` inputs."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+from agnews.config import code_version
+from agnews.data import INFO, build_info, load_source, publish, read_info, to_jsonl
+from agnews.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def upload(cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], dict, bool]:
+    """Parse and validate both splits, then publish them; returns (splits, info, changed)."""
+    splits = load_source(cfg.data)
+    files = {f"{split}.jsonl": to_jsonl(frame) for split, frame in splits.items()}
+    storage = open_storage(cfg)
+    prefix = cfg.storage.dataset_prefix
+    source = " + ".join(str(cfg.data[f"{s}_file"]) for s in splits) if cfg.data.train_file else str(cfg.data.source)
+    info = build_info(splits, files, list(cfg.data.labels), source, code_version())
+    changed = publish(storage, prefix, files, info)
+    if changed:
+        log.info("uploaded %s to %s", ", ".join(files), storage.url(prefix))
+    else:
+        info = read_info(storage, prefix)
+        log.info("dataset at %s is already up to date: nothing uploaded", storage.url(prefix))
+    return splits, info, changed
+
+
+def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) -> None:
+    """Log each split as an mlflow.data input, plus row counts and info.json."""
+    storage = open_storage(cfg)
+    prefix = cfg.storage.dataset_prefix
+    for split, frame in splits.items():
+        name = f"{split}.jsonl"
+        dataset = mlflow.data.from_pandas(
+            frame, source=storage.url(f"{prefix}/{name}"), name=f"ag_news-{split}", targets="label"
+        )
+        mlflow.log_input(dataset, context=split)
+        mlflow.set_tag(f"dataset.{split}.sha256", info["files"][name]["sha256"])
+        counts = info["counts"][split]
+        mlflow.log_metric(f"rows_{split}", counts["rows"])
+        for label, count in counts["per_class"].items():
+            mlflow.log_metric(f"rows_{split}_{re.sub(r'[^a-z0-9]+', '_', label.lower())}", count)
+    mlflow.log_dict(info, INFO)
+
+
+def upload_and_log(cfg: DictConfig) -> bool:
+    """The step's work in the active run: publish, tag whether the dataset changed, log it; True when uploaded."""
+    splits, info, changed = upload(cfg)
+    mlflow.set_tag("dataset.changed", str(changed).lower())
+    log_dataset(cfg, splits, info)
+    return changed

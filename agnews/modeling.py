@@ -1,0 +1,72 @@
+"""Tokenizer and model loading: a local folder, a Hub id, or a random init from config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import requests
+from huggingface_hub import constants
+from omegaconf import DictConfig, OmegaConf
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from agnews.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _hub_reachable(timeout_s: float) -> bool:
+    try:
+        requests.head(constants.ENDPOINT, timeout=timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def _from_pretrained(loader, name: str, timeout_s: float, **kwargs):
+    """Load from a folder, or from the Hub with a quick reachability check instead of minutes of retries."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return loader.from_pretrained(str(local), **kwargs)
+    if local.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"'{name}' is not a model folder")
+    online = _hub_reachable(timeout_s)
+    try:
+        return loader.from_pretrained(name, local_files_only=not online, **kwargs)
+    except OSError as exc:
+        if not online:
+            raise ModelError(
+                f"cannot load '{name}': the Hugging Face Hub ({constants.ENDPOINT}) is unreachable and the model "
+                "is not cached; use a local folder, or model=minilm (packaged) for offline runs"
+            ) from None
+        raise ModelError(f"cannot load '{name}' from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(model: DictConfig) -> PreTrainedTokenizerFast:
+    return _from_pretrained(AutoTokenizer, str(model.tokenizer), model.hub_timeout_s)
+
+
+def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A sequence classifier with a fresh head for ``labels``; random weights when ``model.init`` is set."""
+    label_maps = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+    if model.init is not None:
+        init = OmegaConf.to_container(model.init)
+        config = AutoConfig.for_model(
+            init.pop("model_type"),
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_token_id,
+            **init,
+            **label_maps,
+        )
+        return AutoModelForSequenceClassification.from_config(config)
+    return _from_pretrained(AutoModelForSequenceClassification, str(model.name), model.hub_timeout_s, **label_maps)

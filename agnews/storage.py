@@ -1,0 +1,228 @@
+"""One key layout over two backends: S3 (or any S3-compatible endpoint) and a local folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from omegaconf import DictConfig
+
+from agnews.errors import NotFoundError, StorageError
+
+MB = 1024 * 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class Storage(Protocol):
+    """What the steps need from a store; keys are '/'-separated paths below the store's root."""
+
+    uri: str
+
+    def url(self, key: str) -> str: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def copy(self, src: str, dst: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+
+
+class LocalStorage:
+    """A folder; every write lands in a temporary file first and is renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"no such file: {self._path(key)}") from None
+
+    @contextlib.contextmanager
+    def _atomic(self, key: str) -> Iterator[Path]:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror}") from None
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._atomic(key) as tmp:
+            tmp.write_bytes(data)
+
+    def copy(self, src: str, dst: str) -> None:
+        if not self.exists(src):
+            raise NotFoundError(f"no such file: {self._path(src)}")
+        with self._atomic(dst) as tmp:
+            shutil.copyfile(self._path(src), tmp)
+
+    def delete(self, key: str) -> None:
+        """Remove a file, and any folders that this leaves empty below the root."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+
+class S3Storage:
+    """A bucket and optional prefix; writes and copies go through boto3's transfer manager (multipart above
+    ``storage.multipart_threshold_mb``, ``storage.max_concurrency`` parts at once)."""
+
+    def __init__(self, bucket: str, prefix: str, transfer: TransferConfig, client_config: BotoConfig) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.transfer = transfer
+        self.client = s3_client(client_config)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str = "") -> Iterator[None]:
+        where = self.url(key) if key else f"s3://{self.bucket}"
+        try:
+            yield
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFoundError(f"no such object: {where}") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"cannot {action} {where}: bucket '{self.bucket}' does not exist") from None
+            if code in ("AccessDenied", "403", "Forbidden"):
+                raise StorageError(f"cannot {action} {where}: access denied") from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+                raise StorageError(f"cannot {action} {where}: bad AWS credentials ({code})") from None
+            raise StorageError(f"cannot {action} {where}: {code} {err.get('Message', '')}".strip()) from None
+        except NoCredentialsError:
+            raise StorageError(
+                f"cannot {action} {where}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or AWS_PROFILE)"
+            ) from None
+        except EndpointConnectionError as exc:
+            raise StorageError(f"cannot {action} {where}: S3 endpoint unreachable ({exc})") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot {action} {where}: {exc}") from None
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
+        try:
+            with self._errors("read", key):
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        except NotFoundError:
+            return None
+
+    def read_bytes(self, key: str) -> bytes:
+        # One GET, whose error names a missing bucket (the transfer manager's HEAD would say only 404).
+        with self._errors("read", key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+
+    def copy(self, src: str, dst: str) -> None:
+        with self._errors("write", dst):
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self._key(src)}, self.bucket, self._key(dst), Config=self.transfer
+            )
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        start = len(self._key(""))
+        with self._errors("list", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix)
+            ):
+                keys.extend(obj["Key"][start:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+
+def s3_client(config: BotoConfig | None = None):
+    """An S3 client from the standard credential chain, honouring AWS_REGION and S3_ENDPOINT_URL."""
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        config=config,
+    )
+
+
+def open_storage(cfg: DictConfig) -> Storage:
+    """The store named by ``cfg.storage.uri``: ``s3://bucket/prefix``, ``file:///path`` or a folder."""
+    uri = str(cfg.storage.uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"storage.uri {uri!r} names no bucket")
+        transfer = TransferConfig(
+            multipart_threshold=cfg.storage.multipart_threshold_mb * MB,
+            multipart_chunksize=cfg.storage.multipart_chunksize_mb * MB,
+            max_concurrency=cfg.storage.max_concurrency,
+        )
+        client_config = BotoConfig(
+            connect_timeout=cfg.storage.connect_timeout_s,
+            retries={"max_attempts": cfg.storage.max_attempts, "mode": "standard"},
+        )
+        return S3Storage(parsed.netloc, parsed.path, transfer, client_config)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(parsed.path))
+    if parsed.scheme:
+        raise StorageError(f"storage.uri {uri!r}: unsupported scheme '{parsed.scheme}' (use s3://, file:// or a path)")
+    return LocalStorage(Path(uri))

@@ -1,0 +1,312 @@
+"""Training: fine-tune with the HF Trainer, log metrics and reports to MLflow, log the pyfunc with its int8 bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import datasets
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+from omegaconf import DictConfig, OmegaConf
+from sklearn.model_selection import train_test_split
+from torch.utils.data import SequentialSampler
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from agnews import export, metrics, pyfunc
+from agnews.data import read_info, read_split
+from agnews.errors import ConfigError, DataError
+from agnews.modeling import load_model, load_tokenizer
+from agnews.storage import open_storage
+from bundle import layout
+
+log = logging.getLogger(__name__)
+
+# Pinned in the logged model's requirements; the versions are those installed, which requirements.txt pins.
+MODEL_REQUIREMENTS = ("torch", "transformers", "pandas", "numpy")
+INPUT_EXAMPLE = [
+    "Apple reported strong quarterly earnings with iPhone sales up 15%",
+    "The Red Sox beat the Yankees 5-3 to win the pennant",
+]
+
+
+# The training figures logged with the final metrics: the Trainer's samples/s (which includes the per-epoch
+# evaluation and checkpoint saves), the training loop's alone, and the wall time of trainer.train().
+TRAIN_FIGURES = ("train_samples_per_second", "train_loop_samples_per_second", "train_wall_time_s")
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process: torchrun and accelerate launch set RANK before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject override values that would fail late or silently (epochs=0, a negative lr, ...)."""
+    t = cfg.train
+    checks = {
+        "train.epochs": t.epochs > 0,
+        "train.learning_rate": t.learning_rate > 0,
+        "train.batch_size": t.batch_size > 0,
+        "train.eval_batch_size": t.eval_batch_size > 0,
+        "train.serving_batch_size": t.serving_batch_size > 0,
+        "train.max_length": t.max_length > 0,
+        "train.weight_decay": t.weight_decay >= 0,
+        "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
+        "train.label_smoothing": 0 <= t.label_smoothing < 1,
+        "data.sample_size": (cfg.data.sample_size or 0) >= 0,
+        "data.eval_size": (cfg.data.eval_size or 0) >= 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range")
+
+
+def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
+    """``size`` rows with the class balance of ``frame``, seeded; None or 0 keeps every row."""
+    if not size:
+        return frame
+    if size > len(frame):
+        raise DataError(f"{name}={size} is larger than the {len(frame)} rows available")
+    if size == len(frame):
+        return frame
+    sample, _ = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
+    return sample.reset_index(drop=True)
+
+
+def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: DictConfig) -> datasets.Dataset:
+    padding = "max_length" if t.pad_to_max_length else False
+    ds = datasets.Dataset.from_pandas(frame.rename(columns={"label": "labels"}), preserve_index=False)
+    return ds.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=t.max_length, padding=padding),
+        batched=True,
+        remove_columns=["text"],
+        desc="tokenize",
+    )
+
+
+class OrderedEvalTrainer(Trainer):
+    """A Trainer that evaluates in dataset order, so that predictions line up with the eval rows.
+
+    With length grouping, transformers 5 also shuffles evaluation batches by length; the eval split is instead
+    sorted by length once (see ``fit``), which keeps padding as low without losing the order.
+    """
+
+    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
+class MlflowMetrics(TrainerCallback):
+    """Logs the Trainer's loss, learning rate and eval metrics, by global step, into the active run.
+
+    transformers' own MLflowCallback reopens MLFLOW_RUN_ID, which collides with the run that `mlflow run` and the
+    main pipeline already hold open, so the step logs through this callback instead.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            values = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            mlflow.log_metrics(values, step=state.global_step)
+
+
+class TrainingClock(TrainerCallback):
+    """Seconds spent inside the training epochs, leaving out the per-epoch evaluation and checkpoint saves."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._started
+
+
+def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        label_smoothing_factor=t.label_smoothing,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+    )
+
+
+@dataclass
+class Fitted:
+    trainer: Trainer
+    tokenizer: PreTrainedTokenizerFast
+    eval_frame: pd.DataFrame
+    probs: np.ndarray
+    train_metrics: dict[str, float]
+
+
+def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
+    """Load data and model, fine-tune, and predict the eval split with the kept (best) checkpoint."""
+    validate(cfg)
+    storage = open_storage(cfg)
+    prefix = cfg.storage.dataset_prefix
+    labels = read_info(storage, prefix)["labels"]
+    train_frame = stratified_sample(
+        read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.seed, "data.sample_size"
+    )
+    eval_frame = stratified_sample(read_split(storage, prefix, "test"), cfg.data.eval_size, cfg.seed, "data.eval_size")
+    eval_frame = eval_frame.iloc[eval_frame.text.str.len().argsort(kind="stable")].reset_index(drop=True)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, labels, tokenizer)
+
+    output_dir = Path(cfg.train.output_dir)
+    checkpoint = get_last_checkpoint(str(output_dir)) if cfg.train.resume and output_dir.is_dir() else None
+    if cfg.train.resume and checkpoint is None:
+        log.warning("train.resume=true but %s holds no checkpoint: starting from scratch", output_dir)
+    if checkpoint is None and is_main_process():
+        shutil.rmtree(output_dir, ignore_errors=True)
+    if checkpoint and mlflow.active_run():
+        mlflow.set_tag("resumed_from_checkpoint", checkpoint)
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        return metrics.classification_metrics(labels, prediction.label_ids, prediction.predictions.argmax(-1))
+
+    extra = list(callbacks)
+    if cfg.train.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    clock = TrainingClock()
+    trainer = OrderedEvalTrainer(
+        model=model,
+        args=training_args(cfg, output_dir),
+        train_dataset=tokenize(train_frame, tokenizer, cfg.train),
+        eval_dataset=tokenize(eval_frame, tokenizer, cfg.train),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=[MlflowMetrics(), clock, *extra],
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    samples = result.metrics["train_samples_per_second"] * result.metrics["train_runtime"]
+    train_metrics = dict(result.metrics) | {
+        "train_wall_time_s": time.perf_counter() - started,
+        "train_loop_samples_per_second": samples / clock.seconds if clock.seconds else 0.0,
+    }
+    prediction = trainer.predict(trainer.eval_dataset, metric_key_prefix="final")
+    logits = prediction.predictions
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return Fitted(trainer, tokenizer, eval_frame, probs, train_metrics)
+
+
+def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[str, float]:
+    """Final metrics, confusion matrix, classification report and misclassified texts."""
+    y_true = fitted.eval_frame.label.to_numpy()
+    y_pred = fitted.probs.argmax(1)
+    final = metrics.classification_metrics(labels, y_true, y_pred) | {
+        **{key: fitted.train_metrics[key] for key in TRAIN_FIGURES},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_rows": len(fitted.trainer.train_dataset),
+        "eval_rows": len(y_true),
+    }
+    mlflow.log_metrics(final)
+    mlflow.log_figure(metrics.confusion_figure(labels, y_true, y_pred), "confusion_matrix.png")
+    mlflow.log_dict(metrics.report(labels, y_true, y_pred), "classification_report.json")
+    texts = fitted.eval_frame.text.tolist()
+    mlflow.log_table(
+        metrics.misclassified(labels, texts, y_true, fitted.probs, cfg.data.misclassified_examples),
+        "misclassified.json",
+    )
+    return final
+
+
+def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path) -> dict[str, float]:
+    """Save the model and its int8 bundle, check the bundle against torch, and log the pyfunc."""
+    model_dir, bundle_dir = workdir / pyfunc.WEIGHTS_ARTIFACT, workdir / pyfunc.BUNDLE_ARTIFACT
+    fitted.trainer.save_model(str(model_dir))
+    export.export_bundle(
+        fitted.trainer.model,
+        fitted.tokenizer,
+        labels,
+        cfg.train.max_length,
+        cfg.train.serving_batch_size,
+        bundle_dir,
+        cfg.train.onnx_opset,
+    )
+    texts = fitted.eval_frame.text.tolist()
+    int8_pred = export.onnx_logits(bundle_dir, texts).argmax(1)
+    checks = {
+        "onnx_int8_accuracy": float((int8_pred == fitted.eval_frame.label.to_numpy()).mean()),
+        "onnx_int8_agreement": float((int8_pred == fitted.probs.argmax(1)).mean()),
+    }
+    mlflow.log_metrics(checks)
+
+    # One unnamed string column: MLflow then accepts a list of strings as well as a DataFrame with a `text` column.
+    example = pd.DataFrame({"text": INPUT_EXAMPLE})
+    output = pd.DataFrame({"predicted_class": labels[:1], "confidence": [1.0]}).join(
+        pd.DataFrame([[0.25] * len(labels)], columns=labels)
+    )
+    mlflow.pyfunc.log_model(
+        name=pyfunc.LOGGED_MODEL,
+        python_model=pyfunc.__file__,
+        artifacts={pyfunc.WEIGHTS_ARTIFACT: str(model_dir), pyfunc.BUNDLE_ARTIFACT: str(bundle_dir)},
+        code_paths=[str(Path(layout.__file__).parent)],
+        model_config={"batch_size": cfg.train.eval_batch_size},
+        signature=infer_signature(INPUT_EXAMPLE, output),
+        input_example=example,
+        pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
+    )
+    return checks
+
+
+def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
+    """Fine-tune and, on the main process, log metrics, artifacts and the model into the active run."""
+    fitted = fit(cfg, callbacks)
+    if not fitted.trainer.is_world_process_zero():
+        return {}
+    labels = list(fitted.trainer.model.config.id2label.values())
+    storage = open_storage(cfg)
+    info = read_info(storage, cfg.storage.dataset_prefix)
+    mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in info["files"].items()})
+    final = log_evaluation(cfg, fitted, labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        final |= log_model(cfg, fitted, labels, Path(tmp))
+    log.info(
+        "accuracy %.4f, macro-F1 %.4f, int8 accuracy %.4f",
+        final["accuracy"],
+        final["f1_macro"],
+        final["onnx_int8_accuracy"],
+    )
+    return final

@@ -1,0 +1,199 @@
+"""The serving bundle's files, its ``config.json``, and the mirror's ``manifest.json`` and ``champion.json``.
+
+A bundle is a folder of ``model.int8.onnx``, ``tokenizer.json`` and ``config.json``. The mirror lays each
+registered version out as ``v<N>/`` (the bundle plus ``manifest.json``: version, run, metrics, and the sha256 and
+size of every file) below a model's root, and ``champion.json`` there names the manifest of the version to serve.
+Writers build these documents with the functions below, readers parse them with ``parse_*``, which refuse any
+field of the wrong type with a ``ContractError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ONNX_FILE = "model.int8.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+BUNDLE_FILES = (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "logits"
+MANIFEST = "manifest.json"
+POINTER = "champion.json"
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ContractError(ValueError):
+    """A bundle document that breaks the contract; the message names the document and the field."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(data: bytes) -> dict[str, str | int]:
+    """What a manifest records of a file: its sha256 and size."""
+    return {"sha256": sha256(data), "bytes": len(data)}
+
+
+def to_json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2).encode()
+
+
+def version_folder(version: int) -> str:
+    return f"v{version}"
+
+
+def manifest_key(version: int) -> str:
+    """The manifest's key below the model's root."""
+    return f"{version_folder(version)}/{MANIFEST}"
+
+
+def _object(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ContractError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ContractError(f"{where} is not a JSON object")
+    return value
+
+
+def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in doc:
+        raise ContractError(f"{where} lacks {name!r}")
+    value = doc[name]
+    # bool is an int in Python, never in these documents
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ContractError(f"{where}: {name!r} must not be a boolean")
+    if not isinstance(value, kind):
+        raise ContractError(f"{where}: {name!r} is {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _version(doc: dict[str, Any], where: str) -> int:
+    version = _field(doc, "version", int, where)
+    if version < 1:
+        raise ContractError(f"{where}: 'version' {version} is not a version number")
+    return version
+
+
+def _sha(doc: dict[str, Any], name: str, where: str) -> str:
+    value = _field(doc, name, str, where)
+    if not SHA256.fullmatch(value):
+        raise ContractError(f"{where}: {name!r} is not a sha256 hex digest")
+    return value
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` as a single path component; anything that could leave its folder is refused."""
+    if not SAFE_NAME.fullmatch(value):
+        raise ContractError(f"{what} {value!r} is not a plain file name")
+    return value
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """``config.json``: the labels in logit order, the tokenizer's truncation and padding, texts per ONNX call."""
+
+    labels: list[str]
+    max_length: int
+    batch_size: int
+    pad_token: str
+
+    def to_bytes(self) -> bytes:
+        return to_json(asdict(self))
+
+
+def parse_config(data: bytes, where: str = CONFIG_FILE) -> BundleConfig:
+    doc = _object(data, where)
+    labels = _field(doc, "labels", list, where)
+    if not labels or not all(isinstance(label, str) for label in labels):
+        raise ContractError(f"{where}: 'labels' must be a non-empty list of strings")
+    return BundleConfig(
+        labels=labels,
+        max_length=_field(doc, "max_length", int, where),
+        batch_size=_field(doc, "batch_size", int, where),
+        pad_token=_field(doc, "pad_token", str, where),
+    )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``v<N>/manifest.json``: the version and the sha256 of each file beside it."""
+
+    version: int
+    files: dict[str, str]
+
+
+def manifest_bytes(
+    model_name: str,
+    version: int,
+    run_id: str | None,
+    metrics: dict[str, float],
+    files: dict[str, bytes],
+    created_at: str,
+) -> bytes:
+    doc = {
+        "model_name": model_name,
+        "version": version,
+        "run_id": run_id,
+        "metrics": metrics,
+        "files": {name: digest(data) for name, data in files.items()},
+        "created_at": created_at,
+    }
+    return to_json(doc)
+
+
+def parse_manifest(data: bytes, where: str = MANIFEST) -> Manifest:
+    doc = _object(data, where)
+    files = _field(doc, "files", dict, where)
+    missing = [name for name in BUNDLE_FILES if name not in files]
+    if missing:
+        raise ContractError(f"{where} lists no {', '.join(missing)}")
+    hashes = {}
+    for name, meta in files.items():
+        entry = f"{where} files[{name!r}]"
+        if not isinstance(meta, dict):
+            raise ContractError(f"{entry} is not a JSON object")
+        hashes[safe_name(name, "file")] = _sha(meta, "sha256", entry)
+    return Manifest(_version(doc, where), hashes)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """``champion.json``: the version to serve and the key and sha256 of its manifest."""
+
+    model_name: str
+    version: int
+    manifest: str
+    manifest_sha256: str
+
+
+def pointer_bytes(model_name: str, version: int, manifest: bytes, updated_at: str) -> bytes:
+    doc = {
+        "model_name": model_name,
+        "version": version,
+        "manifest": manifest_key(version),
+        "manifest_sha256": sha256(manifest),
+        "updated_at": updated_at,
+    }
+    return to_json(doc)
+
+
+def parse_pointer(data: bytes, where: str = POINTER) -> Pointer:
+    doc = _object(data, where)
+    manifest = _field(doc, "manifest", str, where)
+    for part in manifest.split("/"):
+        safe_name(part, "manifest path part")
+    return Pointer(
+        model_name=_field(doc, "model_name", str, where),
+        version=_version(doc, where),
+        manifest=manifest,
+        manifest_sha256=_sha(doc, "manifest_sha256", where),
+    )

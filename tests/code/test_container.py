@@ -1,0 +1,190 @@
+"""The Docker path: MLproject's docker_env, the image from ./Dockerfile, and `mlflow run . -e main` in a real engine.
+
+The container tests (`make test-container`) need an engine behind DOCKER_HOST: `eval "$(.ci/container-setup)"`
+gives one (Podman) and a local base image (AGNEWS_BASE_IMAGE). Without one they are skipped, and under CI they fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import docker
+import mlflow
+import pytest
+from mlflow.projects._project_spec import load_project
+from mlflow.projects.backend.local import _get_docker_command
+from mlflow.tracking import MlflowClient
+
+from agnews.config import PROJECT_ROOT, compose
+
+PROJECT = load_project(str(PROJECT_ROOT))
+IMAGE = PROJECT.docker_env["image"]
+FORWARDED = [name for name, _ in PROJECT.docker_env["environment"]]
+ENTRYPOINT = PROJECT_ROOT / "container" / "entrypoint.sh"
+WHEELS = PROJECT_ROOT / "container" / "wheels"
+# What the image must hold exactly as in the work tree.
+CODE = ["MLproject", "steps/*.py", "agnews/*.py", "bundle/*.py", "conf/*.yaml", "conf/*/*.yaml"]
+BUILD_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 900
+
+
+def bash_words(command: list[str]) -> list[str]:
+    """The words that bash makes of MLflow's docker command, joined with spaces as MLflow runs it."""
+    printed = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + " ".join(command)], capture_output=True, text=True, check=True
+    )
+    return printed.stdout.split("\0")[:-1]
+
+
+def test_docker_env_forwards_set_variables_and_drops_unset_ones(
+    tmp_path: Path, mlflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own `docker run` command for this MLproject, expanded by bash, then the image's entrypoint."""
+    for name in FORWARDED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a/b+c d*")  # one word, whatever the characters
+    shutil.copy(mlflow_db, tmp_path / "mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:  # MLflow raised here for any unset variable listed by bare name
+        command = _get_docker_command(
+            SimpleNamespace(tags=[IMAGE]), run, user_env_vars=PROJECT.docker_env["environment"]
+        )
+    words = bash_words(command)
+    assert "a/b+c d*" not in " ".join(command), "a secret's value would show in MLflow's log"
+    passed = dict(word.split("=", 1) for flag, word in itertools.pairwise(words) if flag == "-e")
+    assert passed["AWS_REGION"] == "eu-west-1"
+    assert passed["AWS_SECRET_ACCESS_KEY"] == "a/b+c d*"
+    assert passed["AWS_SESSION_TOKEN"] == ""
+
+    seen = subprocess.run(
+        ["env", "-i", *(f"{k}={v}" for k, v in passed.items()), str(ENTRYPOINT), "env"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert "AWS_REGION=eu-west-1" in seen
+    assert "AWS_SECRET_ACCESS_KEY=a/b+c d*" in seen
+    assert not any(line.split("=")[0] in ("AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL") for line in seen)
+
+
+def require_engine() -> None:
+    """Skip where no container engine answers at DOCKER_HOST; under CI, fail."""
+    try:
+        docker.from_env().ping()
+    except docker.errors.DockerException as exc:
+        message = (
+            f"no container engine at {os.environ.get('DOCKER_HOST', 'the default socket')} ({exc}); "
+            'run `eval "$(.ci/container-setup)"`'
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def torch_build_args() -> list[str]:
+    """Offline torch: the CPU wheel that pip finds on this disk (its find-links), else the default CPU index."""
+    pin = next(
+        line for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch==")
+    )
+    found = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-index", pin, "-d", str(WHEELS)],
+        capture_output=True,
+        check=False,
+    )
+    return ["--build-arg", "TORCH_INDEX_URL="] if found.returncode == 0 else []
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The project's image, built from ./Dockerfile and the work tree now (AGNEWS_BASE_IMAGE as the base, if set)."""
+    require_engine()
+    base = os.environ.get("AGNEWS_BASE_IMAGE")
+    build = [
+        *("docker", "build", "--network", "host", "--tag", IMAGE),
+        *(["--build-arg", f"BASE_IMAGE={base}"] if base else []),
+        *torch_build_args(),
+        str(PROJECT_ROOT),
+    ]
+    log = tmp_path_factory.mktemp("image") / "build.log"
+    with log.open("wb") as out:
+        done = subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S, check=False)
+    assert done.returncode == 0, f"{' '.join(build)} failed:\n{log.read_text()[-3000:]}"
+    return IMAGE
+
+
+def sha256_lines(listing: str) -> dict[str, str]:
+    return {name: digest for digest, name in (line.split() for line in listing.splitlines())}
+
+
+@pytest.mark.container
+def test_image_holds_the_work_tree_code(image: str) -> None:
+    """`mlflow run .` runs the image as built: what it holds is the work tree's code, and it runs as non-root."""
+    listing = subprocess.run(
+        ["docker", "run", "--rm", image, "sh", "-c", f"id -u && sha256sum {' '.join(CODE)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    uid, _, hashes = listing.partition("\n")
+    local = {
+        str(path.relative_to(PROJECT_ROOT)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for pattern in CODE
+        for path in sorted(PROJECT_ROOT.glob(pattern))
+    }
+    assert uid != "0"
+    assert sha256_lines(hashes) == local
+
+
+@pytest.mark.container
+def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: str, agnews_dir: Path) -> None:
+    """`mlflow run . -e main` in the image: nested runs on the server, @champion, the mirror in the bucket."""
+    # s3_env (under `bucket`) set the moto endpoint and dummy keys, and unset AWS_SESSION_TOKEN: docker_env forwards
+    # them all, S3_BUCKET included, so the container's storage.uri is s3://<bucket>.
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server, "S3_BUCKET": bucket}
+    overrides = "registry.min_accuracy=0 data.eval_size=200 train.batch_size=16"
+    run = [
+        *(sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "main", "--experiment-name", "agnews"),
+        *("-A", "network=host", "-A", f"volume={agnews_dir}:/data/ag_news:ro"),
+        *("-P", "source=/data/ag_news", "-P", "model=tiny", "-P", "sample_size=200", "-P", "epochs=1"),
+        *("-P", f"overrides={overrides}"),
+    ]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("agnews").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`mlflow.project.entryPoint` = 'main'")
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert (tags["step"], tags["mlflow.project.env"], tags["mlflow.docker.image.uri"]) == ("main", "docker", image)
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    steps = {run.data.tags["step"]: run for run in children}
+    # Podman 4.3 (Debian 12) loses the exit code of `docker run --rm`, so a failed step can look like a success
+    # to `mlflow run`: the child runs tell.
+    assert sorted(steps) == ["register", "train", "upload"], done.stderr[-5000:]
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert {step: tags[f"child.{step}"] for step in steps} == {s: r.info.run_id for s, r in steps.items()}
+
+    model_name = compose().registry.model_name
+    champion = client.get_model_version_by_alias(model_name, "champion")
+    assert champion.run_id == steps["train"].info.run_id
+    assert (tags["registered_version"], tags["registered_alias"]) == (champion.version, "champion")
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    version = f"models/{model_name}/v{champion.version}"
+    files = ["model.int8.onnx", "tokenizer.json", "config.json", "manifest.json"]
+    assert {f"{version}/{name}" for name in files} <= keys
+    assert {f"datasets/ag_news/{name}" for name in ("train.jsonl", "test.jsonl", "info.json")} <= keys
+    pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{model_name}/champion.json")["Body"].read())
+    assert (pointer["version"], pointer["manifest"]) == (int(champion.version), f"v{champion.version}/manifest.json")

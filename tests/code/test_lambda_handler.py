@@ -1,0 +1,492 @@
+"""The Lambda handler: event shapes and malformed input against a fake store (the adapter alone, no model), then
+the real tiny bundle: hostile text, missing models, settings, the command line and the local server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from agnews.config import PROJECT_ROOT
+from tests.helpers import LABELS, LAMBDA_DIR, SEED_TEXT
+
+PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "model_version"}
+
+
+def v1_event(body: str | None, method: str = "POST", base64_body: bool = False) -> dict:
+    """An API Gateway REST API (v1) proxy event."""
+    return {
+        "resource": "/classify",
+        "path": "/classify",
+        "httpMethod": method,
+        "headers": {"Content-Type": "application/json"},
+        "queryStringParameters": None,
+        "requestContext": {"resourcePath": "/classify", "httpMethod": method, "stage": "prod"},
+        "body": base64.b64encode(body.encode()).decode() if base64_body and body is not None else body,
+        "isBase64Encoded": base64_body,
+    }
+
+
+def v2_event(body: str | None, method: str = "POST", base64_body: bool = False) -> dict:
+    """An HTTP API (v2) event; a Function URL sends the same shape."""
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {"http": {"method": method, "path": "/", "sourceIp": "127.0.0.1"}, "stage": "$default"},
+        "body": base64.b64encode(body.encode()).decode() if base64_body and body is not None else body,
+        "isBase64Encoded": base64_body,
+    }
+
+
+def function_url_event(body: str) -> dict:
+    """A Function URL event: v2 shape, with the body base64-encoded."""
+    event = v2_event(body, base64_body=True)
+    event["requestContext"] |= {"domainName": "abc.lambda-url.us-east-1.on.aws", "domainPrefix": "abc"}
+    return event
+
+
+def check_prediction(body: dict, version: int = 1) -> None:
+    """The seed's response body, with probabilities that make sense."""
+    assert set(body) == PREDICTION_KEYS
+    assert list(body["probabilities"]) == LABELS
+    probabilities = body["probabilities"]
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["predicted_class"] == max(probabilities, key=probabilities.get)
+    assert body["confidence"] == probabilities[body["predicted_class"]]
+    assert body["model_version"] == version
+
+
+# The event tests: the adapter over a fake store, whose answer depends on the text alone. No bundle, no onnxruntime.
+FAKE_VERSION = 7
+
+
+class FakePredictor:
+    """The predictor's interface; records what it is asked."""
+
+    labels = LABELS
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        self.asked.append(texts)
+        return [fake_result(text) for text in texts]
+
+
+def fake_result(text: str) -> dict:
+    best = LABELS[len(text) % len(LABELS)]
+    probabilities = {label: 0.7 if label == best else 0.1 for label in LABELS}
+    return {"predicted_class": best, "confidence": 0.7, "probabilities": probabilities}
+
+
+class FakeStore:
+    """The store's interface: the limits, and a model, or ``problem`` raised in its place."""
+
+    def __init__(self, settings, problem: Exception | None = None) -> None:
+        self.settings = settings
+        self.predictor = FakePredictor()
+        self.problem = problem
+
+    def get(self) -> SimpleNamespace:
+        if self.problem is not None:
+            raise self.problem
+        return SimpleNamespace(version=FAKE_VERSION, predictor=self.predictor)
+
+
+@pytest.fixture
+def fake(lambda_module) -> FakeStore:
+    return FakeStore(lambda_module.Settings.from_env({}))
+
+
+@pytest.fixture
+def handle(lambda_module, fake: FakeStore):
+    """``handle(event)``: the Service over the fake store."""
+    service = lambda_module.Service(fake)
+    return lambda event: service.handle(event, None)
+
+
+@pytest.fixture
+def invoke(serve, mirror_root: Path):
+    """``invoke(event)``: the Lambda's own handler over the real tiny bundle."""
+    return serve(mirror_root)
+
+
+def test_direct_invoke_answers_in_the_seed_format(handle, fake: FakeStore) -> None:
+    response = handle({"text": SEED_TEXT})
+    assert response == {"statusCode": 200, "body": fake_result(SEED_TEXT) | {"model_version": FAKE_VERSION}}
+    check_prediction(response["body"], FAKE_VERSION)
+    assert fake.predictor.asked == [[SEED_TEXT]]
+
+
+def test_batch_asks_the_model_once_and_answers_in_order(handle, fake: FakeStore) -> None:
+    texts = [SEED_TEXT, "Oil", "Rain delays the final", "New phone"]
+    response = handle({"texts": texts})
+    assert response["statusCode"] == 200
+    assert response["body"] == [fake_result(text) | {"model_version": FAKE_VERSION} for text in texts]
+    assert fake.predictor.asked == [texts]
+
+
+def test_batch_on_the_real_bundle_returns_one_body_per_text_matching_single_calls(invoke) -> None:
+    # more texts than the bundle's batch size, not in order of length: the answers come back in the request's order
+    texts = [
+        SEED_TEXT,
+        "The Lakers beat the Celtics in overtime",
+        "UN council meets on the crisis",
+        "Oil",
+        "Researchers unveiled a chip that trains neural networks with a fraction of the power, the journal reported",
+        "Shares of the bank fell 4% after it cut its forecast",
+        "Rain delays the final",
+        "Ministers from both countries met in Geneva on Monday to discuss a ceasefire along the disputed border",
+        "New phone",
+    ]
+    response = invoke({"texts": texts})
+    assert response["statusCode"] == 200
+    assert len(response["body"]) == len(texts)
+    for text, body in zip(texts, response["body"], strict=True):
+        check_prediction(body)
+        single = invoke({"text": text})["body"]
+        for label in LABELS:
+            assert body["probabilities"][label] == pytest.approx(single["probabilities"][label], abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "make_event",
+    [
+        pytest.param(lambda body: v1_event(body), id="rest-v1"),
+        pytest.param(lambda body: v1_event(body, base64_body=True), id="rest-v1-base64"),
+        pytest.param(lambda body: v2_event(body), id="http-api-v2"),
+        pytest.param(function_url_event, id="function-url"),
+    ],
+)
+def test_http_events_get_a_proxy_response(handle, fake: FakeStore, make_event) -> None:
+    direct = handle({"text": SEED_TEXT})["body"]
+    response = handle(make_event(json.dumps({"text": SEED_TEXT})))
+    assert response["statusCode"] == 200
+    assert response["headers"] == {"Content-Type": "application/json"}
+    assert response["isBase64Encoded"] is False
+    assert isinstance(response["body"], str)
+    assert json.loads(response["body"]) == direct
+    assert fake.predictor.asked == [[SEED_TEXT], [SEED_TEXT]]
+
+
+def test_get_names_the_model_version(handle, fake: FakeStore) -> None:
+    response = handle(v2_event(None, method="GET"))
+    assert response["statusCode"] == 200
+    assert json.loads(response["body"]) == {"model_version": FAKE_VERSION, "labels": LABELS}
+    assert fake.predictor.asked == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", ""])
+@pytest.mark.parametrize("make_event", [v1_event, v2_event], ids=["v1", "v2"])
+def test_unknown_methods_get_405(handle, fake: FakeStore, make_event, method: str) -> None:
+    response = handle(make_event(json.dumps({"text": SEED_TEXT}), method=method))
+    assert response["statusCode"] == 405
+    assert response["headers"]["Allow"] == "GET, POST"
+    assert "method not allowed" in json.loads(response["body"])["error"]
+    assert fake.predictor.asked == []
+
+
+BIG = 200_000  # MAX_TEXT_CHARS's default, from lambda/settings.py
+MALFORMED = [
+    # (event, message fragment); direct invokes, then HTTP events
+    (None, "not null"),
+    ("just a string", "not a string"),
+    (42, "not a number"),
+    (3.5, "not a number"),
+    (True, "not a boolean"),
+    ([{"text": "a"}], "not an array"),
+    ({}, 'missing "text"'),
+    ({"txt": "typo"}, 'missing "text"'),
+    ({"text": None}, '"text" must be a string, not null'),
+    ({"text": 7}, '"text" must be a string, not a number'),
+    ({"text": ["a"]}, '"text" must be a string, not an array'),
+    ({"text": {"a": 1}}, '"text" must be a string, not an object'),
+    ({"text": False}, '"text" must be a string, not a boolean'),
+    ({"text": ""}, '"text" is empty'),
+    ({"text": "   \n\t "}, '"text" is only whitespace'),
+    ({"text": "\u3000\u2003"}, '"text" is only whitespace'),
+    ({"text": "x" * (BIG + 1)}, f'"text" has {BIG + 1} characters; the most is {BIG}'),
+    ({"text": "bad \ud800 surrogate"}, "unpaired surrogate at character 4"),
+    ({"texts": []}, '"texts" is empty'),
+    ({"texts": "one text"}, '"texts" must be a list of strings, not a string'),
+    ({"texts": None}, '"texts" must be a list of strings, not null'),
+    ({"texts": {"0": "a"}}, '"texts" must be a list of strings, not an object'),
+    ({"texts": ["ok"] * 65}, '"texts" has 65 items; the most is 64'),
+    ({"texts": ["ok", 3]}, '"texts"[1] must be a string, not a number'),
+    ({"texts": ["ok", None]}, '"texts"[1] must be a string, not null'),
+    ({"texts": [["nested"]]}, '"texts"[0] must be a string, not an array'),
+    ({"texts": ["ok", ""]}, '"texts"[1] is empty'),
+    ({"texts": [" "]}, '"texts"[0] is only whitespace'),
+    ({"texts": ["ok", "y" * (BIG + 1)]}, f'"texts"[1] has {BIG + 1} characters'),
+    ({"text": "a", "texts": ["b"]}, 'either "text" or "texts", not both'),
+    (v2_event("{not json"), "not valid JSON: Expecting property name"),
+    (v2_event('{"text": "a"'), "not valid JSON"),
+    (v2_event(""), "the request body is empty"),
+    (v2_event(None), "the request body is empty"),
+    (v1_event("[1, 2]"), "not an array"),
+    (v1_event('"text"'), "not a string"),
+    (v1_event("null"), "not null"),
+    (v2_event("{}"), 'missing "text"'),
+    (v2_event('{"text": 1}'), '"text" must be a string, not a number'),
+    (v2_event('{"texts": []}'), '"texts" is empty'),
+    (v2_event('{"text": "a", "texts": ["b"]}'), "not both"),
+    (v2_event("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    (v2_event("%%% not base64 %%%") | {"isBase64Encoded": True}, "not valid base64"),
+    (v2_event(base64.b64encode(b'{"text": "\xff\xfe"}').decode()) | {"isBase64Encoded": True}, "not valid UTF-8"),
+    (v2_event('{"text": "x"}') | {"body": {"text": "x"}}, "body must be a string, not an object"),
+    (v1_event('{"text": "\\ud800"}'), "unpaired surrogate"),
+]
+
+
+@pytest.mark.parametrize(("event", "message"), MALFORMED, ids=[f"malformed-{i}" for i in range(len(MALFORMED))])
+def test_malformed_events_get_400_with_a_reason(handle, fake: FakeStore, event: object, message: str) -> None:
+    response = handle(event)
+    assert response["statusCode"] == 400
+    body = json.loads(response["body"]) if "headers" in response else response["body"]
+    assert set(body) == {"error"}
+    assert message in body["error"]
+    assert fake.predictor.asked == []
+
+
+HOSTILE = {
+    "emoji": "Stocks 🚀📈 soar as 🍎 beats estimates 👏🏽👨‍👩‍👧",
+    "rtl": "ارتفعت أسهم أبل بعد إعلان الأرباح — השוק עלה",
+    "combining": "Z\u0361\u035co\u0336\u0358n\u0334\u0301g\u0335 markets" + "\u0301" * 500,
+    "nul-bytes": "Apple\x00 earnings\x00\x00 up",
+    "only-nul": "\x00",
+    "control": "\x1b[31mred\x1b[0m \u202e reversed \ufeff bom",
+    "100kB": ("Apple reported strong quarterly earnings. " * 2400)[:100_000],
+    "html": '<script>alert("x")</script><img src=x onerror=alert(1)> <b>Apple</b> earnings',
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_text_is_classified_by_the_real_bundle(invoke, text: str) -> None:
+    for response in (invoke({"text": text}), invoke(v2_event(json.dumps({"text": text})))):
+        assert response["statusCode"] == 200
+    check_prediction(json.loads(response["body"]))
+    assert "<" not in response["body"]
+
+
+def test_html_is_never_echoed(handle) -> None:
+    script = "<script>alert(1)</script>"
+    for event in (
+        v2_event(json.dumps({"text": script * (BIG // len(script) + 1)})),
+        v2_event(json.dumps({"texts": [script, 5]})),
+        v2_event(script),
+        v1_event(json.dumps({"text": script}), method="<script>"),
+    ):
+        response = handle(event)
+        assert response["statusCode"] in (400, 405)
+        assert "<" not in response["body"]
+
+
+def test_a_store_without_a_model_gives_503_after_checking_the_input(lambda_module) -> None:
+    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.ModelError("champion.json is gone"))
+    service = lambda_module.Service(store)
+    response = service.handle(v2_event(json.dumps({"text": SEED_TEXT})), None)
+    assert response["statusCode"] == 503
+    assert json.loads(response["body"]) == {"error": "no model available: champion.json is gone"}
+    assert json.loads(service.handle(v2_event(None, method="GET"), None)["body"])["error"].startswith("no model")
+    assert service.handle({"text": ""}, None)["statusCode"] == 400
+
+
+def test_an_unexpected_error_gives_500_and_is_logged(lambda_module, caplog: pytest.LogCaptureFixture) -> None:
+    store = FakeStore(lambda_module.Settings.from_env({}), RuntimeError("a bug"))
+    service = lambda_module.Service(store)
+    with caplog.at_level(logging.ERROR, logger="agnews"):
+        direct = service.handle({"text": SEED_TEXT}, None)
+        http = service.handle(v1_event(json.dumps({"text": SEED_TEXT})), None)
+    assert direct == {"statusCode": 500, "body": {"error": "internal error"}}
+    assert http["statusCode"] == 500
+    assert json.loads(http["body"]) == {"error": "internal error"}
+    assert [r.exc_info[1] for r in caplog.records] == [store.problem, store.problem]
+
+
+def test_limits_come_from_the_settings(lambda_module) -> None:
+    store = FakeStore(lambda_module.Settings.from_env({"MAX_TEXT_CHARS": "10", "MAX_BATCH": "2"}))
+    handle = lambda_module.Service(store).handle
+    assert handle({"text": "x" * 10}, None)["statusCode"] == 200
+    assert handle({"texts": ["a", "b"]}, None)["statusCode"] == 200
+    assert (
+        handle({"text": "x" * 11}, None)["body"]["error"] == '"text" has 11 characters; the most is 10 (MAX_TEXT_CHARS)'
+    )
+    assert handle({"texts": ["a", "b", "c"]}, None)["body"]["error"] == '"texts" has 3 items; the most is 2 (MAX_BATCH)'
+    assert store.predictor.asked == [["x" * 10], ["a", "b"]]
+
+
+# A process that has only the standard library, lambda/ and the project root: a Service over a fake needs no more.
+TORCH_FREE_PROBE = """
+import json, sys
+sys.path[:0] = sys.argv[1:3]
+import handler
+from settings import Settings
+
+class Predictor:
+    labels = ["World", "Sports"]
+    def predict(self, texts):
+        return [{"predicted_class": "World", "confidence": 0.9, "probabilities": {"World": 0.9, "Sports": 0.1}}
+                for _ in texts]
+
+class Model:
+    version = 3
+    predictor = Predictor()
+
+class Store:
+    settings = Settings.from_env({})
+    def get(self):
+        return Model()
+
+service = handler.Service(Store())
+events = [{"text": "x"}, {"texts": ["x", "y"]}, {"text": ""}, {"httpMethod": "GET"}, {"httpMethod": "PUT"}]
+answers = [service.handle(event, None) for event in events]
+heavy = {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "bundle", "model_store", "boto3"}
+print(json.dumps({"answers": answers, "loaded": sorted({m.split(".")[0] for m in sys.modules} & heavy)}))
+"""
+
+
+def test_event_handling_needs_only_the_standard_library() -> None:
+    env = {name: value for name, value in os.environ.items() if name != "AWS_LAMBDA_FUNCTION_NAME"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", TORCH_FREE_PROBE, str(LAMBDA_DIR), str(PROJECT_ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout)
+    assert [answer["statusCode"] for answer in probe["answers"]] == [200, 200, 400, 200, 405]
+    assert probe["answers"][0]["body"]["model_version"] == 3
+    assert probe["loaded"] == []
+
+
+def test_no_model_gives_503_with_the_reason(serve, tmp_path: Path) -> None:
+    invoke = serve(tmp_path / "nothing-here")
+    response = invoke(v2_event(json.dumps({"text": SEED_TEXT})))
+    assert response["statusCode"] == 503
+    error = json.loads(response["body"])["error"]
+    assert (
+        error
+        == f"no model available: cannot read {tmp_path / 'nothing-here' / 'champion.json'}: No such file or directory"
+    )
+    assert invoke({"text": ""})["statusCode"] == 400  # input is still checked first
+
+
+NO_MODEL = (
+    "no model available: no model configured: set MODEL_URI, or S3_BUCKET and MODEL_PREFIX "
+    "(<storage.model_prefix>/<registry.model_name>, e.g. models/distilbert-agnews)"
+)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"S3_BUCKET": "models-bucket"}, {"MODEL_PREFIX": "models/distilbert-agnews"}, {"MODEL_URI": ""}],
+    ids=["nothing", "bucket-without-prefix", "prefix-without-bucket", "empty-uri"],
+)
+def test_no_model_configured_gives_503_saying_what_to_set(lambda_module, monkeypatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    response = lambda_module.lambda_handler({"text": SEED_TEXT}, None)
+    assert response == {"statusCode": 503, "body": {"error": NO_MODEL}}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_BATCH", "many", "MAX_BATCH='many' is not a number"),
+        ("MAX_TEXT_CHARS", "0", "MAX_TEXT_CHARS='0' must be at least 1"),
+        ("MODEL_REFRESH_SECONDS", "-1", "MODEL_REFRESH_SECONDS='-1' must be at least 0"),
+    ],
+)
+def test_bad_settings_give_500_naming_the_variable(serve, tmp_path: Path, name: str, value: str, message) -> None:
+    invoke = serve(tmp_path / "model", **{name: value})
+    expected = {"error": f"configuration error: {message}"}
+    assert invoke({"text": SEED_TEXT}) == {"statusCode": 500, "body": expected}
+    response = invoke(v2_event(None, method="DELETE"))  # a configuration error comes first, whatever the event
+    assert (response["statusCode"], json.loads(response["body"])) == (500, expected)
+
+
+def lambda_process(mirror_root: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for a separate handler process."""
+    return os.environ | {"MODEL_URI": str(mirror_root), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def test_in_lambda_the_model_loads_while_the_handler_is_imported(mirror_root: Path, tmp_path: Path) -> None:
+    env = lambda_process(mirror_root, tmp_path) | {"AWS_LAMBDA_FUNCTION_NAME": "agnews", "PYTHONPATH": str(LAMBDA_DIR)}
+    probe = "import json, os, sys, handler; print(json.dumps(sorted(os.listdir(sys.argv[1]))))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "cache" / "1")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["config.json", "model.int8.onnx", "tokenizer.json"]
+    # a bad setting does not fail the init phase: each request answers 500 with the reason
+    probe = "import json, handler; print(json.dumps(handler.lambda_handler({'text': 'x'}, None)))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env | {"MAX_BATCH": "0"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    error = "configuration error: MAX_BATCH='0' must be at least 1"
+    assert json.loads(done.stdout) == {"statusCode": 500, "body": {"error": error}}
+
+
+def test_command_line_prints_the_prediction_without_torch(mirror_root: Path, tmp_path: Path) -> None:
+    env = lambda_process(mirror_root, tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(LAMBDA_DIR / "handler.py"), SEED_TEXT], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    check_prediction(json.loads(done.stdout))
+    probe = (
+        "import json, sys, handler; handler.lambda_handler({'text': 'x'}, None); "
+        "heavy = {'torch', 'transformers', 'steps', 'agnews'}; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env | {"PYTHONPATH": str(LAMBDA_DIR)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+def test_command_line_without_a_model_exits_1(tmp_path: Path) -> None:
+    env = os.environ | {"MODEL_URI": str(tmp_path / "none"), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(LAMBDA_DIR / "handler.py"), "text"], env=env, capture_output=True)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"].startswith("no model available")
+
+
+def test_local_server_answers_real_http(mirror_root: Path, tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [sys.executable, str(LAMBDA_DIR / "local.py"), "--port", "0"],
+        env=lambda_process(mirror_root, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        url = json.loads(server.stdout.readline())["listening"]
+        request = urllib.request.Request(url, data=json.dumps({"text": SEED_TEXT}).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+            assert answer.headers["Content-Type"] == "application/json"
+            check_prediction(json.load(answer))
+        for method, data, status in (("POST", b"{oops", 400), ("DELETE", None, 405), ("GET", None, 200)):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=30) as ok:
+                    assert ok.status == status
+            except urllib.error.HTTPError as exc:
+                assert exc.code == status
+                assert "error" in json.load(exc)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,0 +1,383 @@
+"""register and mirror against a real `mlflow server` (SQLite, artifacts on moto S3), and against local SQLite.
+
+Two tiny training runs on the server (a worse one, then a better one) and one in a local SQLite store are shared
+by every test; each test registers them under its own model name, so the tests do not see each other's versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+from tests.test_storage import use_credentials
+
+from agnews.config import PROJECT_ROOT, compose
+from agnews.errors import ConfigError, RegistryError, StorageError
+from agnews.ingest import upload_and_log
+from agnews.promotion import register
+from agnews.publishing import mirror
+from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, Outcome, aliases, gate
+from agnews.storage import open_storage
+from agnews.tracking import connect, step_run
+from agnews.training import train
+from bundle.layout import MANIFEST, POINTER, sha256
+from tests.conftest import free_port, moto_environ, require_agnews
+
+TINY = ["model=tiny", "data.eval_size=200"]
+GOOD = [*TINY, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
+WORSE = [*TINY, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
+QUICK = ["model=tiny", "data.sample_size=200", "data.eval_size=100", "train.epochs=0.3"]
+EXPERIMENT = "registry-tests"
+BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
+
+
+@dataclass(frozen=True)
+class Runs:
+    upload: str
+    worse: str
+    good: str
+
+
+@pytest.fixture(scope="module")
+def moto_env(moto_server: str) -> Iterator[str]:
+    """The S3 variables for the whole module (its fixtures outlive a test's monkeypatch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in moto_environ(moto_server).items():
+            patch.setenv(name, value)
+        for name in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        yield moto_server
+
+
+@pytest.fixture(scope="module")
+def server_cfg(mlflow_server: str, moto_env: str, tmp_path_factory: pytest.TempPathFactory):
+    """Compose a config that tracks to the server and reads the dataset from a module bucket."""
+    data_bucket = f"registry-data-{os.getpid()}"
+    boto3.client("s3", endpoint_url=moto_env).create_bucket(Bucket=data_bucket)
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+
+    def make(*overrides: str) -> DictConfig:
+        return compose(
+            [
+                f"tracking.uri={mlflow_server}",
+                f"tracking.experiment={EXPERIMENT}",
+                f"storage.uri=s3://{data_bucket}",
+                f"train.output_dir={checkpoints}",
+                f"data.source={require_agnews()}",
+                *overrides,
+            ]
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def runs(server_cfg) -> Runs:
+    """Upload, then a deliberately worse training run, then a better (and so the newest) one."""
+    cfg = server_cfg()
+    with step_run(cfg, "upload") as run:
+        upload_and_log(cfg)
+    ids = [run.info.run_id]
+    for overrides in (WORSE, GOOD):
+        cfg = server_cfg(*overrides)
+        with step_run(cfg, "train") as run:
+            train(cfg)
+        ids.append(run.info.run_id)
+    return Runs(*ids)
+
+
+@pytest.fixture
+def model_cfg(server_cfg, bucket: str, request: pytest.FixtureRequest):
+    """Configs for this test: its own registered model name and its own bucket for the mirror."""
+    name = request.node.name.replace("_", "-")
+
+    def make(*overrides: str) -> DictConfig:
+        return server_cfg(f"registry.model_name={name}", f"storage.uri=s3://{bucket}", *overrides)
+
+    return make
+
+
+def run_register(cfg: DictConfig) -> Outcome:
+    with step_run(cfg, "register"):
+        return register(cfg)
+
+
+def run_mirror(cfg: DictConfig):
+    connect(cfg)
+    return mirror(cfg)
+
+
+def cli(step: str, cfg: DictConfig, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m steps.<step>`` with the test's tracking, storage and registry settings."""
+    settings = [
+        f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.experiment={cfg.tracking.experiment}",
+        f"storage.uri={cfg.storage.uri}",
+        f"registry.model_name={cfg.registry.model_name}",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", f"steps.{step}", *settings, *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def objects(bucket: str) -> dict[str, bytes]:
+    """Every object in the bucket, read back with boto3."""
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def assert_mirrored(files: dict[str, bytes], root: str, version: int, run_id: str) -> None:
+    """The pointer names v<version>, whose manifest matches the sha256 and size of every file beside it."""
+    pointer = json.loads(files[f"{root}/{POINTER}"])
+    assert pointer["version"] == version and pointer["manifest"] == f"v{version}/{MANIFEST}"
+    manifest_bytes = files[f"{root}/v{version}/{MANIFEST}"]
+    assert pointer["manifest_sha256"] == sha256(manifest_bytes)
+    manifest = json.loads(manifest_bytes)
+    assert manifest["version"] == version and manifest["run_id"] == run_id
+    assert {"accuracy", "f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement"} <= manifest["metrics"].keys()
+    assert sorted(manifest["files"]) == BUNDLE
+    for name, meta in manifest["files"].items():
+        data = files[f"{root}/v{version}/{name}"]
+        assert meta == {"sha256": sha256(data), "bytes": len(data)}, name
+
+
+def accuracy(cfg: DictConfig, run_id: str) -> float:
+    return MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics["accuracy"]
+
+
+def test_gate_needs_min_accuracy_and_tolerance_against_the_champion() -> None:
+    registry = compose(["registry.min_accuracy=0.5", "registry.tolerance=0.01"]).registry
+    assert gate(registry, 0.6, None, None)[0]
+    assert gate(registry, 0.595, 2, 0.6) == (
+        True,
+        "promoted: accuracy 0.5950 is at least registry.min_accuracy 0.5 and at least champion v2's 0.6000 "
+        "minus registry.tolerance 0.01",
+    )
+    passed, reason = gate(registry, 0.58, 2, 0.6)
+    assert not passed and "below champion v2's 0.6000 minus registry.tolerance 0.01" in reason
+    passed, reason = gate(registry, 0.4, 2, 0.3)
+    assert not passed and reason == "rejected: accuracy 0.4000 is below registry.min_accuracy 0.5"
+
+
+def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: Runs, bucket: str) -> None:
+    cfg = model_cfg()
+    name = cfg.registry.model_name
+    result = cli("register", cfg, "registry.min_accuracy=0")  # the default run: the newest finished train run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{name} v1 is @champion: promoted" in result.stdout
+
+    client = MlflowClient(cfg.tracking.uri)
+    version = client.get_model_version(name, "1")
+    train_run = client.get_run(runs.good)
+    assert version.run_id == runs.good and version.aliases == [CHAMPION]
+    assert version.tags["run_id"] == runs.good
+    assert version.tags["git_commit"] == train_run.data.tags["git_commit"]
+    for split in ("train", "test"):
+        key = f"dataset.{split}.sha256"
+        assert version.tags[key] == train_run.data.tags[key]
+    assert float(version.tags["accuracy"]) == train_run.data.metrics["accuracy"]
+    assert float(version.tags["f1_macro"]) == train_run.data.metrics["f1_macro"]
+    assert version.tags["gate"].startswith("promoted: accuracy")
+    assert runs.good in version.description and "accuracy" in version.description
+    assert client.get_registered_model(name).description
+    assert version.current_stage in (None, "None"), "aliases only: stages are deprecated"
+
+    files = objects(bucket)
+    root = f"models/{name}"
+    assert sorted(files) == sorted([f"{root}/{POINTER}", f"{root}/v1/{MANIFEST}", *(f"{root}/v1/{f}" for f in BUNDLE)])
+    assert_mirrored(files, root, 1, runs.good)
+    register_run = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        filter_string=f"tags.step = 'register' AND tags.registered_model = '{name}'",
+    )[0]
+    assert register_run.data.tags["registered_version"] == "1"
+    assert register_run.data.tags["mirror.version"] == "1"
+
+    again = cli("mirror", cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert objects(bucket) == files, "a second mirror must change nothing"
+    assert "already names" in again.stdout
+
+
+def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: Runs, bucket: str) -> None:
+    cfg = model_cfg("registry.min_accuracy=0", "registry.tolerance=0")
+    assert accuracy(cfg, runs.good) > accuracy(cfg, runs.worse), "the tiny model learned nothing in 2 epochs"
+    assert run_register(model_cfg("registry.min_accuracy=0", f"registry.run_id={runs.good}")).promoted
+    before = objects(bucket)
+
+    result = cli("register", cfg, f"registry.run_id={runs.worse}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = cfg.registry.model_name
+    assert f"{name} v2 is @challenger: rejected: accuracy" in result.stdout
+    assert "below champion v1's" in result.stdout
+    client = MlflowClient(cfg.tracking.uri)
+    assert aliases(client, name) == {CHAMPION: 1, CHALLENGER: 2}
+    assert client.get_model_version(name, "2").tags["gate"].startswith("rejected: accuracy")
+    assert objects(bucket) == before, "a rejected candidate must not touch storage"
+
+
+def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: str) -> None:
+    cfg = model_cfg("registry.min_accuracy=0", "registry.tolerance=0")
+    name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
+    run_register(model_cfg("registry.min_accuracy=0", f"registry.run_id={runs.good}"))
+    assert not run_register(model_cfg("registry.min_accuracy=0.99", f"registry.run_id={runs.worse}")).promoted
+    assert json.loads(objects(bucket)[f"{root}/{POINTER}"])["version"] == 1
+
+    client = MlflowClient(cfg.tracking.uri)
+    client.set_registered_model_alias(name, CHAMPION, 2)  # what the UI does
+    moved = run_mirror(cfg)
+    assert moved.version == 2 and moved.changed
+    assert_mirrored(objects(bucket), root, 2, runs.worse)
+    assert not run_mirror(cfg).changed
+
+    client.set_registered_model_alias(name, CHAMPION, 1)
+    files_v1 = {k: v for k, v in objects(bucket).items() if "/v1/" in k}
+    assert run_mirror(cfg).version == 1
+    after = objects(bucket)
+    assert_mirrored(after, root, 1, runs.good)
+    assert {k: v for k, v in after.items() if "/v1/" in k} == files_v1
+
+
+def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: Runs, bucket: str) -> None:
+    cfg = model_cfg("registry.min_accuracy=0")
+    name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
+    client = MlflowClient(cfg.tracking.uri)
+    assert run_register(cfg).version == 1
+    with pytest.raises(RegistryError, match=f"model '{name}' has no @previous version to roll back to"):
+        run_register(model_cfg("registry.rollback=true"))
+    assert aliases(client, name) == {CHAMPION: 1}
+
+    assert run_register(cfg).version == 2
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert [v for v in (1, 2) if CHAMPION in client.get_model_version(name, v).aliases] == [2]
+    assert json.loads(objects(bucket)[f"{root}/{POINTER}"])["version"] == 2
+
+    back = run_register(model_cfg("registry.rollback=true"))
+    assert (back.version, back.alias) == (1, CHAMPION) and "rolled back to v1" in back.reason
+    assert aliases(client, name) == {CHAMPION: 1, PREVIOUS: 2}
+    assert_mirrored(objects(bucket), root, 1, runs.good)
+
+    forward = run_register(model_cfg("registry.version=2"))
+    assert forward.version == 2 and aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert json.loads(objects(bucket)[f"{root}/{POINTER}"])["version"] == 2
+
+
+def test_bad_runs_versions_and_options_register_nothing(model_cfg, runs: Runs, bucket: str) -> None:
+    name = model_cfg().registry.model_name
+    with pytest.raises(RegistryError, match="no run 'f00d' in the tracking store"):
+        run_register(model_cfg("registry.run_id=f00d"))
+    with pytest.raises(RegistryError, match=f"run {runs.upload} \\(upload run\\) logged no model 'model'"):
+        run_register(model_cfg(f"registry.run_id={runs.upload}"))
+    with pytest.raises(RegistryError, match=f"model '{name}' has no version 7"):
+        run_register(model_cfg("registry.version=7"))
+    with pytest.raises(ConfigError, match="exclusive"):
+        run_register(model_cfg("registry.version=1", "registry.rollback=true"))
+    with pytest.raises(RegistryError, match=f"model '{name}' has no @champion: run the register step first"):
+        run_mirror(model_cfg())
+    assert not MlflowClient(model_cfg().tracking.uri).search_model_versions(f"name = '{name}'")
+    assert objects(bucket) == {}
+
+
+def test_tracking_server_down_fails_in_one_line(model_cfg) -> None:
+    cfg = model_cfg(f"tracking.uri=http://127.0.0.1:{free_port()}")
+    result = cli("register", cfg)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no MLflow tracking server at http://127.0.0.1")
+    assert "Traceback" not in result.stderr
+
+
+# Local SQLite tracking, no server: one quick training run, registered under a model name per test.
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A local SQLite store and local dataset storage holding one quick train run; returns (root, run id)."""
+    root = tmp_path_factory.mktemp("local")
+    cfg = local_cfg(root, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with step_run(cfg, "upload"):
+            upload_and_log(cfg)
+        with step_run(cfg, "train") as run:
+            train(cfg)
+    return root, run.info.run_id
+
+
+def local_cfg(root: Path, name: str | None, *overrides: str) -> DictConfig:
+    return compose(
+        [
+            f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+            f"storage.uri={root / 'store'}",
+            f"train.output_dir={root / 'checkpoints'}",
+            f"data.source={require_agnews()}",
+            "registry.min_accuracy=0",
+            *QUICK,
+            *([f"registry.model_name={name}"] if name else []),
+            *overrides,
+        ]
+    )
+
+
+def test_local_sqlite_register_and_mirror(local: tuple[Path, str]) -> None:
+    root, run_id = local
+    cfg = local_cfg(root, "local-model")
+    outcome = run_register(cfg)
+    assert (outcome.version, outcome.alias) == (1, CHAMPION)
+    assert mlflow.get_tracking_uri().startswith("sqlite:///")
+    assert MlflowClient().get_model_version("local-model", "1").run_id == run_id
+    store = root / "store"
+    files = {p.relative_to(store).as_posix(): p.read_bytes() for p in (store / "models").rglob("*") if p.is_file()}
+    assert_mirrored(files, "models/local-model", 1, run_id)
+
+
+def test_mirror_failing_half_way_keeps_the_old_pointer(local: tuple[Path, str]) -> None:
+    root, run_id = local
+    cfg = local_cfg(root, "half-way")
+    assert run_register(cfg).version == 1
+    storage = open_storage(cfg)
+    pointer = storage.read_bytes(f"models/half-way/{POINTER}")
+    (root / "store" / "models" / "half-way" / "v2" / "tokenizer.json").mkdir(parents=True)  # the last file fails
+
+    with pytest.raises(StorageError) as failure:
+        run_register(cfg)
+    message = str(failure.value)
+    assert message.startswith("half-way v2 is @champion, but mirroring it failed: cannot write")
+    assert "tokenizer.json" in message and "python -m steps.mirror" in message
+    assert storage.read_bytes(f"models/half-way/{POINTER}") == pointer
+    assert storage.exists("models/half-way/v2/model.int8.onnx")  # half-way indeed
+    assert not storage.exists(f"models/half-way/v2/{MANIFEST}")
+    files = {key: storage.read_bytes(key) for key in storage.list("models/half-way/v1")}
+    assert_mirrored(files | {f"models/half-way/{POINTER}": pointer}, "models/half-way", 1, run_id)
+
+    (root / "store" / "models" / "half-way" / "v2" / "tokenizer.json").rmdir()
+    assert run_mirror(cfg).version == 2
+    files = {key: storage.read_bytes(key) for key in storage.list("models/half-way")}
+    assert_mirrored(files, "models/half-way", 2, run_id)
+
+
+def test_bucket_not_writable_leaves_storage_untouched(
+    local: tuple[Path, str], bucket: str, iam_enforced: dict[str, tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = local
+    cfg = local_cfg(root, "read-only", f"storage.uri=s3://{bucket}")
+    use_credentials(monkeypatch, *iam_enforced["reader"])
+    with pytest.raises(StorageError, match=r"mirroring it failed: cannot write s3://.*: access denied"):
+        run_register(cfg)
+    use_credentials(monkeypatch, *iam_enforced["writer"])
+    assert objects(bucket) == {}
+    assert aliases(MlflowClient(cfg.tracking.uri), "read-only") == {CHAMPION: 1}

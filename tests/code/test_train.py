@@ -1,0 +1,292 @@
+"""The train step on real AG News rows with the tiny model: tracking, model, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from agnews.config import PROJECT_ROOT, compose
+from agnews.data import read_split
+from agnews.errors import ConfigError, DataError, ModelError
+from agnews.ingest import upload
+from agnews.storage import open_storage
+from agnews.tracking import step_run
+from agnews.training import stratified_sample, train
+from tests.helpers import free_port, require_agnews
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+TINY = ["model=tiny", "data.sample_size=400", "train.epochs=1", "data.eval_size=200"]
+RESUME = ["train.epochs=2", "data.sample_size=200", "data.eval_size=100"]
+
+
+def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
+    return compose(
+        [
+            f"storage.uri={root / 'store'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            f"train.output_dir={root / 'checkpoints'}",
+            f"data.source={require_agnews()}",
+            *TINY,
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, str, dict]:
+    """One tiny training run on real rows, shared by the tests that inspect it."""
+    root = tmp_path_factory.mktemp("train")
+    # enough rows and epochs for the tiny model to beat chance, so that misaligned predictions would show
+    cfg = tiny_cfg(root, "data.sample_size=1200", "train.epochs=2")
+    upload(cfg)
+    with step_run(cfg, "train") as run:
+        final = train(cfg)
+    return cfg, run.info.run_id, final
+
+
+def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]) -> None:
+    cfg, run_id, final = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    for key in [
+        "accuracy",
+        "f1_macro",
+        "precision_sci_tech",
+        "recall_world",
+        "f1_business",
+        "eval_accuracy",
+        "eval_f1_macro",
+        "train_samples_per_second",
+        "train_loop_samples_per_second",
+        "train_wall_time_s",
+        "peak_rss_mb",
+        "onnx_int8_accuracy",
+        "onnx_int8_agreement",
+    ]:
+        assert key in metrics, key
+    assert metrics["train_rows"] == 1200 and metrics["eval_rows"] == 200
+    assert metrics["train_loop_samples_per_second"] > 0 and metrics["train_samples_per_second"] > 0
+    assert metrics["f1_macro"] > 0.2  # predicts more than one class
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == final["accuracy"]
+    assert metrics["onnx_int8_agreement"] >= 0.9
+    # the final metrics come from the kept (best) checkpoint, with predictions aligned to the eval rows
+    best = max(m.value for m in client.get_metric_history(run_id, "eval_accuracy"))
+    assert metrics["accuracy"] == pytest.approx(best)
+    assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
+    assert client.get_metric_history(run_id, "learning_rate")
+    assert run.data.params["train.max_length"] == "128" and run.data.params["model.name"] == "tiny-distilbert"
+    assert len(run.data.tags["dataset.train.sha256"]) == 64 and run.data.tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"confusion_matrix.png", "classification_report.json", "misclassified.json", "config.yaml"} <= artifacts
+    png = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="confusion_matrix.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = mlflow.artifacts.load_dict(f"runs:/{run_id}/classification_report.json")
+    assert set(LABELS) <= set(report) and report["macro avg"]["support"] == 200
+
+
+def test_logged_model_has_signature_example_and_bundle(trained: tuple[DictConfig, str, dict]) -> None:
+    cfg, run_id, _ = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert info.signature.inputs.to_dict() == [{"type": "string", "required": True}]  # list or `text` column
+    assert info.signature.outputs.input_names() == ["predicted_class", "confidence", *LABELS]
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    assert (local / "input_example.json").is_file()
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==2.13.0" in requirements and "transformers==" in requirements
+    bundle = local / "artifacts" / "serving"
+    assert {p.name for p in bundle.iterdir()} == {"model.int8.onnx", "tokenizer.json", "config.json"}
+    assert json.loads((bundle / "config.json").read_text())["labels"] == LABELS
+    assert (local / "artifacts" / "model" / "model.safetensors").is_file()
+
+
+def test_model_predicts_in_a_fresh_process(trained: tuple[DictConfig, str, dict]) -> None:
+    cfg, run_id, _ = trained
+    script = (
+        "import sys, mlflow, pandas as pd\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[2])\n"
+        "texts = ['Apple reported strong quarterly earnings with iPhone sales up 15%', 'Yankees win again']\n"
+        "print(model.predict(pd.DataFrame({'text': texts})).to_json(orient='records'))\n"
+        "print(model.predict(texts).to_json(orient='records'))\n"
+    )
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", script, cfg.tracking.uri, f"runs:/{run_id}/model"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="/",
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    for line in out[-2:]:
+        rows = json.loads(line)
+        assert len(rows) == 2
+        for row in rows:
+            assert row["predicted_class"] in LABELS
+            assert sum(row[label] for label in LABELS) == pytest.approx(1, abs=1e-5)
+            assert row["confidence"] == pytest.approx(max(row[label] for label in LABELS))
+
+
+def test_mlflow_models_serve_answers_invocations(trained: tuple[DictConfig, str, dict], tmp_path: Path) -> None:
+    cfg, run_id, _ = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
+    port = free_port()
+    # the scoring server is started as `uvicorn` from PATH: put this interpreter's bin folder first
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager", "local"]
+    server = subprocess.Popen([*command, "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"dataframe_records": [{"text": "Stocks slid as oil prices jumped"}]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    predictions = json.loads(response.read())["predictions"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert predictions[0]["predicted_class"] in LABELS
+    assert set(LABELS) <= set(predictions[0])
+
+
+class CrashAfterFirstCheckpoint(TrainerCallback):
+    """Simulates a crash right after the first checkpoint is saved."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, *RESUME)
+    upload(cfg)
+    with pytest.raises(KeyboardInterrupt), step_run(cfg, "train"):
+        train(cfg, callbacks=[CrashAfterFirstCheckpoint()])
+    checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    first_step = int(checkpoints[0].name.split("-")[1])
+
+    resumed = tiny_cfg(tmp_path, *RESUME, "train.resume=true")
+    with step_run(resumed, "train") as run:
+        train(resumed)
+    client = MlflowClient()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["resumed_from_checkpoint"].endswith(checkpoints[0].name)
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps and min(loss_steps) > first_step  # training picked up after the checkpoint
+    assert client.get_run(run.info.run_id).data.metrics["epoch"] == 2
+
+
+def test_stratified_sample_keeps_class_balance(agnews_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path)
+    upload(cfg)
+    full = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "train")
+    sample = stratified_sample(full, 1000, seed=7, name="data.sample_size")
+    assert len(sample) == 1000
+    expected = full.label.value_counts(normalize=True) * 1000
+    assert (sample.label.value_counts() - expected).abs().max() <= 1
+    assert sample.equals(stratified_sample(full, 1000, seed=7, name="data.sample_size"))  # seeded
+    assert stratified_sample(full, 0, seed=7, name="data.sample_size") is full
+    with pytest.raises(DataError, match=r"data.sample_size=30000 is larger than the 22260 rows"):
+        stratified_sample(full, 30000, seed=7, name="data.sample_size")
+
+
+def test_missing_dataset_says_run_upload_first(make_cfg) -> None:
+    with pytest.raises(DataError, match=r"no dataset at .*: run the upload step first"):
+        train(make_cfg(*TINY))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=-1e-5", "train.learning_rate=-1e-05 is out of range"),
+        ("train.epochs=0", "train.epochs=0 is out of range"),
+        ("train.batch_size=0", "train.batch_size=0 is out of range"),
+        ("train.label_smoothing=1.0", "train.label_smoothing=1.0 is out of range"),
+        ("train.serving_batch_size=0", "train.serving_batch_size=0 is out of range"),
+    ],
+)
+def test_bad_override_values_are_rejected(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*TINY, override))
+
+
+def test_unknown_model_and_unreachable_hub(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(*TINY, f"data.source={require_agnews()}")
+    upload(cfg)
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelError, match="not a model folder"):
+        train(make_cfg(*TINY, "model=distilbert", f"model.name={missing}"))
+    with pytest.raises(ModelError, match="cannot load 'agnews-mlops/no-such-model'"):
+        train(make_cfg(*TINY, "model=distilbert", "model.name=agnews-mlops/no-such-model", "model.hub_timeout_s=2"))
+
+
+def test_cli_sample_larger_than_data_and_server_down_fail_in_one_line(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "steps.train", f"storage.uri={tmp_path / 'store'}", *TINY]
+    cfg = tiny_cfg(tmp_path)
+    upload(cfg)
+    too_big = subprocess.run(
+        [*base, f"tracking.uri={cfg.tracking.uri}", "data.sample_size=99999"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
+    assert too_big.returncode == 1
+    assert "error: data.sample_size=99999 is larger than the 22260 rows available" in too_big.stderr
+    assert "Traceback" not in too_big.stderr
+
+    # with no dataset either, the server is what it reports: it checks the server before data, model or training
+    down = subprocess.run(
+        [*base[:3], f"storage.uri={tmp_path / 'empty'}", *TINY, f"tracking.uri=http://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
+    assert down.returncode == 1 and "error: no MLflow tracking server at http://127.0.0.1:" in down.stderr
+    assert "Traceback" not in down.stderr and "upload" not in down.stderr
+
+
+def test_predictions_frame_shape(trained: tuple[DictConfig, str, dict]) -> None:
+    cfg, run_id, _ = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    frame = model.predict(pd.DataFrame({"text": ["one", "two", "three"]}))
+    assert list(frame.columns) == ["predicted_class", "confidence", *LABELS] and len(frame) == 3
+
+
+def test_model_layer_runs_against_a_logged_model(trained: tuple[DictConfig, str, dict]) -> None:
+    """`pytest tests/model --model-uri ...` checks any MLflow model: here the run's own, through its tracking store."""
+    cfg, run_id, _ = trained
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/model", "--model-uri", f"runs:/{run_id}/model", "-p", "no:cacheprovider"],
+        cwd=PROJECT_ROOT,
+        env=os.environ | {"MLFLOW_TRACKING_URI": cfg.tracking.uri},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout.splitlines()[-1]

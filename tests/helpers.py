@@ -1,0 +1,141 @@
+"""Plain helpers shared by the tests and their fixtures (no fixtures here: those live in the conftest files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import boto3
+import pytest
+import requests
+
+from agnews.config import AGNEWS_DIR, PROJECT_ROOT
+from bundle.layout import MANIFEST, POINTER, manifest_bytes, manifest_key, pointer_bytes
+
+
+def require_agnews() -> Path:
+    """The AG News folder; skipped where it is absent, but a failure under CI."""
+    if not (AGNEWS_DIR / "test.csv").is_file():
+        message = f"AG News not found at {AGNEWS_DIR} (set AGNEWS_DIR)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return AGNEWS_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def moto_environ(endpoint: str) -> dict[str, str]:
+    """The variables that point boto3 (ours and MLflow's) at the moto server, with dummy credentials."""
+    return {
+        "S3_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def use_credentials(monkeypatch: pytest.MonkeyPatch, key: str | None, secret: str | None) -> None:
+    """Set (or remove) the environment credentials, and make boto3 read the credential chain afresh."""
+    for name, value in {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 caches the credentials it found first
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+LAMBDA_DIR = PROJECT_ROOT / "lambda"
+MODEL_NAME = "distilbert-agnews"
+SEED_TEXT = "Apple reported strong quarterly earnings with iPhone sales up 15%"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+LAMBDA_ENV = (
+    "MODEL_URI",
+    "S3_BUCKET",
+    "MODEL_PREFIX",
+    "MODEL_REFRESH_SECONDS",
+    "MAX_TEXT_CHARS",
+    "MAX_BATCH",
+    "MODEL_CACHE_DIR",
+    "AWS_LAMBDA_FUNCTION_NAME",
+)
+
+
+class LambdaPackage(NamedTuple):
+    zip: Path
+    make_output: str
+    folder: Path  # the zip unpacked, as the Lambda runtime sees it
+
+
+def lambda_python() -> str:
+    """The Lambda runtime's Python version: LAMBDA_PYTHON in the Makefile."""
+    return re.search(r"^LAMBDA_PYTHON \?= (\S+)$", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def invoke_packaged(package: Path, model_root: Path, cache: Path, events: list[object]) -> list[dict]:
+    """The packaged handler's answers to ``events``, in a process that sees only ``package``: no site-packages (-S),
+    no project, no torch."""
+    code = (
+        "import json, sys; sys.path[:0] = [sys.argv[1]]; import handler; "
+        "print(json.dumps([handler.lambda_handler(event, None) for event in json.load(sys.stdin)]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(package)],
+        input=json.dumps(events),
+        env={"MODEL_URI": str(model_root), "MODEL_CACHE_DIR": str(cache)},
+        cwd=cache.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True) -> Path:
+    """Lay ``bundle`` out as ``root/v<version>/`` with its manifest, as the mirror step does; then, if asked, point
+    champion.json at it."""
+    folder = (root / manifest_key(version)).parent
+    folder.mkdir(parents=True)
+    files = {path.name: path.read_bytes() for path in sorted(bundle.iterdir())}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    created = datetime.now(UTC).isoformat()
+    (folder / MANIFEST).write_bytes(manifest_bytes(MODEL_NAME, version, "test", {}, files, created))
+    if champion:
+        point_champion(root, version)
+    return folder
+
+
+def point_champion(root: Path, version: int) -> None:
+    """Write ``champion.json`` naming ``v<version>``, as the mirror step does."""
+    manifest = (root / manifest_key(version)).read_bytes()
+    (root / POINTER).write_bytes(pointer_bytes(MODEL_NAME, version, manifest, datetime.now(UTC).isoformat()))
+
+
+def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:
+    """Copy every file below ``root`` to ``s3://bucket/prefix/``, champion.json last."""
+    client = boto3.client("s3", endpoint_url=endpoint)
+    files = sorted(root.rglob("*"), key=lambda p: p.name == POINTER)
+    for path in files:
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
