@@ -50,7 +50,7 @@ def confusion_figure(labels: list[str], y_true: np.ndarray, y_pred: np.ndarray) 
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=list(range(len(labels))), display_labels=labels, ax=ax, cmap="Blues", colorbar=False
     )
-    ax.set_title("Confusion matrix (eval split)")
+    ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
     return fig
 

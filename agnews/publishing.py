@@ -35,7 +35,7 @@ from bundle.layout import (
     version_folder,
 )
 
-MANIFEST_METRICS = ("accuracy", "f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement")
+MANIFEST_METRICS = ("test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement")
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from agnews.errors import ConfigError, RegistryError
 from agnews.pyfunc import LOGGED_MODEL
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-TAGGED_METRICS = ("accuracy", "f1_macro")
+TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
 MODEL_DESCRIPTION = (
     "AG News topic classifier (World, Sports, Business, Sci/Tech). @champion is the version served: the mirror "
     "step copies its ONNX int8 bundle to storage for the Lambda. @previous is the champion it replaced, "
@@ -90,14 +90,14 @@ def logged_model(client: MlflowClient, run: Run) -> LoggedModel:
     models = [m for m in (client.get_logged_model(o.model_id) for o in outputs) if m.name == LOGGED_MODEL]
     if not models:
         raise RegistryError(f"run {run_id} ({step} run) logged no model '{LOGGED_MODEL}': register a train run")
-    if "accuracy" not in run.data.metrics:
-        raise RegistryError(f"run {run_id} logged no accuracy metric: the quality gate needs it")
+    if "test_accuracy" not in run.data.metrics:
+        raise RegistryError(f"run {run_id} logged no test_accuracy metric: the quality gate needs it")
     return models[-1]
 
 
 def version_tags(run: Run) -> dict[str, str]:
-    """Dataset digests, git commit, eval metrics and the source run, as model version tags."""
-    tags = {k: v for k, v in run.data.tags.items() if k.startswith("dataset.") and k.endswith(".sha256")}
+    """Dataset digests and test rows, git commit, test metrics and the source run, as model version tags."""
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("dataset.")}
     tags |= {name: str(run.data.metrics[name]) for name in TAGGED_METRICS if name in run.data.metrics}
     return tags | {"run_id": run.info.run_id, "git_commit": run.data.tags.get("git_commit", "unknown")}
 
@@ -106,8 +106,8 @@ def describe(run: Run) -> str:
     metrics, tags = run.data.metrics, run.data.tags
     return (
         f"{run.data.params.get('model.name', 'model')} from train run {run.info.run_id} at git "
-        f"{tags.get('git_commit', 'unknown')}: accuracy {metrics['accuracy']:.4f}, macro-F1 "
-        f"{metrics.get('f1_macro', float('nan')):.4f}; train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"
+        f"{tags.get('git_commit', 'unknown')}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 "
+        f"{metrics.get('test_f1_macro', float('nan')):.4f}; train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"
     )
 
 
@@ -142,10 +142,10 @@ def aliases(client: MlflowClient, name: str) -> dict[str, int]:
 
 
 def version_accuracy(client: MlflowClient, version: ModelVersion) -> float | None:
-    """The accuracy that register tagged on the version, else its run's metric; None when neither exists."""
-    if "accuracy" in version.tags:
-        return float(version.tags["accuracy"])
-    return client.get_run(version.run_id).data.metrics.get("accuracy") if version.run_id else None
+    """The test accuracy that register tagged on the version, else its run's metric; None when neither exists."""
+    if "test_accuracy" in version.tags:
+        return float(version.tags["test_accuracy"])
+    return client.get_run(version.run_id).data.metrics.get("test_accuracy") if version.run_id else None
 
 
 def gate(
@@ -189,7 +189,7 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
         version_accuracy(client, client.get_model_version(name, champion)) if champion is not None else None
     )
     version = int(create_version(client, name, run).version)
-    passed, reason = gate(registry, run.data.metrics["accuracy"], champion, champion_accuracy)
+    passed, reason = gate(registry, run.data.metrics["test_accuracy"], champion, champion_accuracy)
     if passed:
         promote(client, name, version)
     else:

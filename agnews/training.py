@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from agnews import export, metrics, pyfunc
+from agnews import export, metrics, precision, pyfunc
 from agnews.data import read_info, read_split
 from agnews.errors import ConfigError, DataError
 from agnews.modeling import load_model, load_tokenizer
@@ -74,23 +75,45 @@ def validate(cfg: DictConfig) -> None:
         "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
         "train.label_smoothing": 0 <= t.label_smoothing < 1,
         "data.sample_size": (cfg.data.sample_size or 0) >= 0,
-        "data.eval_size": (cfg.data.eval_size or 0) >= 0,
+        "data.val_size": (cfg.data.val_size or 0) > 0,
+        "data.test_size": (cfg.data.test_size or 0) >= 0,
     }
     for key, ok in checks.items():
         if not ok:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range")
 
 
-def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
-    """``size`` rows with the class balance of ``frame``, seeded; None or 0 keeps every row."""
-    if not size:
-        return frame
+def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``size`` rows with the class balance of ``frame``, seeded, and the rows left; None or 0 draws every row."""
+    if not size or size == len(frame):
+        return frame, frame.iloc[:0]
     if size > len(frame):
         raise DataError(f"{name}={size} is larger than the {len(frame)} rows available")
-    if size == len(frame):
-        return frame
-    sample, _ = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
-    return sample.reset_index(drop=True)
+    sample, rest = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
+    return sample.reset_index(drop=True), rest.reset_index(drop=True)
+
+
+def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
+    """``size`` rows with the class balance of ``frame``, seeded; None or 0 keeps every row."""
+    return draw(frame, size, seed, name)[0]
+
+
+def split_train(frame: pd.DataFrame, sample_size: int | None, val_size: int, seed: int) -> tuple[pd.DataFrame, ...]:
+    """The training sample and the validation rows: disjoint, stratified and seeded.
+
+    The training sample is drawn first, exactly as without validation, and validation from the rows it leaves;
+    only when it leaves too few (``sample_size`` null, or near the split's size) is validation drawn first.
+    """
+    if sample_size and sample_size + val_size <= len(frame):
+        sample, rest = draw(frame, sample_size, seed, "data.sample_size")
+        return sample, draw(rest, val_size, seed, "data.val_size")[0]
+    val, rest = draw(frame, val_size, seed, "data.val_size")
+    return stratified_sample(rest, sample_size, seed, "data.sample_size (after data.val_size)"), val
+
+
+def by_length(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by text length (stable): evaluation batches then pad little, in a known order."""
+    return frame.iloc[frame.text.str.len().argsort(kind="stable")].reset_index(drop=True)
 
 
 def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: DictConfig) -> datasets.Dataset:
@@ -116,15 +139,18 @@ class OrderedEvalTrainer(Trainer):
 
 
 class MlflowMetrics(TrainerCallback):
-    """Logs the Trainer's loss, learning rate and eval metrics, by global step, into the active run.
+    """Logs the Trainer's loss, learning rate and validation metrics, by global step, into the active run.
 
+    The Trainer evaluates on the validation split and calls those metrics ``eval_*``: they are logged as ``val_*``.
     transformers' own MLflowCallback reopens MLFLOW_RUN_ID, which collides with the run that `mlflow run` and the
     main pipeline already hold open, so the step logs through this callback instead.
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            values = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            values = {
+                re.sub(r"^eval_", "val_", k): float(v) for k, v in logs.items() if isinstance(v, int | float)
+            }
             mlflow.log_metrics(values, step=state.global_step)
 
 
@@ -143,6 +169,7 @@ class TrainingClock(TrainerCallback):
 
 
 def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
+    """The Trainer's arguments: the recipe from ``train``, with precision and DataLoader settings for the device."""
     t = cfg.train
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -158,12 +185,13 @@ def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
         eval_strategy="epoch",
         save_strategy="epoch",
         load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
+        metric_for_best_model="accuracy",  # on the validation split (eval_dataset)
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
+        **precision.for_config(t).trainer_kwargs,
     )
 
 
@@ -171,22 +199,23 @@ def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
 class Fitted:
     trainer: Trainer
     tokenizer: PreTrainedTokenizerFast
-    eval_frame: pd.DataFrame
-    probs: np.ndarray
+    test_frame: pd.DataFrame
+    probs: np.ndarray  # test rows x classes, from the kept checkpoint
     train_metrics: dict[str, float]
 
 
 def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
-    """Load data and model, fine-tune, and predict the eval split with the kept (best) checkpoint."""
+    """Load data and model, fine-tune with validation choosing the checkpoint, then predict the test split once
+    with the kept (best) checkpoint."""
     validate(cfg)
     storage = open_storage(cfg)
     prefix = cfg.storage.dataset_prefix
     labels = read_info(storage, prefix)["labels"]
-    train_frame = stratified_sample(
-        read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.seed, "data.sample_size"
+    train_frame, val_frame = split_train(
+        read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.data.val_size, cfg.seed
     )
-    eval_frame = stratified_sample(read_split(storage, prefix, "test"), cfg.data.eval_size, cfg.seed, "data.eval_size")
-    eval_frame = eval_frame.iloc[eval_frame.text.str.len().argsort(kind="stable")].reset_index(drop=True)
+    test_frame = stratified_sample(read_split(storage, prefix, "test"), cfg.data.test_size, cfg.seed, "data.test_size")
+    val_frame, test_frame = by_length(val_frame), by_length(test_frame)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, labels, tokenizer)
@@ -211,9 +240,11 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
         model=model,
         args=training_args(cfg, output_dir),
         train_dataset=tokenize(train_frame, tokenizer, cfg.train),
-        eval_dataset=tokenize(eval_frame, tokenizer, cfg.train),
+        eval_dataset=tokenize(val_frame, tokenizer, cfg.train),
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=precision.for_config(cfg.train).pad_to_multiple_of
+        ),
         compute_metrics=compute_metrics,
         callbacks=[MlflowMetrics(), clock, *extra],
     )
@@ -224,27 +255,32 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
         "train_wall_time_s": time.perf_counter() - started,
         "train_loop_samples_per_second": samples / clock.seconds if clock.seconds else 0.0,
     }
-    prediction = trainer.predict(trainer.eval_dataset, metric_key_prefix="final")
-    logits = prediction.predictions
+    log.info("predicting the %d test rows with the kept checkpoint", len(test_frame))
+    logits = trainer.predict(tokenize(test_frame, tokenizer, cfg.train), metric_key_prefix="test").predictions
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return Fitted(trainer, tokenizer, eval_frame, probs, train_metrics)
+    return Fitted(trainer, tokenizer, test_frame, probs, train_metrics)
 
 
 def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[str, float]:
-    """Final metrics, confusion matrix, classification report and misclassified texts."""
-    y_true = fitted.eval_frame.label.to_numpy()
+    """Test metrics (``test_*``), the kept checkpoint, confusion matrix, classification report, misclassified texts."""
+    y_true = fitted.test_frame.label.to_numpy()
     y_pred = fitted.probs.argmax(1)
-    final = metrics.classification_metrics(labels, y_true, y_pred) | {
+    state = fitted.trainer.state
+    test = {f"test_{k}": v for k, v in metrics.classification_metrics(labels, y_true, y_pred).items()}
+    final = test | {
         **{key: fitted.train_metrics[key] for key in TRAIN_FIGURES},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_rows": len(fitted.trainer.train_dataset),
-        "eval_rows": len(y_true),
+        "val_rows": len(fitted.trainer.eval_dataset),
+        "test_rows": len(y_true),
+        "best_val_accuracy": state.best_metric,
     }
+    mlflow.set_tags({"best_checkpoint": Path(state.best_model_checkpoint).name, "dataset.test.rows": str(len(y_true))})
     mlflow.log_metrics(final)
     mlflow.log_figure(metrics.confusion_figure(labels, y_true, y_pred), "confusion_matrix.png")
     mlflow.log_dict(metrics.report(labels, y_true, y_pred), "classification_report.json")
-    texts = fitted.eval_frame.text.tolist()
+    texts = fitted.test_frame.text.tolist()
     mlflow.log_table(
         metrics.misclassified(labels, texts, y_true, fitted.probs, cfg.data.misclassified_examples),
         "misclassified.json",
@@ -265,10 +301,10 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
         bundle_dir,
         cfg.train.onnx_opset,
     )
-    texts = fitted.eval_frame.text.tolist()
+    texts = fitted.test_frame.text.tolist()
     int8_pred = export.onnx_logits(bundle_dir, texts).argmax(1)
     checks = {
-        "onnx_int8_accuracy": float((int8_pred == fitted.eval_frame.label.to_numpy()).mean()),
+        "onnx_int8_accuracy": float((int8_pred == fitted.test_frame.label.to_numpy()).mean()),
         "onnx_int8_agreement": float((int8_pred == fitted.probs.argmax(1)).mean()),
     }
     mlflow.log_metrics(checks)
@@ -300,13 +336,15 @@ def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[st
     storage = open_storage(cfg)
     info = read_info(storage, cfg.storage.dataset_prefix)
     mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in info["files"].items()})
+    mlflow.set_tags(precision.for_config(cfg.train).tags())
     final = log_evaluation(cfg, fitted, labels)
     with tempfile.TemporaryDirectory() as tmp:
         final |= log_model(cfg, fitted, labels, Path(tmp))
     log.info(
-        "accuracy %.4f, macro-F1 %.4f, int8 accuracy %.4f",
-        final["accuracy"],
-        final["f1_macro"],
+        "test accuracy %.4f, macro-F1 %.4f, int8 accuracy %.4f (checkpoint %s, chosen on validation)",
+        final["test_accuracy"],
+        final["test_f1_macro"],
         final["onnx_int8_accuracy"],
+        Path(fitted.trainer.state.best_model_checkpoint).name,
     )
     return final

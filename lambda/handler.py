@@ -39,7 +39,7 @@ class BadRequest(Exception):
     """Input the handler cannot use; the message says what was wrong (and never repeats the input)."""
 
 
-class Predictor(Protocol):
+class Classifier(Protocol):
     """What the handler asks of a model: its labels, and one result dict per text."""
 
     @property
@@ -53,7 +53,7 @@ class Model(Protocol):
     @property
     def version(self) -> int: ...
     @property
-    def predictor(self) -> Predictor: ...
+    def predictor(self) -> Classifier: ...
 
 
 class Store(Protocol):

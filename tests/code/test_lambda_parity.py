@@ -31,7 +31,7 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
         "model=tiny",
         f"data.source={agnews_dir}",
         "data.sample_size=400",
-        "data.eval_size=200",
+        "data.test_size=200",
         "train.epochs=1",
         "registry.min_accuracy=0",
     )

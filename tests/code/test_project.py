@@ -51,8 +51,8 @@ def test_overrides_parameter_applies_every_override(entry_point: str, monkeypatc
 def test_named_parameters() -> None:
     cfg = compose(shlex.split(command("train", model="tiny", sample_size="300", epochs="2"))[3:])
     assert (cfg.model.name, cfg.data.sample_size, cfg.train.epochs) == ("tiny-distilbert", 300, 2)
-    cfg = compose(shlex.split(command("main", source="../x", overrides="seed=7 data.eval_size=500"))[3:])
-    assert (cfg.data.source, cfg.seed, cfg.data.eval_size) == ("../x", 7, 500)
+    cfg = compose(shlex.split(command("main", source="../x", overrides="seed=7 data.test_size=500"))[3:])
+    assert (cfg.data.source, cfg.seed, cfg.data.test_size) == ("../x", 7, 500)
 
 
 def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Path) -> None:
@@ -92,7 +92,7 @@ def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Pa
         (["data.sample_size=1000 train.epochs=1"], ["data.sample_size=1000", "train.epochs=1"]),
         (["data.source=/data/ag news"], ["data.source=/data/ag news"]),  # a value with a space stays whole
         (["data.source='/data/ag news' seed=3"], ["data.source=/data/ag news", "seed=3"]),
-        (["+train.extra=1 ++seed=2 ~data.eval_size"], ["+train.extra=1", "++seed=2", "~data.eval_size"]),
+        (["+train.extra=1 ++seed=2 ~data.test_size"], ["+train.extra=1", "++seed=2", "~data.test_size"]),
         (["", "model=", "data.sample_size="], []),  # unset MLproject parameters
         (["data.source='unbalanced"], ["data.source='unbalanced"]),  # left for Hydra to report
     ],

@@ -33,10 +33,10 @@ from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.conftest import free_port, moto_environ, require_agnews
 
-TINY = ["model=tiny", "data.eval_size=200"]
+TINY = ["model=tiny", "data.test_size=200"]
 GOOD = [*TINY, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
 WORSE = [*TINY, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
-QUICK = ["model=tiny", "data.sample_size=200", "data.eval_size=100", "train.epochs=0.3"]
+QUICK = ["model=tiny", "data.sample_size=200", "data.test_size=100", "train.epochs=0.3"]
 EXPERIMENT = "registry-tests"
 BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
 

@@ -27,7 +27,7 @@ def test_torchrun_two_cpu_processes(make_cfg, agnews_dir: Path, mlflow_db: Path)
         "model=tiny",
         f"data.source={agnews_dir}",
         f"data.sample_size={SAMPLE_SIZE}",
-        f"data.eval_size={SAMPLE_SIZE}",
+        f"data.test_size={SAMPLE_SIZE}",
         "train.epochs=1",
     ]
     cfg = make_cfg(*overrides)

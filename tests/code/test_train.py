@@ -23,12 +23,12 @@ from agnews.errors import ConfigError, DataError, ModelError
 from agnews.ingest import upload
 from agnews.storage import open_storage
 from agnews.tracking import step_run
-from agnews.training import stratified_sample, train
+from agnews.training import split_train, stratified_sample, train
 from tests.helpers import free_port, require_agnews
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-TINY = ["model=tiny", "data.sample_size=400", "train.epochs=1", "data.eval_size=200"]
-RESUME = ["train.epochs=2", "data.sample_size=200", "data.eval_size=100"]
+TINY = ["model=tiny", "data.sample_size=400", "train.epochs=1", "data.val_size=200", "data.test_size=200"]
+RESUME = ["train.epochs=2", "data.sample_size=200", "data.val_size=100", "data.test_size=100"]
 
 
 def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
@@ -63,13 +63,14 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     run = client.get_run(run_id)
     metrics = run.data.metrics
     for key in [
-        "accuracy",
-        "f1_macro",
-        "precision_sci_tech",
-        "recall_world",
-        "f1_business",
-        "eval_accuracy",
-        "eval_f1_macro",
+        "test_accuracy",
+        "test_f1_macro",
+        "test_precision_sci_tech",
+        "test_recall_world",
+        "test_f1_business",
+        "val_accuracy",
+        "val_f1_macro",
+        "best_val_accuracy",
         "train_samples_per_second",
         "train_loop_samples_per_second",
         "train_wall_time_s",
@@ -78,14 +79,18 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
         "onnx_int8_agreement",
     ]:
         assert key in metrics, key
-    assert metrics["train_rows"] == 1200 and metrics["eval_rows"] == 200
+    assert (metrics["train_rows"], metrics["val_rows"], metrics["test_rows"]) == (1200, 200, 200)
     assert metrics["train_loop_samples_per_second"] > 0 and metrics["train_samples_per_second"] > 0
-    assert metrics["f1_macro"] > 0.2  # predicts more than one class
-    assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == final["accuracy"]
+    assert metrics["test_f1_macro"] > 0.2  # predicts more than one class
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["test_accuracy"] == final["test_accuracy"]
     assert metrics["onnx_int8_agreement"] >= 0.9
-    # the final metrics come from the kept (best) checkpoint, with predictions aligned to the eval rows
-    best = max(m.value for m in client.get_metric_history(run_id, "eval_accuracy"))
-    assert metrics["accuracy"] == pytest.approx(best)
+    # validation chose the kept checkpoint: the best epoch's validation accuracy; test metrics are logged once
+    val_history = client.get_metric_history(run_id, "val_accuracy")
+    assert len(val_history) == 2  # one per epoch
+    assert metrics["best_val_accuracy"] == pytest.approx(max(m.value for m in val_history))
+    assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
+    assert run.data.tags["best_checkpoint"].startswith("checkpoint-")
+    assert run.data.tags["dataset.test.rows"] == "200"
     assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
     assert client.get_metric_history(run_id, "learning_rate")
     assert run.data.params["train.max_length"] == "128" and run.data.params["model.name"] == "tiny-distilbert"
@@ -96,6 +101,8 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = mlflow.artifacts.load_dict(f"runs:/{run_id}/classification_report.json")
     assert set(LABELS) <= set(report) and report["macro avg"]["support"] == 200
+    # the test predictions line up with the test rows: the report's accuracy is the logged one
+    assert report["accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
 def test_logged_model_has_signature_example_and_bundle(trained: tuple[DictConfig, str, dict]) -> None:
@@ -282,7 +289,16 @@ def test_model_layer_runs_against_a_logged_model(trained: tuple[DictConfig, str,
     """`pytest tests/model --model-uri ...` checks any MLflow model: here the run's own, through its tracking store."""
     cfg, run_id, _ = trained
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/model", "--model-uri", f"runs:/{run_id}/model", "-p", "no:cacheprovider"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/model",
+            "--model-uri",
+            f"runs:/{run_id}/model",
+            "-p",
+            "no:cacheprovider",
+        ],
         cwd=PROJECT_ROOT,
         env=os.environ | {"MLFLOW_TRACKING_URI": cfg.tracking.uri},
         capture_output=True,
@@ -290,3 +306,38 @@ def test_model_layer_runs_against_a_logged_model(trained: tuple[DictConfig, str,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 passed" in done.stdout.splitlines()[-1]
+
+
+def test_the_test_split_chooses_nothing(tmp_path: Path) -> None:
+    """Two runs that differ only in the test labels keep the same checkpoint, by the same validation figures."""
+    results = {}
+    for name, shift in (("true", 0), ("shuffled", 1)):
+        source = tmp_path / name / "source"
+        source.mkdir(parents=True)
+        (source / "train.csv").write_bytes((require_agnews() / "train.csv").read_bytes())
+        test = (require_agnews() / "test.csv").read_text().splitlines(keepends=True)
+        # every test label moved to the next class: a different test set, the same training and validation rows
+        (source / "test.csv").write_text("".join(f'"{(int(line[1]) - 1 + shift) % 4 + 1}"{line[3:]}' for line in test))
+        cfg = tiny_cfg(tmp_path / name, f"data.source={source}", "data.sample_size=1200", "train.epochs=2")
+        upload(cfg)
+        with step_run(cfg, "train") as run:
+            final = train(cfg)
+        client = MlflowClient()
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        results[name] = (client.get_run(run.info.run_id).data.tags["best_checkpoint"], history, final)
+    (kept, history, true), (kept_shuffled, history_shuffled, shuffled) = results.values()
+    assert (kept, history) == (kept_shuffled, history_shuffled)
+    assert true["best_val_accuracy"] == shuffled["best_val_accuracy"]
+    assert true["test_accuracy"] != shuffled["test_accuracy"]  # the test sets did differ
+
+
+def test_validation_comes_from_rows_the_training_sample_leaves(agnews_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path)
+    upload(cfg)
+    full = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "train")
+    sample, val = split_train(full, 1000, 300, seed=7)
+    assert sample.equals(stratified_sample(full, 1000, seed=7, name="data.sample_size"))  # as without validation
+    assert len(val) == 300 and not set(sample.text) & set(val.text)
+    assert (val.label.value_counts() - full.label.value_counts(normalize=True) * 300).abs().max() <= 1
+    everything, val_all = split_train(full, None, 300, seed=7)  # all rows: validation first, the rest trains
+    assert len(everything) == len(full) - 300 and not set(everything.text) & set(val_all.text)

@@ -1,0 +1,134 @@
+"""Training precision and the other Trainer settings that depend on the device, resolved from the device's facts.
+
+``resolve`` is pure: it takes the requested settings (``train.precision``, ``train.tf32``,
+``train.dataloader_workers``, ``train.pad_to_multiple_of``) and a ``Device`` and returns the TrainingArguments
+keywords, so every branch runs in a test on a CPU. ``detect`` reads the facts from torch; ``for_config`` does both.
+
+- ``auto``: bf16 where the card computes in bf16 (Ampere and newer), else fp16 with loss scaling on CUDA, and
+  fp32 on a CPU. ``bf16`` and ``fp16`` are mixed precision (autocast; the weights stay float32).
+- An explicit ``bf16`` or ``fp16`` that the device cannot run is a ``ConfigError``, not a silent fallback: on a
+  CPU, and ``bf16`` on a card without bf16.
+- CUDA: TF32 matmuls on Ampere and newer (unless ``train.tf32=false``), pinned memory, DataLoader workers (kept
+  alive across epochs), and batches padded to a multiple of 8. CPU: no pinning, no workers, no extra padding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from agnews.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# What `train.pad_to_multiple_of: auto` pads to on CUDA: the tensor-core tile for half precision, and at most
+# max_length / 8 distinct sequence lengths instead of one per length.
+CUDA_PAD_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Device:
+    """The facts about the training device that the settings depend on."""
+
+    cuda: bool
+    name: str
+    bf16: bool = False  # the card computes in bf16 natively (not emulated)
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability
+
+    @property
+    def tf32(self) -> bool:
+        """TF32 matmuls: CUDA compute capability 8.0 (Ampere) and newer."""
+        return self.cuda and self.capability >= (8, 0)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The precision the run trains in, the padding multiple for the collator, and the TrainingArguments keywords."""
+
+    precision: str
+    device: Device
+    pad_to_multiple_of: int | None
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        """What the train run records: the resolved precision and the device's name."""
+        return {"precision": self.precision, "device": self.device.name}
+
+
+def detect() -> Device:
+    """CUDA device 0, or the CPU where there is none or ``ACCELERATE_USE_CPU`` is set (as the Trainer does)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "on")
+    if use_cpu or not torch.cuda.is_available():
+        return Device(cuda=False, name="cpu")
+    return Device(
+        cuda=True,
+        name=torch.cuda.get_device_name(0),
+        bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+        capability=torch.cuda.get_device_capability(0),
+    )
+
+
+def _pad_multiple(setting: Any, device: Device) -> int | None:
+    if setting == "auto":
+        return CUDA_PAD_MULTIPLE if device.cuda else None
+    if setting is None or setting == 0:
+        return None
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+        return setting
+    raise ConfigError(f"train.pad_to_multiple_of={setting}: expected auto, null or a positive integer")
+
+
+def resolve(
+    requested: str,
+    device: Device,
+    *,
+    tf32: bool = True,
+    workers: int = 4,
+    pad_to_multiple_of: int | str | None = "auto",
+) -> Resolved:
+    """The settings for ``device``; raises ConfigError for a value the device cannot honour."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"train.precision={requested}: expected one of {', '.join(PRECISIONS)}")
+    if not isinstance(tf32, bool):
+        raise ConfigError(f"train.tf32={tf32}: expected true or false")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"train.dataloader_workers={workers}: expected 0 or more")
+    pad = _pad_multiple(pad_to_multiple_of, device)
+    if not device.cuda:
+        if requested in ("bf16", "fp16"):
+            raise ConfigError(
+                f"train.precision={requested} needs a CUDA GPU, and this run trains on the CPU: "
+                "use train.precision=auto (fp32 on a CPU) or fp32"
+            )
+        # No pinning: pinned memory only helps copies to an accelerator (torch warns on every run without one).
+        kwargs = {"dataloader_pin_memory": False, "dataloader_num_workers": 0}
+        return Resolved("fp32", device, pad, kwargs)
+    if requested == "bf16" and not device.bf16:
+        raise ConfigError(
+            f"train.precision=bf16: {device.name} (compute capability {device.capability[0]}.{device.capability[1]})"
+            " does not support bf16: use fp16 or auto (fp16 there)"
+        )
+    precision = ("bf16" if device.bf16 else "fp16") if requested == "auto" else requested
+    kwargs = {
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "tf32": tf32 and device.tf32,
+        "dataloader_pin_memory": True,
+        "dataloader_num_workers": workers,
+        "dataloader_persistent_workers": workers > 0,
+    }
+    return Resolved(precision, device, pad, kwargs)
+
+
+def for_config(t: DictConfig, device: Device | None = None) -> Resolved:
+    """``resolve`` for the ``train`` config group on this machine's device (or ``device``)."""
+    return resolve(
+        t.precision,
+        device or detect(),
+        tf32=t.tf32,
+        workers=t.dataloader_workers,
+        pad_to_multiple_of=t.pad_to_multiple_of,
+    )
