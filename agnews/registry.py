@@ -107,7 +107,8 @@ def describe(run: Run) -> str:
     return (
         f"{run.data.params.get('model.name', 'model')} from train run {run.info.run_id} at git "
         f"{tags.get('git_commit', 'unknown')}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 "
-        f"{metrics.get('test_f1_macro', float('nan')):.4f}; train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"
+        f"{metrics.get('test_f1_macro', float('nan')):.4f}; "
+        f"train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"
     )
 
 
