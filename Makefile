@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline test test-slow test-container lint bench lambda-zip clean
+.PHONY: setup pipeline smoke test test-slow test-container lint bench lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ setup: $(STAMP)
 
 pipeline: $(STAMP)
 	$(PY) -m steps.main $(ARGS)
+
+# A smoke run that serves (about two minutes on a 2-core CPU): the pipeline on conf/preset/smoke.yaml, with its own
+# model name and a smoke gate, then the Lambda handler answers the seed's example from the mirrored bundle.
+# Offline: make smoke ARGS="data.source=../shared/data/ag_news"
+SEED_TEXT := Apple reported strong quarterly earnings with iPhone sales up 15%
+MODEL_ROOT = $(PY) -c 'import sys; from agnews.config import compose; from agnews.publishing import model_root; \
+	print(model_root(compose(sys.argv[1:])))'
+
+smoke: $(STAMP)
+	$(PY) -m steps.main preset=smoke $(ARGS)
+	@echo "smoke run: promoted by the smoke gate (conf/preset/smoke.yaml), which is not the production gate"
+	MODEL_URI="$$($(MODEL_ROOT) preset=smoke $(ARGS))" $(PY) lambda/handler.py "$(SEED_TEXT)"
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -36,30 +48,43 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # The Lambda zip: the handler's modules at its root (/var/task), the serving contract as the package bundle/, and
-# manylinux2014 wheels for the python3.11 runtime (Amazon Linux 2, glibc 2.26; no torch), then its unzipped size,
-# which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). pip's cache keeps the downloads. lambda/Dockerfile copies the same.
-LAMBDA_PYTHON ?= 3.11
+# wheels for the python3.13 runtime (Amazon Linux 2023, glibc 2.34: manylinux tags up to 2_34; no torch), then its
+# unzipped size, which AWS limits to 250 MiB (LAMBDA_LIMIT bytes). pip's cache keeps the downloads.
+# lambda/Dockerfile copies the same. Keep LAMBDA_PYTHON equal to the template's Runtime and the Dockerfile's image.
+LAMBDA_PYTHON ?= 3.13
+LAMBDA_GLIBC_MINOR := 34
+LAMBDA_PLATFORMS := --platform manylinux2014_x86_64 \
+	$(foreach minor,$(shell seq 17 $(LAMBDA_GLIBC_MINOR)),--platform manylinux_2_$(minor)_x86_64)
+# An interpreter of the runtime's Python, for the zip's bytecode and for running the unpacked zip (the tests and the
+# benchmark): python$(LAMBDA_PYTHON) on PATH where it runs, else pyenv's. `make -s lambda-python` prints it.
+LAMBDA_PY ?= $(shell for p in python$(LAMBDA_PYTHON) \
+	$(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(LAMBDA_PYTHON).*/bin/python$(LAMBDA_PYTHON)); \
+	do "$$p" -c '' 2>/dev/null && command -v "$$p" && break; done)
 LAMBDA_BUILD ?= build/lambda
 LAMBDA_ZIP ?= build/lambda.zip
 LAMBDA_LIMIT := 262144000
 LAMBDA_CODE := lambda/handler.py lambda/model_store.py lambda/settings.py
 LAMBDA_BUNDLE := bundle/__init__.py bundle/layout.py bundle/predictor.py
 
+.PHONY: lambda-python
+lambda-python:
+	@echo $(LAMBDA_PY)
+
 lambda-zip: $(LAMBDA_ZIP)
 
 $(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) $(LAMBDA_BUNDLE) | $(STAMP)
 	rm -rf $(LAMBDA_BUILD) $@
 	$(PY) -m pip install --quiet --no-deps --no-compile --only-binary=:all: --implementation cp \
-		--python-version $(LAMBDA_PYTHON) --platform manylinux2014_x86_64 \
+		--python-version $(LAMBDA_PYTHON) $(LAMBDA_PLATFORMS) \
 		--target $(LAMBDA_BUILD) -r lambda/requirements.txt
 	cp $(LAMBDA_CODE) $(LAMBDA_BUILD)/
 	mkdir -p $(LAMBDA_BUILD)/bundle
 	cp $(LAMBDA_BUNDLE) $(LAMBDA_BUILD)/bundle/
 	# Bytecode in the zip: /var/task is read-only, so without it every cold start compiles numpy's and the handler's
 	# sources. unchecked-hash .pyc files hold whatever mtimes the unzip gives the sources.
-	@if $(PY) -c 'import sys; sys.exit(not sys.version.startswith("$(LAMBDA_PYTHON)."))'; then \
-		$(PY) -m compileall -q -j 0 --invalidation-mode unchecked-hash $(LAMBDA_BUILD); \
-	else echo "no bytecode in the zip: $(PY) is not Python $(LAMBDA_PYTHON)"; fi
+	@py="$(LAMBDA_PY)"; if [ -n "$$py" ]; then \
+		"$$py" -m compileall -q -j 0 --invalidation-mode unchecked-hash $(LAMBDA_BUILD); \
+	else echo "no bytecode in the zip: no Python $(LAMBDA_PYTHON) found (set LAMBDA_PY)"; fi
 	mkdir -p $(dir $@)
 	cd $(LAMBDA_BUILD) && zip -q -r -X $(abspath $@) .
 	@$(PY) -c 'import sys, zipfile; n = sum(i.file_size for i in zipfile.ZipFile(sys.argv[1]).infolist()); \
@@ -68,3 +93,13 @@ $(LAMBDA_ZIP): lambda/requirements.txt $(LAMBDA_CODE) $(LAMBDA_BUNDLE) | $(STAMP
 
 clean:
 	rm -rf .store .checkpoints mlflow build dist
+
+# The GPU check (bench/gpu_check.sh, docs/benchmarks.md) rehearsed on this CPU: the same script and steps with a
+# 2-layer 64-wide model and a few hundred rows, so that the GPU run cannot fail on an import, an override or the
+# report. The report goes to $(GPU_REHEARSAL)/gpu.json (a few minutes on a 2-core CPU).
+GPU_REHEARSAL ?= build/gpu-rehearsal
+.PHONY: gpu-check-rehearsal
+gpu-check-rehearsal: $(STAMP)
+	PY=$(abspath $(PY)) WORK=$(abspath $(GPU_REHEARSAL))/work RESULT=$(abspath $(GPU_REHEARSAL))/gpu.json \
+		BUDGET=1200 SAMPLE=200 TEST_ROWS=100 DIMS=64,128,2,2 LR=1e-3 FULL_SAMPLE=300 EPOCHS=1 \
+		EXTRA="data.val_size=100" bash bench/gpu_check.sh

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +17,24 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from agnews.progress import phase
 from bundle.layout import CONFIG_FILE, INPUTS, ONNX_FILE, OUTPUT, TOKENIZER_FILE, BundleConfig
 from bundle.predictor import Predictor
+
+
+@contextlib.contextmanager
+def _without_log(prefix: str) -> Iterator[None]:
+    """Drop the root logger's records that start with ``prefix`` (onnxruntime logs through the root logger)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def export_bundle(
@@ -40,7 +60,11 @@ def export_bundle(
     model.set_attn_implementation("eager")
     with tempfile.TemporaryDirectory() as tmp:
         fp32, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
-        with torch.no_grad():
+        with phase("ONNX export"), torch.no_grad(), warnings.catch_warnings():
+            # The tracer's notes on Python booleans in the attention mask and on aten::index: the graph takes dynamic
+            # batch and sequence axes, and the int8 check after the export compares it with the torch model.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             torch.onnx.export(
                 model,
                 (sample["input_ids"], sample["attention_mask"]),
@@ -54,20 +78,24 @@ def export_bundle(
         # Fuse embeddings, attention, layer norms and GELU into onnxruntime's transformer kernels (opt_level 0: these
         # fusions alone, so the graph names no operator domain beyond com.microsoft and runs on older runtimes too),
         # then quantize the fused graph, which runs faster on a CPU than the quantized plain export.
-        optimize_model(
-            str(fp32),
-            model_type="bert",
-            num_heads=model.config.num_attention_heads,
-            hidden_size=model.config.hidden_size,
-            opt_level=0,
-        ).save_model_to_file(str(fused))
+        with phase("fusing transformer kernels"):
+            optimize_model(
+                str(fp32),
+                model_type="bert",
+                num_heads=model.config.num_attention_heads,
+                hidden_size=model.config.hidden_size,
+                opt_level=0,
+            ).save_model_to_file(str(fused))
         # Shape inference gives the fused (com.microsoft) operators' outputs no type; they are float.
-        quantize_dynamic(
-            fused,
-            out_dir / ONNX_FILE,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        # onnxruntime asks for its pre-processing (shape inference) before quantizing, which adds nothing to a graph
+        # of fused transformer kernels: that line is dropped.
+        with phase("int8 quantization"), _without_log("Please consider to run pre-processing"):
+            quantize_dynamic(
+                fused,
+                out_dir / ONNX_FILE,
+                weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     tokenizer.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
     config = BundleConfig(list(labels), max_length, batch_size, tokenizer.pad_token)
     (out_dir / CONFIG_FILE).write_bytes(config.to_bytes())

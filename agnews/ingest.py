@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 import mlflow
 import pandas as pd
@@ -39,9 +40,14 @@ def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) ->
     prefix = cfg.storage.dataset_prefix
     for split, frame in splits.items():
         name = f"{split}.jsonl"
-        dataset = mlflow.data.from_pandas(
-            frame, source=storage.url(f"{prefix}/{name}"), name=f"ag_news-{split}", targets="label"
-        )
+        with warnings.catch_warnings():
+            # MLflow registers its local artifact source twice and says a file URL fits both; and it hints that an
+            # integer column cannot hold missing values, which labels never are. Neither is for a user to act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            dataset = mlflow.data.from_pandas(
+                frame, source=storage.url(f"{prefix}/{name}"), name=f"ag_news-{split}", targets="label"
+            )
         mlflow.log_input(dataset, context=split)
         mlflow.set_tag(f"dataset.{split}.sha256", info["files"][name]["sha256"])
         counts = info["counts"][split]

@@ -19,6 +19,8 @@ from transformers import (
 from agnews.errors import ModelError
 
 log = logging.getLogger(__name__)
+# The classification heads that AutoModelForSequenceClassification adds on top of a pretrained encoder.
+HEAD_MODULES = ("classifier", "pre_classifier", "score")
 
 
 def _hub_reachable(timeout_s: float) -> bool:
@@ -69,4 +71,27 @@ def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokeni
             **label_maps,
         )
         return AutoModelForSequenceClassification.from_config(config)
-    return _from_pretrained(AutoModelForSequenceClassification, str(model.name), model.hub_timeout_s, **label_maps)
+    # transformers prints a LOAD REPORT table for the new head's missing weights, expected when fine-tuning: it is
+    # read here instead, and only what a user should act on (other missing weights) stays a warning.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        loaded, info = _from_pretrained(
+            AutoModelForSequenceClassification,
+            str(model.name),
+            model.hub_timeout_s,
+            output_loading_info=True,
+            **label_maps,
+        )
+    finally:
+        report_logger.setLevel(level)
+    head = [key for key in info["missing_keys"] if key.split(".")[0] in HEAD_MODULES]
+    others = sorted(set(info["missing_keys"]) - set(head))
+    if head:
+        log.info("new classification head initialised (%s): expected when fine-tuning", ", ".join(sorted(head)))
+    if info["unexpected_keys"]:
+        log.info("%d checkpoint weights not used by the classifier (a pretraining head)", len(info["unexpected_keys"]))
+    if others:
+        log.warning("weights missing from %s and initialised at random: %s", model.name, ", ".join(others))
+    return loaded

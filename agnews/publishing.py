@@ -116,6 +116,11 @@ def point_to(storage: Storage, key: str, name: str, version: int, manifest: byte
     return True
 
 
+def model_root(cfg: DictConfig) -> str:
+    """The URL of the folder that holds ``champion.json``: the Lambda's MODEL_URI."""
+    return open_storage(cfg).url(f"{cfg.storage.model_prefix}/{cfg.registry.model_name}")
+
+
 def mirror(cfg: DictConfig) -> Mirrored:
     """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>/``, verify them, then write the pointer."""
     client = MlflowClient()

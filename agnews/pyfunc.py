@@ -7,12 +7,16 @@ torch and transformers are imported when a model is loaded, so that reading thos
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
 from bundle.layout import CONFIG_FILE, parse_config
+
+# MLflow suggests type hints on `predict`; this model's signature is logged explicitly, and hints would replace it.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 LOGGED_MODEL = "model"  # the name the train step logs the pyfunc under
 WEIGHTS_ARTIFACT = "model"  # the safetensors model and its tokenizer

@@ -21,6 +21,7 @@ from agnews.pyfunc import LOGGED_MODEL
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
+BEHAVIOUR_METRICS = ("behaviour_pass_rate", "onnx_int8_behaviour_pass_rate")  # logged by the train step
 MODEL_DESCRIPTION = (
     "AG News topic classifier (World, Sports, Business, Sci/Tech). @champion is the version served: the mirror "
     "step copies its ONNX int8 bundle to storage for the Lambda. @previous is the champion it replaced, "
@@ -149,22 +150,45 @@ def version_accuracy(client: MlflowClient, version: ModelVersion) -> float | Non
     return client.get_run(version.run_id).data.metrics.get("test_accuracy") if version.run_id else None
 
 
+def behaviour_pass_rate(run: Run) -> float:
+    """The lower of the behavioural pass rates of the run's pyfunc and of its int8 bundle; 0 when not logged."""
+    return min(run.data.metrics.get(name, 0.0) for name in BEHAVIOUR_METRICS)
+
+
 def gate(
-    registry: DictConfig, accuracy: float, champion: int | None, champion_accuracy: float | None
+    registry: DictConfig,
+    accuracy: float,
+    behaviour: float,
+    champion: int | None,
+    champion_accuracy: float | None,
 ) -> tuple[bool, str]:
-    """Whether the candidate passes the quality gate (min_accuracy, and tolerance against the champion), and why."""
-    checks = [(accuracy >= registry.min_accuracy, f"registry.min_accuracy {registry.min_accuracy}")]
+    """Whether the candidate passes the quality gate, and why: test accuracy at least ``min_accuracy`` and at least
+    the champion's minus ``tolerance``, and a behavioural pass rate at least ``min_behaviour_pass_rate``."""
+    checks = [
+        (
+            accuracy >= registry.min_accuracy,
+            f"test accuracy {accuracy:.4f}",
+            f"registry.min_accuracy {registry.min_accuracy}",
+        ),
+        (
+            behaviour >= registry.min_behaviour_pass_rate,
+            f"behavioural pass rate {behaviour:.4f}",
+            f"registry.min_behaviour_pass_rate {registry.min_behaviour_pass_rate}",
+        ),
+    ]
     if champion_accuracy is not None:
         checks.append(
             (
                 accuracy >= champion_accuracy - registry.tolerance,
+                f"test accuracy {accuracy:.4f}",
                 f"champion v{champion}'s {champion_accuracy:.4f} minus registry.tolerance {registry.tolerance}",
             )
         )
-    failed = [what for ok, what in checks if not ok]
+    failed = [f"{what} is below {bound}" for ok, what, bound in checks if not ok]
     if failed:
-        return False, f"rejected: accuracy {accuracy:.4f} is below {' and below '.join(failed)}"
-    return True, f"promoted: accuracy {accuracy:.4f} is at least {' and at least '.join(what for _, what in checks)}"
+        return False, f"rejected by the {registry.gate} gate: {'; '.join(failed)}"
+    passed = "; ".join(f"{what} is at least {bound}" for _, what, bound in checks)
+    return True, f"promoted by the {registry.gate} gate: {passed}"
 
 
 def promote(client: MlflowClient, name: str, version: int) -> int | None:
@@ -190,7 +214,9 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
         version_accuracy(client, client.get_model_version(name, champion)) if champion is not None else None
     )
     version = int(create_version(client, name, run).version)
-    passed, reason = gate(registry, run.data.metrics["test_accuracy"], champion, champion_accuracy)
+    passed, reason = gate(
+        registry, run.data.metrics["test_accuracy"], behaviour_pass_rate(run), champion, champion_accuracy
+    )
     if passed:
         promote(client, name, version)
     else:

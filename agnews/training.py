@@ -34,12 +34,14 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from agnews import export, metrics, precision, pyfunc
+from agnews import behaviour, export, metrics, precision, pyfunc
 from agnews.data import read_info, read_split
 from agnews.errors import ConfigError, DataError
 from agnews.modeling import load_model, load_tokenizer
+from agnews.progress import phase
 from agnews.storage import open_storage
 from bundle import layout
+from bundle.predictor import Predictor, softmax
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,7 @@ class MlflowMetrics(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            values = {
-                re.sub(r"^eval_", "val_", k): float(v) for k, v in logs.items() if isinstance(v, int | float)
-            }
+            values = {re.sub(r"^eval_", "val_", k): float(v) for k, v in logs.items() if isinstance(v, int | float)}
             mlflow.log_metrics(values, step=state.global_step)
 
 
@@ -289,7 +289,8 @@ def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[s
 
 
 def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path) -> dict[str, float]:
-    """Save the model and its int8 bundle, check the bundle against torch, and log the pyfunc."""
+    """Save the model and its int8 bundle, check the bundle against torch, log the pyfunc, and run the behavioural
+    checks on both (the pyfunc as logged, the bundle as the Lambda runs it)."""
     model_dir, bundle_dir = workdir / pyfunc.WEIGHTS_ARTIFACT, workdir / pyfunc.BUNDLE_ARTIFACT
     fitted.trainer.save_model(str(model_dir))
     export.export_bundle(
@@ -302,19 +303,20 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
         cfg.train.onnx_opset,
     )
     texts = fitted.test_frame.text.tolist()
-    int8_pred = export.onnx_logits(bundle_dir, texts).argmax(1)
+    bundle = Predictor(bundle_dir)
+    with phase(f"int8 check: the {len(texts)} test texts through the bundle"):
+        int8_pred = bundle.logits(texts).argmax(1)
     checks = {
         "onnx_int8_accuracy": float((int8_pred == fitted.test_frame.label.to_numpy()).mean()),
         "onnx_int8_agreement": float((int8_pred == fitted.probs.argmax(1)).mean()),
     }
-    mlflow.log_metrics(checks)
 
     # One unnamed string column: MLflow then accepts a list of strings as well as a DataFrame with a `text` column.
     example = pd.DataFrame({"text": INPUT_EXAMPLE})
     output = pd.DataFrame({"predicted_class": labels[:1], "confidence": [1.0]}).join(
         pd.DataFrame([[0.25] * len(labels)], columns=labels)
     )
-    mlflow.pyfunc.log_model(
+    logged = mlflow.pyfunc.log_model(
         name=pyfunc.LOGGED_MODEL,
         python_model=pyfunc.__file__,
         artifacts={pyfunc.WEIGHTS_ARTIFACT: str(model_dir), pyfunc.BUNDLE_ARTIFACT: str(bundle_dir)},
@@ -324,6 +326,19 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
         input_example=example,
         pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
     )
+    with phase("behavioural checks on the logged pyfunc and on the int8 bundle"):
+        logged_model = mlflow.pyfunc.load_model(logged.model_uri)
+        results = {
+            "behaviour": behaviour.check(lambda batch: logged_model.predict(batch)[labels].to_numpy(), labels),
+            "onnx_int8_behaviour": behaviour.check(lambda batch: softmax(bundle.logits(batch)), labels),
+        }
+    failures = []
+    for prefix, result in results.items():
+        checks |= result.metrics(prefix)
+        failures.append(result.failures.assign(model=prefix))
+    mlflow.log_metrics(checks)
+    mlflow.log_table(pd.concat(failures, ignore_index=True), "behaviour_failures.json")
+    log.info("behavioural checks: %s", ", ".join(f"{name} {checks[f'{name}_pass_rate']:.0%}" for name in results))
     return checks
 
 

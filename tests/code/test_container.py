@@ -151,7 +151,10 @@ def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: 
     # s3_env (under `bucket`) set the moto endpoint and dummy keys, and unset AWS_SESSION_TOKEN: docker_env forwards
     # them all, S3_BUCKET included, so the container's storage.uri is s3://<bucket>.
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server, "S3_BUCKET": bucket}
-    overrides = "registry.min_accuracy=0 data.test_size=200 train.batch_size=16"
+    overrides = (
+        "registry.min_accuracy=0 registry.min_behaviour_pass_rate=0 data.val_size=200 data.test_size=200 "
+        "train.batch_size=16"
+    )
     run = [
         *(sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "main", "--experiment-name", "agnews"),
         *("-A", "network=host", "-A", f"volume={agnews_dir}:/data/ag_news:ro"),

@@ -31,9 +31,11 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
         "model=tiny",
         f"data.source={agnews_dir}",
         "data.sample_size=400",
+        "data.val_size=200",
         "data.test_size=200",
         "train.epochs=1",
         "registry.min_accuracy=0",
+        "registry.min_behaviour_pass_rate=0",
     )
     upload(cfg)
     with step_run(cfg, "train"):

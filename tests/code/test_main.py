@@ -18,7 +18,15 @@ from agnews.pipeline import pipeline
 from agnews.registry import CHAMPION, aliases
 from bundle.layout import POINTER
 
-QUICK = ["model=tiny", "data.sample_size=200", "data.test_size=100", "train.epochs=0.3", "registry.min_accuracy=0"]
+QUICK = [
+    "model=tiny",
+    "data.sample_size=200",
+    "data.val_size=100",
+    "data.test_size=100",
+    "train.epochs=0.3",
+    "registry.min_accuracy=0",
+    "registry.min_behaviour_pass_rate=0",
+]
 STEPS = ("upload", "train", "register")
 
 

@@ -19,7 +19,6 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from omegaconf import DictConfig
-from tests.test_storage import use_credentials
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError, RegistryError, StorageError
@@ -31,12 +30,12 @@ from agnews.storage import open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.conftest import free_port, moto_environ, require_agnews
+from tests.helpers import free_port, moto_environ, require_agnews, use_credentials
 
-TINY = ["model=tiny", "data.test_size=200"]
+TINY = ["model=tiny", "data.val_size=200", "data.test_size=200"]
 GOOD = [*TINY, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
 WORSE = [*TINY, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
-QUICK = ["model=tiny", "data.sample_size=200", "data.test_size=100", "train.epochs=0.3"]
+QUICK = ["model=tiny", "data.sample_size=200", "data.val_size=100", "data.test_size=100", "train.epochs=0.3"]
 EXPERIMENT = "registry-tests"
 BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
 
@@ -149,7 +148,7 @@ def assert_mirrored(files: dict[str, bytes], root: str, version: int, run_id: st
     assert pointer["manifest_sha256"] == sha256(manifest_bytes)
     manifest = json.loads(manifest_bytes)
     assert manifest["version"] == version and manifest["run_id"] == run_id
-    assert {"accuracy", "f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement"} <= manifest["metrics"].keys()
+    assert {"test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement"} <= manifest["metrics"].keys()
     assert sorted(manifest["files"]) == BUNDLE
     for name, meta in manifest["files"].items():
         data = files[f"{root}/v{version}/{name}"]
@@ -157,27 +156,39 @@ def assert_mirrored(files: dict[str, bytes], root: str, version: int, run_id: st
 
 
 def accuracy(cfg: DictConfig, run_id: str) -> float:
-    return MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics["accuracy"]
+    return MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics["test_accuracy"]
 
 
-def test_gate_needs_min_accuracy_and_tolerance_against_the_champion() -> None:
-    registry = compose(["registry.min_accuracy=0.5", "registry.tolerance=0.01"]).registry
-    assert gate(registry, 0.6, None, None)[0]
-    assert gate(registry, 0.595, 2, 0.6) == (
+def test_gate_needs_min_accuracy_behaviour_and_tolerance_against_the_champion() -> None:
+    registry = compose(
+        ["registry.min_accuracy=0.5", "registry.tolerance=0.01", "registry.min_behaviour_pass_rate=0.7"]
+    ).registry
+    assert gate(registry, 0.6, 0.7, None, None)[0]
+    assert gate(registry, 0.595, 0.9, 2, 0.6) == (
         True,
-        "promoted: accuracy 0.5950 is at least registry.min_accuracy 0.5 and at least champion v2's 0.6000 "
-        "minus registry.tolerance 0.01",
+        "promoted by the production gate: test accuracy 0.5950 is at least registry.min_accuracy 0.5; behavioural "
+        "pass rate 0.9000 is at least registry.min_behaviour_pass_rate 0.7; test accuracy 0.5950 is at least champion "
+        "v2's 0.6000 minus registry.tolerance 0.01",
     )
-    passed, reason = gate(registry, 0.58, 2, 0.6)
+    passed, reason = gate(registry, 0.58, 0.9, 2, 0.6)
     assert not passed and "below champion v2's 0.6000 minus registry.tolerance 0.01" in reason
-    passed, reason = gate(registry, 0.4, 2, 0.3)
-    assert not passed and reason == "rejected: accuracy 0.4000 is below registry.min_accuracy 0.5"
+    passed, reason = gate(registry, 0.4, 0.9, 2, 0.3)
+    assert (
+        not passed
+        and reason == "rejected by the production gate: test accuracy 0.4000 is below registry.min_accuracy 0.5"
+    )
+    passed, reason = gate(registry, 0.9, 0.69, 2, 0.6)
+    assert not passed and reason == (
+        "rejected by the production gate: behavioural pass rate 0.6900 is below registry.min_behaviour_pass_rate 0.7"
+    )
 
 
 def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: Runs, bucket: str) -> None:
     cfg = model_cfg()
     name = cfg.registry.model_name
-    result = cli("register", cfg, "registry.min_accuracy=0")  # the default run: the newest finished train run
+    result = cli(
+        "register", cfg, "registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"
+    )  # the default run: the newest finished train run
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{name} v1 is @champion: promoted" in result.stdout
 
@@ -190,10 +201,10 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     for split in ("train", "test"):
         key = f"dataset.{split}.sha256"
         assert version.tags[key] == train_run.data.tags[key]
-    assert float(version.tags["accuracy"]) == train_run.data.metrics["accuracy"]
+    assert float(version.tags["test_accuracy"]) == train_run.data.metrics["test_accuracy"]
     assert float(version.tags["f1_macro"]) == train_run.data.metrics["f1_macro"]
-    assert version.tags["gate"].startswith("promoted: accuracy")
-    assert runs.good in version.description and "accuracy" in version.description
+    assert version.tags["gate"].startswith("promoted by the production gate: test accuracy")
+    assert runs.good in version.description and "test accuracy" in version.description
     assert client.get_registered_model(name).description
     assert version.current_stage in (None, "None"), "aliases only: stages are deprecated"
 
@@ -215,26 +226,30 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
 
 
 def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: Runs, bucket: str) -> None:
-    cfg = model_cfg("registry.min_accuracy=0", "registry.tolerance=0")
+    cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0")
     assert accuracy(cfg, runs.good) > accuracy(cfg, runs.worse), "the tiny model learned nothing in 2 epochs"
-    assert run_register(model_cfg("registry.min_accuracy=0", f"registry.run_id={runs.good}")).promoted
+    assert run_register(
+        model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", f"registry.run_id={runs.good}")
+    ).promoted
     before = objects(bucket)
 
     result = cli("register", cfg, f"registry.run_id={runs.worse}")
     assert result.returncode == 0, result.stderr[-3000:]
     name = cfg.registry.model_name
-    assert f"{name} v2 is @challenger: rejected: accuracy" in result.stdout
+    assert f"{name} v2 is @challenger: rejected by the production gate: test accuracy" in result.stdout
     assert "below champion v1's" in result.stdout
     client = MlflowClient(cfg.tracking.uri)
     assert aliases(client, name) == {CHAMPION: 1, CHALLENGER: 2}
-    assert client.get_model_version(name, "2").tags["gate"].startswith("rejected: accuracy")
+    assert client.get_model_version(name, "2").tags["gate"].startswith("rejected by the production gate: test accuracy")
     assert objects(bucket) == before, "a rejected candidate must not touch storage"
 
 
 def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: str) -> None:
-    cfg = model_cfg("registry.min_accuracy=0", "registry.tolerance=0")
+    cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0")
     name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
-    run_register(model_cfg("registry.min_accuracy=0", f"registry.run_id={runs.good}"))
+    run_register(
+        model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", f"registry.run_id={runs.good}")
+    )
     assert not run_register(model_cfg("registry.min_accuracy=0.99", f"registry.run_id={runs.worse}")).promoted
     assert json.loads(objects(bucket)[f"{root}/{POINTER}"])["version"] == 1
 
@@ -254,7 +269,7 @@ def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: st
 
 
 def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: Runs, bucket: str) -> None:
-    cfg = model_cfg("registry.min_accuracy=0")
+    cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0")
     name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
     client = MlflowClient(cfg.tracking.uri)
     assert run_register(cfg).version == 1
@@ -326,6 +341,7 @@ def local_cfg(root: Path, name: str | None, *overrides: str) -> DictConfig:
             f"train.output_dir={root / 'checkpoints'}",
             f"data.source={require_agnews()}",
             "registry.min_accuracy=0",
+            "registry.min_behaviour_pass_rate=0",
             *QUICK,
             *([f"registry.model_name={name}"] if name else []),
             *overrides,

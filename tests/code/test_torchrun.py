@@ -27,6 +27,7 @@ def test_torchrun_two_cpu_processes(make_cfg, agnews_dir: Path, mlflow_db: Path)
         "model=tiny",
         f"data.source={agnews_dir}",
         f"data.sample_size={SAMPLE_SIZE}",
+        f"data.val_size={SAMPLE_SIZE}",
         f"data.test_size={SAMPLE_SIZE}",
         "train.epochs=1",
     ]
@@ -53,7 +54,7 @@ def test_torchrun_two_cpu_processes(make_cfg, agnews_dir: Path, mlflow_db: Path)
     assert len(runs) == 1, [(r.info.run_id, sorted(r.data.metrics)) for r in runs]
     (run,) = runs
     assert (run.info.status, run.data.tags["step"]) == ("FINISHED", "train")
-    assert run.data.metrics["eval_rows"] == SAMPLE_SIZE
-    assert {"accuracy", "f1_macro", "onnx_int8_accuracy"} <= set(run.data.metrics)
+    assert run.data.metrics["test_rows"] == SAMPLE_SIZE
+    assert {"test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "behaviour_pass_rate"} <= set(run.data.metrics)
     (final,) = client.get_metric_history(run.info.run_id, "train_runtime")
     assert final.step == math.ceil(SAMPLE_SIZE / PROCESSES / cfg.train.batch_size)
