@@ -29,6 +29,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--model-uri",
         help="the MLflow model that tests/model checks, e.g. models:/distilbert-agnews@champion",
     )
+    parser.addoption(
+        "--min-pass-rate",
+        type=float,
+        help="tests/model: the pass rate each kind of behavioural check needs (default: the gate's)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,3 +22,9 @@ def model_uri(request: pytest.FixtureRequest) -> str:
 def model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     mlflow.set_tracking_uri(compose().tracking.uri)
     return mlflow.pyfunc.load_model(model_uri)
+
+
+@pytest.fixture(scope="session")
+def min_pass_rate(request: pytest.FixtureRequest) -> float:
+    given = request.config.getoption("--min-pass-rate")
+    return compose().registry.min_behaviour_pass_rate if given is None else given
