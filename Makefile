@@ -30,7 +30,7 @@ MODEL_ROOT = $(PY) -c 'import sys; from agnews.config import compose; from agnew
 
 smoke: $(STAMP)
 	$(PY) -m steps.main preset=smoke $(ARGS)
-	@echo "smoke run: promoted by the smoke gate (conf/preset/smoke.yaml), which is not the production gate"
+	@echo "smoke run: the gate above is the smoke gate of conf/preset/smoke.yaml, not the production gate"
 	MODEL_URI="$$($(MODEL_ROOT) preset=smoke $(ARGS))" $(PY) lambda/handler.py "$(SEED_TEXT)"
 
 test: $(STAMP)

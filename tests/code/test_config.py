@@ -1,0 +1,73 @@
+"""Every config in conf/ composes and resolves, and the recipes, seed recipe and smoke preset mean what they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from agnews.config import CONF_DIR, PROJECT_ROOT, compose
+from tests.helpers import SEED_TEXT
+
+OPTIONS = sorted(f"{path.parent.name}={path.stem}" for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "hydra")
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_composes_and_resolves(option: str) -> None:
+    cfg = compose([option])
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["train"]["learning_rate"] > 0 and resolved["data"]["val_size"] > 0
+
+
+def test_a_model_brings_its_recipe_and_the_seed_recipe_keeps_the_seeds() -> None:
+    for model in ("distilbert", "minilm", "tiny"):
+        cfg = compose([f"model={model}"])
+        assert cfg.train.learning_rate == cfg.model.recipe.learning_rate
+        assert cfg.train.warmup_ratio == cfg.model.recipe.warmup_ratio
+        assert cfg.train.label_smoothing == cfg.model.recipe.label_smoothing
+        seed = compose([f"model={model}", "train=seed_recipe"]).train
+        assert (seed.learning_rate, seed.warmup_ratio, seed.label_smoothing, seed.batch_size) == (2e-5, 0, 0, 8)
+    assert compose(["model=minilm"]).train.learning_rate == 8e-5
+    assert compose(["model=minilm", "train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # still overridable
+
+
+def test_smoke_preset_has_its_own_model_experiment_and_gate() -> None:
+    default, smoke = compose([]), compose(["preset=smoke"])
+    assert smoke.registry.model_name != default.registry.model_name
+    assert smoke.tracking.experiment != default.tracking.experiment
+    assert (smoke.registry.gate, default.registry.gate) == ("smoke", "production")
+    assert smoke.registry.min_accuracy < default.registry.min_accuracy
+    assert smoke.model.name == compose(["model=minilm"]).model.name
+
+
+def test_make_smoke_ends_with_the_lambda_answering_from_the_mirrored_model(agnews_dir: Path, tmp_path: Path) -> None:
+    """The make target's whole path, on the tiny model (the real preset's MiniLM run is in bench/smoke.py)."""
+    args = [
+        f"data.source={agnews_dir}",
+        f"storage.uri={tmp_path / 'store'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.output_dir={tmp_path / 'checkpoints'}",
+        "model=tiny",
+        "data.sample_size=300",
+        "data.val_size=100",
+        "data.test_size=100",
+        "registry.min_accuracy=0",
+        "registry.min_behaviour_pass_rate=0",
+    ]
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "smoke", f"ARGS={' '.join(args)}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "distilbert-agnews-smoke v1 is @champion: promoted by the smoke gate" in done.stdout + done.stderr
+    assert "not the production gate" in done.stdout
+    lines = done.stdout.splitlines()
+    answer = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{") :]))
+    assert answer["model_version"] == 1 and answer["predicted_class"] in {"World", "Sports", "Business", "Sci/Tech"}
+    assert (tmp_path / "store" / "models" / "distilbert-agnews-smoke" / "champion.json").is_file()
+    assert SEED_TEXT in done.stdout  # the seed's example is what the handler answered
