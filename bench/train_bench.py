@@ -32,7 +32,7 @@ from agnews.training import train
 RESULTS = PROJECT_ROOT / "bench" / "results"
 
 # The benchmark settings: the issues' protocols, written once here.
-THROUGHPUT = ["model=minilm", "data.sample_size=512", "train.epochs=1", "data.val_size=500", "data.test_size=1000"]
+THROUGHPUT = ["model=minilm", "data.sample_size=512", "train.epochs=1", "data.val_size=200", "data.test_size=500"]
 ACCURACY = ["model=minilm", "data.sample_size=5000", "train.epochs=3"]
 KEYS = (
     "test_accuracy",
