@@ -46,6 +46,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint Dockerfile lambda/Dockerfile
 
 # The Lambda zip: the handler's modules at its root (/var/task), the serving contract as the package bundle/, and
 # wheels for the python3.13 runtime (Amazon Linux 2023, glibc 2.34: manylinux tags up to 2_34; no torch), then its
@@ -103,3 +104,9 @@ gpu-check-rehearsal: $(STAMP)
 	PY=$(abspath $(PY)) WORK=$(abspath $(GPU_REHEARSAL))/work RESULT=$(abspath $(GPU_REHEARSAL))/gpu.json \
 		BUDGET=1200 SAMPLE=200 TEST_ROWS=100 DIMS=64,128,2,2 LR=1e-3 FULL_SAMPLE=300 EPOCHS=1 \
 		EXTRA="data.val_size=100" bash bench/gpu_check.sh
+
+# The browser suite: headless Chromium (Debian's chromium and chromium-driver) moves @champion in the MLflow UI, and
+# the Lambda follows through the webhook receiver. UPDATE_SCREENSHOT=1 also refreshes docs/promote-champion.png.
+.PHONY: test-ui
+test-ui: $(STAMP)
+	$(PY) -m pytest -m ui

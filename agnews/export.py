@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -19,7 +18,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from agnews.progress import phase
 from bundle.layout import CONFIG_FILE, INPUTS, ONNX_FILE, OUTPUT, TOKENIZER_FILE, BundleConfig
-from bundle.predictor import Predictor
 
 
 @contextlib.contextmanager
@@ -100,8 +98,3 @@ def export_bundle(
     config = BundleConfig(list(labels), max_length, batch_size, tokenizer.pad_token)
     (out_dir / CONFIG_FILE).write_bytes(config.to_bytes())
     return out_dir
-
-
-def onnx_logits(bundle: Path, texts: list[str]) -> np.ndarray:
-    """Logits of the bundle's int8 model for ``texts``, computed exactly as the Lambda computes them."""
-    return Predictor(bundle).logits(texts)

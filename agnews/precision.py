@@ -15,7 +15,7 @@ keywords, so every branch runs in a test on a CPU. ``detect`` reads the facts fr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,12 +36,8 @@ class Device:
     cuda: bool
     name: str
     bf16: bool = False  # the card computes in bf16 natively (not emulated)
+    tf32: bool = False  # the card has TF32 matmuls: CUDA compute capability 8.0 (Ampere) and newer
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability
-
-    @property
-    def tf32(self) -> bool:
-        """TF32 matmuls: CUDA compute capability 8.0 (Ampere) and newer."""
-        return self.cuda and self.capability >= (8, 0)
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class Resolved:
     precision: str
     device: Device
     pad_to_multiple_of: int | None
-    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: dict[str, Any]
 
     def tags(self) -> dict[str, str]:
         """What the train run records: the resolved precision and the device's name."""
@@ -63,11 +59,13 @@ def detect() -> Device:
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "on")
     if use_cpu or not torch.cuda.is_available():
         return Device(cuda=False, name="cpu")
+    capability = torch.cuda.get_device_capability(0)
     return Device(
         cuda=True,
         name=torch.cuda.get_device_name(0),
         bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-        capability=torch.cuda.get_device_capability(0),
+        tf32=torch.version.cuda is not None and capability >= (8, 0),  # not on ROCm, whose capability differs
+        capability=capability,
     )
 
 

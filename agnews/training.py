@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import resource
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,9 +31,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
-from agnews import behaviour, export, metrics, precision, pyfunc
+from agnews import behaviour, checkpoints, export, metrics, precision, pyfunc
 from agnews.data import read_info, read_split
 from agnews.errors import ConfigError, DataError
 from agnews.modeling import load_model, load_tokenizer
@@ -83,6 +81,7 @@ def validate(cfg: DictConfig) -> None:
     for key, ok in checks.items():
         if not ok:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range")
+    precision.for_config(t)  # a precision this device cannot run fails here, before any data or model is loaded
 
 
 def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -221,13 +220,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     model = load_model(cfg.model, labels, tokenizer)
 
     output_dir = Path(cfg.train.output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if cfg.train.resume and output_dir.is_dir() else None
-    if cfg.train.resume and checkpoint is None:
-        log.warning("train.resume=true but %s holds no checkpoint: starting from scratch", output_dir)
-    if checkpoint is None and is_main_process():
-        shutil.rmtree(output_dir, ignore_errors=True)
-    if checkpoint and mlflow.active_run():
-        mlflow.set_tag("resumed_from_checkpoint", checkpoint)
+    checkpoint = checkpoints.prepare(output_dir, cfg.train.resume, main_process=is_main_process())
 
     def compute_metrics(prediction) -> dict[str, float]:
         return metrics.classification_metrics(labels, prediction.label_ids, prediction.predictions.argmax(-1))

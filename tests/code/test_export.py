@@ -1,20 +1,27 @@
-"""The serving bundle's export does not depend on the precision, device or mode the model is in."""
+"""The serving bundle's export does not depend on the precision or mode the model is in, and leaves it untouched.
+
+The export runs on a float32 CPU copy of the model. A model on another device cannot be built here (no CUDA, and
+a model on `meta` has no weights to export): `bench/gpu_check.sh` exports a CUDA-trained one.
+"""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from agnews.config import compose
 from agnews.data import parse_csv
-from agnews.export import export_bundle, onnx_logits
+from agnews.export import export_bundle
 from agnews.modeling import load_model, load_tokenizer
+from bundle.predictor import Predictor
 
 # A short fit of the tiny model on AG News, enough that its predictions depend on the text and spread over the
 # classes (a freshly initialised model gives every text the same class, and agreement would then prove nothing).
@@ -22,22 +29,28 @@ STEPS, BATCH, TRAIN_LENGTH, LR = 150, 32, 32, 2e-3
 TEXTS = 300
 
 
+@dataclass
 class Tiny:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, labels: list[str], texts: list[str]):
-        self.model, self.tokenizer, self.labels, self.texts = model, tokenizer, labels, texts
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    labels: list[str]
+    texts: list[str]
+    train: DictConfig  # the train config group: max_length, serving_batch_size, onnx_opset
 
     def logits(self, model: PreTrainedModel) -> np.ndarray:
         """Float32 torch logits of ``model``'s weights for the texts, truncated as the bundle truncates them."""
         reference = copy.deepcopy(model).float().eval()
-        encoded = self.tokenizer(self.texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        encoded = self.tokenizer(
+            self.texts, padding=True, truncation=True, max_length=self.train.max_length, return_tensors="pt"
+        )
         with torch.no_grad():
             return reference(**encoded).logits.numpy()
 
     def export(self, model: PreTrainedModel, out: Path) -> np.ndarray:
         """Export ``model`` as the train step does; the int8 bundle's logits for the texts."""
-        cfg = compose(["model=tiny"]).train
-        export_bundle(model, self.tokenizer, self.labels, cfg.max_length, cfg.serving_batch_size, out, cfg.onnx_opset)
-        return onnx_logits(out, self.texts)
+        t = self.train
+        export_bundle(model, self.tokenizer, self.labels, t.max_length, t.serving_batch_size, out, t.onnx_opset)
+        return Predictor(out).logits(self.texts)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +69,13 @@ def tiny(agnews_dir: Path) -> Iterator[Tiny]:
         model.train()
         for start in range(0, len(train), BATCH):
             rows = train.iloc[start : start + BATCH]
-            batch = tokenizer(rows.text.tolist(), padding=True, truncation=True, max_length=TRAIN_LENGTH, return_tensors="pt")
+            batch = tokenizer(
+                rows.text.tolist(), padding=True, truncation=True, max_length=TRAIN_LENGTH, return_tensors="pt"
+            )
             model(**batch, labels=torch.tensor(rows.label.to_numpy())).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        yield Tiny(model, tokenizer, labels, test.text.tolist())
+        yield Tiny(model, tokenizer, labels, test.text.tolist(), cfg.train)
     finally:
         torch.set_num_threads(threads)
 
@@ -89,10 +104,10 @@ def test_half_precision_model_exports_a_bundle_that_agrees_with_float32(
 
     agreement = (int8.argmax(1) == predicted).mean()
     assert agreement >= 0.97, f"int8 bundle agrees with the float32 model on {agreement:.1%} of {TEXTS} texts"
-    # the bundle is the model's own weights, upcast: as close to them as int8 gets
+    # the bundle holds the model's own weights, upcast: its logits stay within int8's rounding of theirs
     upcast = tiny.logits(model)
     assert (int8.argmax(1) == upcast.argmax(1)).mean() >= 0.97
-    assert np.abs(int8 - upcast).max() < 0.25 * float32.std() * 4
+    assert np.abs(int8 - upcast).max() < 0.1 * float32.std()
 
     after = snapshot(model)
     assert after["dtypes"] == before["dtypes"] == {dtype}

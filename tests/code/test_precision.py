@@ -1,0 +1,182 @@
+"""train.precision and the device-dependent Trainer settings: the pure resolution for every kind of device, and on
+this CPU the Trainer, collator and tags that a real run gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback, TrainingArguments
+
+from agnews.config import compose
+from agnews.errors import ConfigError
+from agnews.ingest import upload
+from agnews.precision import CUDA_PAD_MULTIPLE, Device, detect, for_config, resolve
+from agnews.tracking import step_run
+from agnews.training import train, training_args
+
+CPU = Device(cuda=False, name="cpu")
+H100 = Device(cuda=True, name="NVIDIA H100 80GB HBM3", bf16=True, tf32=True, capability=(9, 0))
+A100 = Device(cuda=True, name="NVIDIA A100-SXM4-40GB", bf16=True, tf32=True, capability=(8, 0))
+T4 = Device(cuda=True, name="Tesla T4", capability=(7, 5))
+V100 = Device(cuda=True, name="Tesla V100-SXM2-16GB", capability=(7, 0))
+MI300 = Device(cuda=True, name="AMD Instinct MI300X", bf16=True, capability=(9, 4))  # ROCm: bf16, no TF32
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "precision", "tf32"),
+    [
+        ("auto", H100, "bf16", True),
+        ("auto", A100, "bf16", True),
+        ("auto", T4, "fp16", False),
+        ("auto", V100, "fp16", False),
+        ("auto", MI300, "bf16", False),
+        ("bf16", H100, "bf16", True),
+        ("fp16", H100, "fp16", True),
+        ("fp16", T4, "fp16", False),
+        ("fp32", H100, "fp32", True),
+        ("fp32", T4, "fp32", False),
+    ],
+)
+def test_cuda_resolution(requested: str, device: Device, precision: str, tf32: bool) -> None:
+    resolved = resolve(requested, device, workers=3)
+    assert resolved.precision == precision
+    assert resolved.trainer_kwargs == {
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",  # the Trainer's fp16 is mixed precision with a loss scaler
+        "tf32": tf32,
+        "dataloader_pin_memory": True,
+        "dataloader_num_workers": 3,
+        "dataloader_persistent_workers": True,
+    }
+    assert resolved.pad_to_multiple_of == CUDA_PAD_MULTIPLE
+    assert resolved.tags() == {"precision": precision, "device": device.name}
+
+
+def test_cpu_trains_in_fp32_without_pinning_workers_or_extra_padding() -> None:
+    for requested in ("auto", "fp32"):
+        resolved = resolve(requested, CPU, workers=4)
+        assert resolved.precision == "fp32"
+        assert resolved.trainer_kwargs == {"dataloader_pin_memory": False, "dataloader_num_workers": 0}
+        assert resolved.pad_to_multiple_of is None
+        assert resolved.tags() == {"precision": "fp32", "device": "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "message"),
+    [
+        ("bf16", CPU, "train.precision=bf16 needs a CUDA GPU"),
+        ("fp16", CPU, "train.precision=fp16 needs a CUDA GPU"),
+        ("bf16", T4, "Tesla T4 (compute capability 7.5) does not support bf16"),
+        ("bf16", V100, "use fp16 or auto"),
+        ("fp8", H100, "expected one of auto, bf16, fp16, fp32"),
+        ("BF16", CPU, "train.precision=BF16"),
+    ],
+)
+def test_a_precision_the_device_cannot_run_is_a_config_error(requested: str, device: Device, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(requested, device)
+
+
+def test_tf32_can_be_turned_off_and_workers_zero_keeps_none_alive() -> None:
+    kwargs = resolve("fp32", H100, tf32=False, workers=0).trainer_kwargs
+    assert kwargs["tf32"] is False
+    assert kwargs["dataloader_num_workers"] == 0 and kwargs["dataloader_persistent_workers"] is False
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "multiple"),
+    [("auto", H100, 8), ("auto", CPU, None), (64, CPU, 64), (64, H100, 64), (None, H100, None), (0, H100, None)],
+)
+def test_pad_to_multiple_of(setting: object, device: Device, multiple: int | None) -> None:
+    assert resolve("auto", device, pad_to_multiple_of=setting).pad_to_multiple_of == multiple
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pad_to_multiple_of": -8}, "train.pad_to_multiple_of=-8"),
+        ({"pad_to_multiple_of": "eight"}, "expected auto, null or a positive integer"),
+        ({"workers": -1}, "train.dataloader_workers=-1"),
+        ({"tf32": "yes"}, "train.tf32=yes"),
+    ],
+)
+def test_bad_settings_are_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve("auto", H100, **kwargs)
+
+
+def test_cuda_keywords_are_training_arguments() -> None:
+    """Every keyword that a CUDA run passes is a TrainingArguments field (a typo would fail only on a GPU)."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for device in (H100, T4):
+        assert set(resolve("auto", device).trainer_kwargs) <= fields
+
+
+def test_config_defaults_and_the_seed_recipe() -> None:
+    default = compose([]).train
+    assert (default.precision, default.tf32, default.dataloader_workers, default.pad_to_multiple_of) == (
+        "auto",
+        True,
+        4,
+        "auto",
+    )
+    assert for_config(default, H100).precision == "bf16"
+    # the seed's recipe trains as the seed did on any card: plain fp32, no TF32, no workers
+    seed = for_config(compose(["train=seed_recipe"]).train, H100)
+    assert seed.precision == "fp32"
+    assert seed.trainer_kwargs["tf32"] is False and seed.trainer_kwargs["dataloader_num_workers"] == 0
+
+
+def test_this_machine_is_detected_as_it_is() -> None:
+    import torch
+
+    device = detect()
+    assert device.cuda == torch.cuda.is_available()
+    if not device.cuda:
+        assert device == CPU
+
+
+def test_training_args_on_this_machine(tmp_path: Path) -> None:
+    """The real TrainingArguments that a run here gets (on a CPU: fp32, no pinning, no workers)."""
+    args = training_args(compose(["model=tiny"]), tmp_path)
+    resolved = for_config(compose(["model=tiny"]).train)
+    for key, value in resolved.trainer_kwargs.items():
+        assert getattr(args, key) == value, key
+    assert args.bf16 == (resolved.precision == "bf16") and args.fp16 == (resolved.precision == "fp16")
+
+
+class Batches(TrainerCallback):
+    """Keeps the sequence lengths of the training batches (drawn from the Trainer's own DataLoader) and the args."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.args = args
+        self.lengths = [batch["input_ids"].shape[1] for batch in train_dataloader]
+
+
+def test_a_run_records_its_precision_and_device_pads_as_asked_and_does_not_pin_on_a_cpu(
+    make_cfg, agnews_dir: Path
+) -> None:
+    cfg = make_cfg(
+        f"data.source={agnews_dir}",
+        "model=tiny",
+        "data.sample_size=200",
+        "data.test_size=100",
+        "train.epochs=1",
+        "train.pad_to_multiple_of=8",
+    )
+    upload(cfg)
+    batches = Batches()
+    with warnings.catch_warnings(record=True) as caught, step_run(cfg, "train") as run:
+        warnings.simplefilter("always")
+        train(cfg, callbacks=[batches])
+    resolved = for_config(cfg.train)
+    tags = MlflowClient(cfg.tracking.uri).get_run(run.info.run_id).data.tags
+    assert {key: tags[key] for key in ("precision", "device")} == resolved.tags()
+    assert len(batches.lengths) == 7 and all(length % 8 == 0 for length in batches.lengths), batches.lengths
+    assert batches.args.dataloader_pin_memory == resolved.trainer_kwargs["dataloader_pin_memory"]
+    if not resolved.device.cuda:
+        assert not [w for w in caught if "pin_memory" in str(w.message)]
