@@ -1,13 +1,16 @@
-"""The Lambda against the torch pyfunc, side by side in one run: cold start, warm latency, deployment size.
+"""The Lambda against the torch pyfunc, side by side in one run: cold start, warm latency, deployment size; the
+costliest request against a normal one; and all of it against the figures before (the last commit's).
 
     python bench/lambda_latency.py tracking.uri=sqlite:///mlflow/mlflow.db [more overrides...]
 
 It serves ``models:/<registry.model_name>@champion``, the model the pipeline promoted (for the issue's targets,
 train with ``model=minilm`` first). The mirror step copies that version's bundle into a moto S3 server on
-127.0.0.1, from which the handler loads it.
+127.0.0.1, from which the handler loads it. A tiny setup runs it in a few minutes: train ``model=tiny`` into a
+scratch tracking store, then ``--cold-runs 1 --warm-runs 5 --batch-runs 2 --cost-runs 1 --output /tmp/l.json``.
 
-The Lambda side runs the deployment zip (``make lambda-zip``) unpacked, with its own numpy and onnxruntime ahead of
-this environment's (boto3, which the runtime ships, comes from here).
+The Lambda side runs the deployment zip (``make lambda-zip``) unpacked, in processes of the runtime's Python
+(``make -s lambda-python``), with boto3, which the runtime ships, installed beside it for that Python (the version
+requirements.txt pins).
 
 - cold start: a fresh process that imports the handler and answers one text, with an empty model cache (so the
   model comes from S3), against a fresh process that loads the pyfunc (from a local copy) and predicts one text;
@@ -16,9 +19,18 @@ this environment's (boto3, which the runtime ships, comes from here).
 - warm: p50 and p95 over ``--warm-runs`` calls of one text, and of a batch of 32: the pyfunc in this process, the
   Lambda in one process of its own;
 - size: the unzipped Lambda zip (``make lambda-zip``) against the installed size of torch and transformers with
-  their dependencies, each with its model files.
+  their dependencies, each with its model files; and Powertools' share of the zip (with jmespath and
+  typing_extensions) and of the cold start (the time to import it), against the issue's 10%;
+- request cost: CPU seconds (median of ``--cost-runs``) and peak RSS of a process of its own that answers one kind
+  of request, over HTTP-API events with JSON bodies as a Function URL sends them: a normal request (one text), the
+  most the model reads (``MAX_BATCH`` texts of real news, each longer than the model reads), and requests built to
+  cost the most within the limits (``MAX_BATCH``, ``MAX_TEXT_CHARS`` and Lambda's 6 MiB payload): dense tokens,
+  space before dense tokens (the cut's worst case), words of more than 100 letters, CJK. The worst of them
+  against the normal one is the ratio kept;
+- before: the same figures from ``bench/results/lambda.json`` as the last commit has it (``--before`` names
+  another file), and the ratios of now to then.
 
-Figures go to bench/results/lambda.json.
+Figures go to bench/results/lambda.json (``--output`` elsewhere).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -57,19 +70,29 @@ LAMBDA_ZIP = PROJECT_ROOT / "build" / "lambda.zip"
 BUCKET = "bench-models"
 BATCH = 32
 TORCH_PACKAGE = ("torch", "transformers")  # what a torch-based Lambda would have to ship
-TARGETS = {"warm_p50_speedup": 3.0, "cold_start_speedup": 8.0, "size_ratio": 0.25}
+TARGETS = {"warm_p50_speedup": 3.0, "cold_start_speedup": 8.0, "size_ratio": 0.25, "powertools_share": 0.10}
 MB = 1e6
+POWERTOOLS = ("aws_lambda_powertools", "jmespath", "typing_extensions")  # top-level names in the zip
+PAYLOAD_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous request payload
+MAX_BATCH, MAX_TEXT_CHARS = 64, 200_000  # lambda/settings.py's defaults
 
 LAMBDA_COLD = """
 import json, sys, time
 start = time.perf_counter()
 sys.path[:0] = [sys.argv[1]]
+import aws_lambda_powertools
+powertools = time.perf_counter()
 import handler
 imported = time.perf_counter()
 response = handler.lambda_handler({"text": sys.argv[2]}, None)
 assert response["statusCode"] == 200, response
 answered = time.perf_counter()
-print(json.dumps({"answered_at": time.time(), "import_s": imported - start, "first_answer_s": answered - imported}))
+print(json.dumps({
+    "answered_at": time.time(),
+    "powertools_import_s": powertools - start,
+    "import_s": imported - start,
+    "first_answer_s": answered - imported,
+}))
 """
 
 LAMBDA_WARM = """
@@ -84,6 +107,32 @@ def call(batch):
     assert response["statusCode"] == 200, response
 
 print(json.dumps({name: timings(call, pool, size, runs) for name, (size, runs) in sizes.items()}))
+"""
+
+# One kind of request, in a process of its own: the warm-up loads the model, then CPU seconds per request and the
+# process's peak RSS while it answers (VmHWM, reset to the RSS of the warm process first; getrusage's ru_maxrss
+# would carry the peak of the benchmark process that spawned it).
+LAMBDA_COST = """
+import json, sys, time
+sys.path[:0] = [sys.argv[1]]
+import handler
+
+def status_kb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+warm_up, event, runs = json.load(sys.stdin)
+assert handler.lambda_handler(warm_up, None)["statusCode"] == 200
+rss_before = status_kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # the peak RSS starts again from the RSS now
+cpu = []
+for _ in range(runs):
+    began = time.process_time()
+    response = handler.lambda_handler(event, None)
+    cpu.append(time.process_time() - began)
+    assert response["statusCode"] == 200, response["body"][:300]
+print(json.dumps({"cpu_s": cpu, "peak_rss_kb": status_kb("VmHWM"), "rss_before_kb": rss_before}))
 """
 
 PYFUNC_COLD = """
@@ -136,18 +185,45 @@ def installed_size(roots: tuple[str, ...]) -> tuple[int, list[str]]:
     return sum(seen.values()), sorted(seen)
 
 
-def lambda_package(folder: Path) -> int:
+def lambda_package(folder: Path) -> tuple[int, int]:
     """Build (or find up to date) the deployment zip with ``make lambda-zip``, unpack it into ``folder``, and return
-    its unzipped bytes."""
+    its unzipped bytes, and those of Powertools and what it imports."""
     subprocess.run(
         ["make", "-o", ".venv/.installed", "lambda-zip", f"PY={sys.executable}"], cwd=PROJECT_ROOT, check=True
     )
     with zipfile.ZipFile(LAMBDA_ZIP) as archive:
         archive.extractall(folder)
-        return sum(info.file_size for info in archive.infolist())
+        infos = archive.infolist()
+    powertools = re.compile(rf"({'|'.join(POWERTOOLS)})([-./]|$)")
+    return sum(info.file_size for info in infos), sum(i.file_size for i in infos if powertools.match(i.filename))
 
 
-def cold_starts(code: str, args: list[str], env: dict[str, str], runs: int) -> dict:
+def lambda_python() -> str:
+    """The runtime's Python here (``make -s lambda-python``), which runs the unpacked zip."""
+    found = subprocess.run(["make", "-s", "lambda-python"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if not found.stdout.strip():
+        sys.exit("no interpreter of the Lambda runtime's Python here: set LAMBDA_PY, or install it with pyenv")
+    return found.stdout.strip()
+
+
+def runtime_packages(python: str, folder: Path) -> Path:
+    """What the Lambda runtime ships beside the zip, installed for its Python into ``folder``: boto3, at the version
+    that requirements.txt pins (pure Python, so any platform's wheels do)."""
+    requirements = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+    boto3_pin = next(line.strip() for line in requirements if line.startswith("boto3=="))
+    version = subprocess.run(
+        [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--implementation", "cp"]
+    target = ["--python-version", version, "--platform", "manylinux2014_x86_64", "--target", str(folder)]
+    subprocess.run([*pip, *target, boto3_pin], check=True)
+    return folder
+
+
+def cold_starts(python: str, code: str, args: list[str], env: dict[str, str], runs: int) -> dict:
     """Median seconds from spawning a fresh process to its first answer, over ``runs`` processes; with the time
     to the process's exit, and the phases the last one reported."""
     answers, exits, phases = [], [], {}
@@ -155,7 +231,7 @@ def cold_starts(code: str, args: list[str], env: dict[str, str], runs: int) -> d
         with tempfile.TemporaryDirectory() as cache:
             spawned, started = time.time(), time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-c", code, *args],
+                [python, "-c", code, *args],
                 env=env | {"MODEL_CACHE_DIR": cache},
                 capture_output=True,
                 text=True,
@@ -171,10 +247,12 @@ def summary(times: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "runs": len(times)}
 
 
-def lambda_warm(package: Path, env: dict[str, str], pool: list[str], sizes: dict[str, tuple[int, int]]) -> dict:
+def lambda_warm(
+    python: str, package: Path, env: dict[str, str], pool: list[str], sizes: dict[str, tuple[int, int]]
+) -> dict:
     """Warm latencies of the packaged handler, in a process of its own."""
     done = subprocess.run(
-        [sys.executable, "-c", LAMBDA_WARM, str(package), str(Path(__file__).parent)],
+        [python, "-c", LAMBDA_WARM, str(package), str(Path(__file__).parent)],
         input=json.dumps([pool, sizes]),
         env=env,
         capture_output=True,
@@ -184,13 +262,128 @@ def lambda_warm(package: Path, env: dict[str, str], pool: list[str], sizes: dict
     return {name: summary(times) for name, times in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
+def platform_version(python: str) -> str:
+    return subprocess.run([python, "-V"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def http_event(payload: dict) -> dict:
+    """An HTTP API (v2) POST, as a Function URL sends it, with ``payload`` as its JSON body."""
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {"http": {"method": "POST", "path": "/", "sourceIp": "127.0.0.1"}},
+        "body": json.dumps(payload, ensure_ascii=False),
+        "isBase64Encoded": False,
+    }
+
+
+def filled(text: str) -> dict:
+    """As many copies of ``text`` (cut to MAX_TEXT_CHARS) as MAX_BATCH and the payload limit allow, in one request."""
+    text = text[:MAX_TEXT_CHARS]
+    size = len(json.dumps(text, ensure_ascii=False).encode()) + 2
+    count = min(MAX_BATCH, (PAYLOAD_LIMIT - 100) // size)
+    return {"texts": [text] * count}
+
+
+def cost_requests(pool: list[str]) -> dict[str, dict]:
+    """The requests whose cost is measured: a normal one, the most the model reads, and ones built to cost most."""
+    article = " ".join(sorted(pool, key=len)[-40:])  # real news, far longer than the model reads
+    return {
+        "normal": {"text": pool[0]},
+        "most_read": {"texts": [article[i:] for i in range(MAX_BATCH)]},
+        "dense_tokens": filled("a!" * MAX_TEXT_CHARS),  # a token a character: the one the issue measured
+        "space_then_dense": filled(" " * (MAX_TEXT_CHARS // 2) + "a!" * MAX_TEXT_CHARS),
+        "long_words": filled(("b" * 101 + " ") * MAX_TEXT_CHARS),  # each a single [UNK], 102 characters apart
+        "cjk": filled("東京株式市場で日経平均株価が続伸した。" * 20_000),
+    }
+
+
+def request_costs(python: str, package: Path, env: dict[str, str], pool: list[str], runs: int) -> dict:
+    """CPU seconds and peak RSS of each request of ``cost_requests``, each in a fresh process of its own."""
+    costs = {}
+    for name, payload in cost_requests(pool).items():
+        event = http_event(payload)
+        done = subprocess.run(
+            [python, "-c", LAMBDA_COST, str(package)],
+            input=json.dumps([{"text": pool[1]}, event, runs]),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cost = json.loads(done.stdout.splitlines()[-1])
+        costs[name] = {
+            "texts": len(payload.get("texts", [0])),
+            "body_bytes": len(event["body"].encode()),
+            "cpu_s": statistics.median(cost["cpu_s"]),
+            "cpu_runs_s": cost["cpu_s"],
+            "peak_rss_mb": cost["peak_rss_kb"] * 1024 / MB,
+            "rss_growth_mb": (cost["peak_rss_kb"] - cost["rss_before_kb"]) * 1024 / MB,
+        }
+    normal = costs["normal"]
+
+    def worst_of(names: list[str]) -> dict:
+        worst = max(names, key=lambda name: costs[name]["cpu_s"])
+        return {
+            "request": worst,
+            "cpu_against_normal": costs[worst]["cpu_s"] / normal["cpu_s"],
+            "peak_rss_against_normal": costs[worst]["peak_rss_mb"] / normal["peak_rss_mb"],
+            "cpu_against_most_read": costs[worst]["cpu_s"] / costs["most_read"]["cpu_s"],
+        }
+
+    return {
+        "requests": costs,
+        "worst": worst_of([name for name in costs if name != "normal"]),
+        # of the requests built to cost more than what the model reads: none should cost more than most_read
+        "worst_built": worst_of([name for name in costs if name not in ("normal", "most_read")]),
+        "limits": {"max_batch": MAX_BATCH, "max_text_chars": MAX_TEXT_CHARS, "payload_bytes": PAYLOAD_LIMIT},
+    }
+
+
+def before_figures(path: Path | None) -> dict | None:
+    """The figures of an earlier run: ``path``, or bench/results/lambda.json as the last commit has it."""
+    if path is not None:
+        return {"source": str(path)} | json.loads(path.read_text())
+    relative = (RESULTS / "lambda.json").relative_to(PROJECT_ROOT).as_posix()
+    shown = subprocess.run(["git", "show", f"HEAD:{relative}"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        return None
+    return {"source": f"{relative} at commit {commit.stdout.strip()}"} | json.loads(shown.stdout)
+
+
+def against(before: dict | None, now: dict) -> dict | None:
+    """Now against before, for the figures both runs have: cold start, warm p50s and package size."""
+    if before is None:
+        return None
+    pick = {
+        "cold_start_s": lambda r: r["cold_start"]["lambda"]["median_s"],
+        "warm_p50_one_text_ms": lambda r: r["warm"]["lambda"]["one_text"]["p50_ms"],
+        f"warm_p50_batch_{BATCH}_ms": lambda r: r["warm"]["lambda"][f"batch_{BATCH}"]["p50_ms"],
+        "lambda_package_mb": lambda r: r["size"]["lambda_package_mb"],
+    }
+    figures = {name: {"before": get(before), "now": get(now)} for name, get in pick.items()}
+    return {
+        "source": before["source"],
+        "before_command": before.get("command"),
+        "figures": figures,
+        "ratios": {name: pair["now"] / pair["before"] for name, pair in figures.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: tracking.uri=..., registry.model_name=...")
     parser.add_argument("--cold-runs", type=int, default=5)
     parser.add_argument("--warm-runs", type=int, default=200)
     parser.add_argument("--batch-runs", type=int, default=40)
+    parser.add_argument("--cost-runs", type=int, default=3, help="runs of each request whose cost is measured")
+    parser.add_argument("--output", type=Path, default=RESULTS / "lambda.json")
+    parser.add_argument("--before", type=Path, help="an earlier run's JSON (default: the last commit's)")
     args = parser.parse_args()
+    before = before_figures(args.before)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -210,33 +403,38 @@ def main() -> None:
     connect(cfg)
     mirrored = mirror(cfg)
     model_root = f"s3://{BUCKET}/{cfg.storage.model_prefix}/{cfg.registry.model_name}"
-    lambda_env = os.environ | s3_env | {"MODEL_URI": model_root}
     pool = texts()
+    python = lambda_python()
 
     sizes = {"one_text": (1, args.warm_runs), f"batch_{BATCH}": (BATCH, args.batch_runs)}
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "package"
-        package_bytes = lambda_package(package)
+        package_bytes, powertools_bytes = lambda_package(package)
+        runtime = runtime_packages(python, Path(tmp) / "runtime")
+        lambda_env = os.environ | s3_env | {"MODEL_URI": model_root, "PYTHONPATH": str(runtime)}
         pyfunc_dir = mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.model_name}@{CHAMPION}", dst_path=tmp)
         cold = {
-            "lambda": cold_starts(LAMBDA_COLD, [str(package), pool[0]], lambda_env, args.cold_runs),
-            "pyfunc": cold_starts(PYFUNC_COLD, [pyfunc_dir, pool[0]], dict(os.environ), args.cold_runs),
+            "lambda": cold_starts(python, LAMBDA_COLD, [str(package), pool[0]], lambda_env, args.cold_runs),
+            "pyfunc": cold_starts(sys.executable, PYFUNC_COLD, [pyfunc_dir, pool[0]], dict(os.environ), args.cold_runs),
         }
         pyfunc = mlflow.pyfunc.load_model(pyfunc_dir)
 
         def pyfunc_call(batch: list[str]) -> object:
             return pyfunc.predict(pd.DataFrame({"text": batch}))
 
+        warm_env = lambda_env | {"MODEL_CACHE_DIR": str(Path(tmp) / "cache")}
         latency = {
-            "lambda": lambda_warm(package, lambda_env | {"MODEL_CACHE_DIR": str(Path(tmp) / "cache")}, pool, sizes),
+            "lambda": lambda_warm(python, package, warm_env, pool, sizes),
             "pyfunc": {name: summary(timings(pyfunc_call, pool, *size)) for name, size in sizes.items()},
         }
+        cost = request_costs(python, package, warm_env, pool, args.cost_runs)
         torch_model = folder_size(Path(pyfunc_dir) / "artifacts" / "model")
         bundle = folder_size(Path(pyfunc_dir) / BUNDLE_PATH)
 
     torch_package, torch_dists = installed_size(TORCH_PACKAGE)
     size = {
         "lambda_package_mb": package_bytes / MB,
+        "powertools_mb": powertools_bytes / MB,
         "lambda_model_mb": bundle / MB,
         "torch_package_mb": torch_package / MB,
         "torch_model_mb": torch_model / MB,
@@ -249,6 +447,10 @@ def main() -> None:
         "cold_start_speedup": cold["pyfunc"]["median_s"] / cold["lambda"]["median_s"],
         "size_ratio": (size["lambda_package_mb"] + size["lambda_model_mb"])
         / (size["torch_package_mb"] + size["torch_model_mb"]),
+        # Powertools against the zip and the cold start without it
+        "powertools_share_of_package": powertools_bytes / (package_bytes - powertools_bytes),
+        "powertools_share_of_cold_start": cold["lambda"]["phases_s"]["powertools_import_s"]
+        / (cold["lambda"]["median_s"] - cold["lambda"]["phases_s"]["powertools_import_s"]),
     }
     result = {
         "model": f"models:/{cfg.registry.model_name}/{mirrored.version}",
@@ -262,13 +464,18 @@ def main() -> None:
             >= TARGETS["warm_p50_speedup"],
             "cold_start": ratios["cold_start_speedup"] >= TARGETS["cold_start_speedup"],
             "size": ratios["size_ratio"] <= TARGETS["size_ratio"],
+            "powertools": max(ratios["powertools_share_of_package"], ratios["powertools_share_of_cold_start"])
+            <= TARGETS["powertools_share"],
         },
+        "request_cost": cost,
+        "runtime": {"python": python, "python_version": platform_version(python)},
         "command": " ".join(["python bench/lambda_latency.py", *sys.argv[1:]]),
         "machine": machine(),
     }
+    result["against_before"] = against(before, result)
     server.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lambda.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -6,7 +6,19 @@ Configuration: environment variables, see settings.py. Locally: ``python lambda/
 
 ``Service`` is the adapter: events in, responses out, over any ``Store``. ``lambda_handler`` is a ``Service`` over
 the container's ``ModelStore``, built from the environment on first use; until then this module imports the
-standard library and settings only (no onnxruntime, numpy or tokenizers).
+standard library, settings and Powertools only (no onnxruntime, numpy or tokenizers).
+
+Observability is Powertools for AWS Lambda's: one JSON log line per request (and per model load), with the request
+id and the model version, and CloudWatch metrics in the embedded metric format (EMF), printed to stdout, where
+Lambda sends them to CloudWatch Logs and CloudWatch extracts them: ``Latency``, ``Texts``, ``Predictions`` by
+``predicted_class``, ``4XXError``, ``5XXError`` and ``ModelSwaps``.
+
+The events are read with Powertools' event classes (``APIGatewayProxyEvent``, ``APIGatewayProxyEventV2``,
+``LambdaFunctionUrlEvent``), not with its resolvers (``APIGatewayRestResolver`` and the like), which don't fit the
+rules here: a resolver serves one event source, where this function takes all three and direct invokes; it answers a
+method it has no route for with 404, where this answers 405 with an Allow header; and its ``json_body`` decodes
+base64 leniently (``b64decode`` without validation) and lets a body that is not JSON or not UTF-8 escape as an
+exception (a failed invocation, a 502 at API Gateway), where this answers each with a 400 that says what was wrong.
 """
 
 from __future__ import annotations
@@ -20,8 +32,20 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.utilities.data_classes import (
+    APIGatewayProxyEvent,
+    APIGatewayProxyEventV2,
+    LambdaFunctionUrlEvent,
+)
+from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
 from settings import LOGGER, ConfigError, ModelError, Settings
 
 if TYPE_CHECKING:
@@ -30,9 +54,26 @@ if TYPE_CHECKING:
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
 JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+METRICS_NAMESPACE = "agnews"  # POWERTOOLS_METRICS_NAMESPACE overrides it
 
-log = logging.getLogger(LOGGER)
-log.setLevel(logging.INFO)
+
+class StdoutHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stdout`` as it is when it writes: the Lambda runtime's, or the command line's
+    stderr (``main`` sends logs and metrics there, to keep stdout for the answer)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+# model_store.py logs through the same logger (logging.getLogger(LOGGER)): its lines are JSON too, with the request's
+# keys (Service.handle).
+logger = Logger(service=LOGGER, logger_handler=StdoutHandler())
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or METRICS_NAMESPACE, service=LOGGER)
 
 
 class BadRequest(Exception):
@@ -65,12 +106,27 @@ class Store(Protocol):
     def get(self) -> Model: ...
 
 
+_store_lock = threading.Lock()
+
+
 @functools.cache
-def model_store() -> ModelStore:
-    """The container's one store, built on first use; a bad setting raises ConfigError, and is retried next call."""
+def _build_store() -> ModelStore:
     from model_store import ModelStore  # onnxruntime, numpy and tokenizers: only with the real store
 
     return ModelStore(Settings.from_env())
+
+
+def model_store() -> ModelStore:
+    """The container's one store, built on first use; a bad setting raises ConfigError, and is retried next call.
+    One store even when the first requests come at once (lambda/local.py's threads)."""
+    with _store_lock:
+        return _build_store()
+
+
+def forget_model_store() -> None:
+    """Drop the container's store: the next request builds one from the environment as it is then (the tests)."""
+    with _store_lock:
+        _build_store.cache_clear()
 
 
 class ContainerStore:
@@ -88,24 +144,35 @@ def _kind(value: object) -> str:
     return JSON_KINDS.get(type(value)) or ("an array" if isinstance(value, list) else "an object")
 
 
-def _http_method(event: object) -> str | None:
-    """The HTTP method of an API Gateway (v1), HTTP API or Function URL (v2) event; None for a direct invoke."""
+def http_event(event: object) -> BaseProxyEvent | None:
+    """An API Gateway REST (v1), HTTP API (v2) or Function URL event as its Powertools class; None for a direct
+    invoke."""
     if not isinstance(event, dict):
         return None
     if "httpMethod" in event:
-        return str(event["httpMethod"]).upper()
-    http = event.get("requestContext", {}).get("http") if isinstance(event.get("requestContext"), dict) else None
-    return str(http.get("method", "")).upper() if isinstance(http, dict) else None
+        return APIGatewayProxyEvent(event)
+    context = event.get("requestContext")
+    if not isinstance(context, dict) or not isinstance(context.get("http"), dict):
+        return None
+    function_url = ".lambda-url." in str(context.get("domainName", ""))
+    return LambdaFunctionUrlEvent(event) if function_url else APIGatewayProxyEventV2(event)
 
 
-def _json_body(event: dict[str, Any]) -> object:
+def _http_method(event: BaseProxyEvent) -> str:
+    try:
+        return str(event.http_method).upper()
+    except KeyError:  # a v2 event without requestContext.http.method
+        return ""
+
+
+def _json_body(event: BaseProxyEvent) -> object:
     """The decoded JSON body of an HTTP event."""
-    body = event.get("body")
+    body = event.body
     if body is None or body == "":
         raise BadRequest('the request body is empty; send a JSON object such as {"text": "..."}')
     if not isinstance(body, str):
         raise BadRequest(f"the event's body must be a string, not {_kind(body)}")
-    if event.get("isBase64Encoded"):
+    if event.is_base64_encoded:
         try:
             body = base64.b64decode(body, validate=True).decode("utf-8")
         except binascii.Error:
@@ -116,6 +183,8 @@ def _json_body(event: dict[str, Any]) -> object:
         return json.loads(body)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits(), 4,300)
+        raise BadRequest("the body's JSON has a number with too many digits") from None
     except RecursionError:
         raise BadRequest("the body's JSON is nested too deeply") from None
 
@@ -154,45 +223,108 @@ def _texts(payload: object, settings: Settings) -> tuple[list[str], bool]:
     return [_checked_text(text, f'"texts"[{i}]', settings) for i, text in enumerate(texts)], False
 
 
+@dataclass
+class Outcome:
+    """What the log and the metrics say of one request, beyond its status."""
+
+    version: int | None = None  # the model that answered
+    swapped: bool = False  # a different version from the one that answered the request before
+    texts: int = 0
+    predicted: Counter[str] = field(default_factory=Counter)
+    problem: str | None = None  # for the log: the 400's message, or the 503's details (never in its body)
+
+
 class Service:
-    """The handler over ``store``: answers every event with a response, and never raises."""
+    """The handler over ``store``: answers every event with a response, and never raises. Each answer is logged (one
+    JSON line) and measured (EMF metrics), see the module's docstring."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._served: int | None = None  # the version that answered last
+        self._metrics_lock = threading.Lock()  # Powertools' metric set is one per process; local.py uses threads
 
-    def _answer(self, event: object, method: str | None) -> tuple[int, Any]:
+    def _model(self, outcome: Outcome) -> Model:
+        model = self.store.get()
+        outcome.version = model.version
+        outcome.swapped = self._served not in (None, model.version)
+        self._served = model.version
+        logger.thread_safe_append_keys(model_version=model.version)
+        return model
+
+    def _answer(self, event: object, http: BaseProxyEvent | None, outcome: Outcome) -> tuple[int, Any]:
         """Status code and body for one event."""
         try:
             settings = self.store.settings  # a configuration error comes first, whatever the event
+            method = None if http is None else _http_method(http)
             if method == "GET":
-                model = self.store.get()
+                model = self._model(outcome)
                 return 200, {"model_version": model.version, "labels": model.predictor.labels}
             if method is not None and method not in ALLOWED_METHODS:
                 error = "method not allowed: POST a JSON object to classify, GET to see the model version"
                 return 405, {"error": error}
-            texts, single = _texts(event if method is None else _json_body(event), settings)
-            model = self.store.get()
-            results = [result | {"model_version": model.version} for result in model.predictor.predict(texts)]
+            texts, single = _texts(event if http is None else _json_body(http), settings)
+            model = self._model(outcome)
+            predictions = model.predictor.predict(texts)
+            outcome.texts = len(texts)
+            outcome.predicted.update(prediction["predicted_class"] for prediction in predictions)
+            results = [prediction | {"model_version": model.version} for prediction in predictions]
             return 200, results[0] if single else results
         except BadRequest as exc:
+            outcome.problem = str(exc)
             return 400, {"error": str(exc)}
         except ModelError as exc:
-            return 503, {"error": f"no model available: {exc}"}
+            outcome.problem = exc.detail
+            return 503, {"error": f"no model available: {exc.reason}"}
         except ConfigError as exc:
+            outcome.problem = str(exc)
             return 500, {"error": f"configuration error: {exc}"}
 
     def handle(self, event: Any, context: Any) -> dict[str, Any]:
         """The response to one Lambda event: a proxy response for an HTTP event, else statusCode and body."""
-        method = _http_method(event)
+        started = time.perf_counter()
+        # Keys of this thread only (thread_safe_*), not Logger.inject_lambda_context's process-wide ones: local.py
+        # answers on several threads at once.
+        logger.thread_safe_clear_keys()
+        request_id = getattr(context, "aws_request_id", None)
+        if request_id is not None:
+            logger.thread_safe_append_keys(function_request_id=request_id)
+        http = http_event(event)
+        outcome = Outcome()
         try:
-            status, body = self._answer(event, method)
+            status, body = self._answer(event, http, outcome)
         except Exception:  # the last guard: a bug must still give a response, not a crashed invocation
-            log.exception("unexpected error")
+            logger.exception("unexpected error")
             status, body = 500, {"error": "internal error"}
-        if method is None:
+        self._record(status, (time.perf_counter() - started) * 1000, outcome, request_id)
+        if http is None:
             return {"statusCode": status, "body": body}
         headers = JSON_HEADERS | ({"Allow": ", ".join(ALLOWED_METHODS)} if status == 405 else {})
         return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
+
+    def _record(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
+        """The request's log line, and its metrics."""
+        fields: dict[str, Any] = {"status": status, "texts": outcome.texts, "latency_ms": round(latency_ms, 3)}
+        if outcome.problem is not None:
+            fields["problem"] = outcome.problem
+        write = logger.error if status == 500 else logger.warning if status == 503 else logger.info
+        write("answered", extra=fields)
+        with self._metrics_lock:
+            metrics.add_metric(name="Latency", unit=MetricUnit.Milliseconds, value=latency_ms)
+            metrics.add_metric(name="Texts", unit=MetricUnit.Count, value=outcome.texts)
+            metrics.add_metric(name="4XXError", unit=MetricUnit.Count, value=int(400 <= status < 500))
+            metrics.add_metric(name="5XXError", unit=MetricUnit.Count, value=int(status >= 500))
+            if outcome.swapped:
+                metrics.add_metric(name="ModelSwaps", unit=MetricUnit.Count, value=1)
+            if request_id is not None:
+                metrics.add_metadata(key="function_request_id", value=request_id)
+            if outcome.version is not None:
+                metrics.add_metadata(key="model_version", value=outcome.version)
+            metrics.flush_metrics()
+            for label, count in sorted(outcome.predicted.items()):
+                with single_metric(
+                    name="Predictions", unit=MetricUnit.Count, value=count, namespace=metrics.namespace
+                ) as metric:
+                    metric.add_dimension(name="predicted_class", value=label)
 
 
 service = Service(ContainerStore())
@@ -208,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("texts", nargs="+", help="one text, or several for a batch")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(message)s")
     event = {"text": args.texts[0]} if len(args.texts) == 1 else {"texts": args.texts}
-    response = lambda_handler(event, None)
+    with contextlib.redirect_stdout(sys.stderr):  # the JSON logs and metrics; stdout gets the answer alone
+        response = lambda_handler(event, None)
     print(json.dumps(response["body"], indent=2, ensure_ascii=False))
     return 0 if response["statusCode"] == 200 else 1
 

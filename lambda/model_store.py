@@ -2,7 +2,10 @@
 
 Layout under the model's root (``bundle.layout`` owns it): ``champion.json`` names ``v<N>/manifest.json`` and its
 sha256; the manifest lists the sha256 of every bundle file beside it. Each version is downloaded to its own folder
-of the cache, and every file is checked against the manifest before it is loaded.
+of the store's cache (``Settings.cache_dir``), and every file is checked against the manifest before it is loaded.
+
+A failure is a ``ModelError`` with a short reason for callers (one of the constants below) and the details, which
+name buckets, keys, paths and digests, for the log only.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import posixpath
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +31,14 @@ from bundle.predictor import Predictor
 
 CHUNK = 1024 * 1024
 WARMUP_TEXT = "warm-up"
+# What a caller is told; the log says which file, where, and why.
+UNREADABLE = "the model store could not be read"
+UNVERIFIED = "the champion model failed verification"
+UNLOADABLE = "the champion model could not be loaded"
 
 log = logging.getLogger(LOGGER)
 Document = TypeVar("Document")
+Clock = Callable[[], float]
 
 
 class Source(Protocol):
@@ -39,7 +49,7 @@ class Source(Protocol):
 
 
 class LocalSource:
-    """The model's root as a local folder."""
+    """The model's root as a local folder. A key that resolves outside the folder (through a symlink) is refused."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -49,10 +59,13 @@ class LocalSource:
 
     @contextlib.contextmanager
     def open(self, key: str) -> Iterator[IO[bytes]]:
+        path = self.root / key
         try:
-            stream = (self.root / key).open("rb")
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                raise ModelError(UNVERIFIED, f"{self.url(key)} resolves to {path.resolve()}, outside {self.root}")
+            stream = path.open("rb")
         except OSError as exc:
-            raise ModelError(f"cannot read {self.url(key)}: {exc.strerror}") from None
+            raise ModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc.strerror}") from None
         with stream:
             yield stream
 
@@ -77,9 +90,10 @@ class S3Source:
             body = self.client.get_object(Bucket=self.bucket, Key=posixpath.join(self.prefix, key))["Body"]
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
-            raise ModelError(f"cannot read {self.url(key)}: {code} (missing, or not readable by this role)") from None
+            detail = f"cannot read {self.url(key)}: {code} (missing, or not readable by this role)"
+            raise ModelError(UNREADABLE, detail) from None
         except BotoCoreError as exc:
-            raise ModelError(f"cannot read {self.url(key)}: {exc}") from None
+            raise ModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc}") from None
         with contextlib.closing(body):
             yield body
 
@@ -100,14 +114,14 @@ def _read(source: Source, key: str) -> bytes:
 
 
 def _parse(source: Source, key: str, data: bytes, parse: Callable[[bytes, str], Document]) -> Document:
-    """``data``, read from ``key``, parsed by a ``bundle.layout`` reader; a broken contract is a ModelError that
-    names the document's URL."""
+    """``data``, read from ``key``, parsed by a ``bundle.layout`` reader; a broken contract is a ModelError whose
+    detail names the document's URL."""
     url = source.url(key)
     try:
         return parse(data, url)
     except ContractError as exc:
         message = str(exc)
-        raise ModelError(message if message.startswith(url) else f"{url}: {message}") from None
+        raise ModelError(UNVERIFIED, message if message.startswith(url) else f"{url}: {message}") from None
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -121,16 +135,21 @@ def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
     """Copy ``key`` to ``target`` unless a file with that sha256 is there; a mismatch raises ModelError."""
     if _file_sha256(target) == expected:
         return
-    partial = target.with_name(f".{target.name}.part")
     digest = hashlib.sha256()
-    with source.open(key) as stream, partial.open("wb") as out:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != expected:
-        partial.unlink()
-        raise ModelError(f"{source.url(key)}: sha256 {digest.hexdigest()} does not match the manifest's {expected}")
-    partial.replace(target)
+    # a partial file of its own, so that two processes that share the cache never write into one
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    partial = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out, source.open(key) as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != expected:
+            detail = f"{source.url(key)}: sha256 {digest.hexdigest()} does not match the manifest's {expected}"
+            raise ModelError(UNVERIFIED, detail)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -146,61 +165,75 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
     """Download (or keep) and verify the files of the version that ``pointer`` names, then load them."""
     data = _read(source, pointer.manifest)
     if sha256(data) != pointer.manifest_sha256:
-        raise ModelError(f"{source.url(pointer.manifest)}: sha256 {sha256(data)} does not match {POINTER}")
+        detail = f"{source.url(pointer.manifest)}: sha256 {sha256(data)} does not match {POINTER}"
+        raise ModelError(UNVERIFIED, detail)
     manifest = _parse(source, pointer.manifest, data, parse_manifest)
     if manifest.version != pointer.version:
-        raise ModelError(f"{source.url(pointer.manifest)} is for version {manifest.version}, not {pointer.version}")
+        detail = f"{source.url(pointer.manifest)} is for version {manifest.version}, not {pointer.version}"
+        raise ModelError(UNVERIFIED, detail)
     folder = cache_dir / str(pointer.version)  # a positive int, as parse_pointer checked
     folder.mkdir(parents=True, exist_ok=True)
     for name, expected in manifest.files.items():  # names checked by parse_manifest: none leaves the folder
         _fetch(source, posixpath.join(posixpath.dirname(pointer.manifest), name), folder / name, expected)
-    predictor = Predictor(folder)
-    predictor.predict([WARMUP_TEXT])
+    try:
+        predictor = Predictor(folder)
+        predictor.predict([WARMUP_TEXT])
+    except Exception as exc:  # verified files that onnxruntime or tokenizers still refuse
+        raise ModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
     return LoadedModel(pointer.version, predictor, folder)
 
 
 class ModelStore:
-    """Holds the model being served; re-reads ``champion.json`` at most every ``refresh_seconds``.
+    """Holds the model being served.
 
-    A refresh runs in the calling request, under a lock. Other requests meanwhile keep the model they hold,
-    and a version that fails to load leaves the current one in place.
+    With a model, it re-reads ``champion.json`` at most every ``refresh_seconds``; without one, it tries to load one
+    at most every ``retry_seconds``, and answers the requests in between from memory with the last failure. A load
+    runs in the calling request, under a lock. Other requests meanwhile keep the model they hold, and a version that
+    fails to load leaves the current one in place. ``source`` and ``clock`` default to the settings' source and
+    ``time.monotonic``.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, source: Source | None = None, clock: Clock = time.monotonic) -> None:
         self.settings = settings
-        self._source: Source | None = None
+        self._source = source
+        self._clock = clock
         self._current: LoadedModel | None = None
-        self._problem = "no model loaded yet"
+        self._problem = ModelError(UNLOADABLE, "no model loaded yet")
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
 
     def _due(self) -> bool:
-        return time.monotonic() - self._checked_at >= self.settings.refresh_seconds
+        interval = self.settings.refresh_seconds if self._current is not None else self.settings.retry_seconds
+        return self._clock() - self._checked_at >= interval
 
     def get(self) -> LoadedModel:
-        """The model to answer with, refreshed when due; ModelError with the reason when there is none."""
+        """The model to answer with, refreshed when due; ModelError with the reason when there is none. Without a
+        model, a request waits for a load under way, and answers with its outcome."""
         if self._current is None or self._due():
             self.refresh()
         current = self._current
         if current is None:
-            raise ModelError(self._problem)
+            problem = self._problem
+            raise ModelError(problem.reason, problem.detail)  # a new one: a re-raised one would grow its traceback
         return current
 
     def refresh(self) -> None:
-        """Load the champion if it changed. With a model in place, a refresh under way elsewhere is not waited for."""
+        """Load the champion if it changed. With a model in place, a refresh under way elsewhere is not waited for;
+        without one, a request waits for it, then answers with its outcome."""
         if not self._lock.acquire(blocking=self._current is None):
             return
         try:
-            if self._current is not None and not self._due():
+            if not self._due():  # another request has just tried
                 return
-            self._checked_at = time.monotonic()
+            self._checked_at = self._clock()
             self._swap_to_champion()
         except Exception as exc:  # the handler must keep answering, whatever went wrong
-            self._problem = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+            problem = exc if isinstance(exc, ModelError) else ModelError(UNLOADABLE, f"{type(exc).__name__}: {exc}")
+            self._problem = problem
             if self._current is None:
-                log.error("no model to serve: %s", self._problem)
+                log.error("no model to serve: %s", problem.detail)
             else:
-                log.error("keeping version %s: %s", self._current.version, self._problem)
+                log.error("keeping version %s: %s", self._current.version, problem.detail)
         finally:
             self._lock.release()
 
@@ -208,10 +241,13 @@ class ModelStore:
         source = self._source = self._source or open_source(self.settings)
         pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
         old = self._current
-        if old is not None and old.version == pointer.version:
+        # The manifest's digest, not only the version: the same version number mirrored again with other bytes (a
+        # second registry's v1 in a shared bucket) is another model. _served is the pointer of the model served.
+        served = getattr(self, "_served", None)
+        if old is not None and served is not None and served.manifest_sha256 == pointer.manifest_sha256:
             return
         new = load_version(source, pointer, self.settings.cache_dir)
-        self._current = new
+        self._current, self._served = new, pointer
         log.info("serving version %s from %s", new.version, source.url(POINTER))
         if old is not None and old.folder != new.folder:
             shutil.rmtree(old.folder, ignore_errors=True)

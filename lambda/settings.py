@@ -8,16 +8,27 @@ It has no Hydra: environment variables are its config, with every default here.
   no default: it is ``<storage.model_prefix>/<registry.model_name>`` of the pipeline's conf/, whose one home is
   there (``models/distilbert-agnews`` as conf/ ships).
 - ``AWS_REGION`` (set by the Lambda runtime) and ``S3_ENDPOINT_URL`` (MinIO, moto; unset: AWS).
-- ``MODEL_REFRESH_SECONDS`` (60): re-read ``champion.json`` at most this often; 0 re-reads it on every call.
+- ``MODEL_REFRESH_SECONDS`` (60): with a model loaded, re-read ``champion.json`` at most this often; 0 re-reads it on
+  every call.
+- ``MODEL_RETRY_SECONDS`` (10): with no model loaded, try to load one at most this often; the requests in between
+  get a 503 from memory, so that a broken or unreachable store costs one download per interval, not one per
+  request. 0 tries on every call.
 - ``MAX_TEXT_CHARS`` (200000): the longest text accepted, in characters.
 - ``MAX_BATCH`` (64): the most texts in one ``{"texts": [...]}`` request.
-- ``MODEL_CACHE_DIR`` (``/tmp/models``): downloaded versions, one folder each.
+- ``MODEL_CACHE_DIR`` (``/tmp/models``): the root of the download cache. Each store (each ``MODEL_URI``, local paths
+  made absolute) has its own folder below it, named by the first 12 hex digits of the URI's sha256, with one folder
+  per version in it: ``/tmp/models/<key>/<version>/``. Two checkouts or two functions on one machine never share
+  one.
+
+Logs and metrics (handler.py) take Powertools' own variables: ``POWERTOOLS_LOG_LEVEL`` (INFO),
+``POWERTOOLS_METRICS_NAMESPACE`` (agnews), ``POWERTOOLS_METRICS_DISABLED``.
 
 Standard library only, so that the handler's event parsing runs without the model's dependencies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +36,7 @@ from pathlib import Path
 
 DEFAULTS = {
     "MODEL_REFRESH_SECONDS": "60",
+    "MODEL_RETRY_SECONDS": "10",
     "MAX_TEXT_CHARS": "200000",
     "MAX_BATCH": "64",
     "MODEL_CACHE_DIR": "/tmp/models",
@@ -34,6 +46,7 @@ NO_MODEL = (
     "(<storage.model_prefix>/<registry.model_name>, e.g. models/distilbert-agnews)"
 )
 LOGGER = "agnews"
+CACHE_KEY_DIGITS = 12
 
 
 class ConfigError(ValueError):
@@ -41,7 +54,16 @@ class ConfigError(ValueError):
 
 
 class ModelError(Exception):
-    """No servable model (a 503); the message says why."""
+    """No servable model (a 503).
+
+    ``reason`` is what callers get: short, and never a bucket, key, path or digest. ``detail`` is what the log gets:
+    exactly what failed, and where.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail or reason
 
 
 def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float], minimum: float) -> int | float:
@@ -55,6 +77,19 @@ def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float], mi
     return value
 
 
+def canonical_uri(model_uri: str) -> str:
+    """The store that ``model_uri`` names, one spelling per store: ``s3://bucket/prefix`` without a trailing slash,
+    or an absolute, resolved local path."""
+    if model_uri.startswith("s3://"):
+        return model_uri.rstrip("/")
+    return str(Path(model_uri.removeprefix("file://")).expanduser().resolve())
+
+
+def cache_key(model_uri: str) -> str:
+    """The name of the store's folder in the download cache."""
+    return hashlib.sha256(canonical_uri(model_uri).encode()).hexdigest()[:CACHE_KEY_DIGITS]
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the handler needs to know, read once per container."""
@@ -63,9 +98,15 @@ class Settings:
     region: str | None
     endpoint_url: str | None
     refresh_seconds: float
+    retry_seconds: float
     max_text_chars: int
     max_batch: int
-    cache_dir: Path
+    cache_root: Path
+
+    @property
+    def cache_dir(self) -> Path:
+        """This store's folder of the download cache: one folder per version in it."""
+        return self.cache_root / cache_key(self.model_uri) if self.model_uri else self.cache_root
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -77,7 +118,8 @@ class Settings:
             region=env.get("AWS_REGION") or None,
             endpoint_url=env.get("S3_ENDPOINT_URL") or None,
             refresh_seconds=_number(env, "MODEL_REFRESH_SECONDS", float, 0),
+            retry_seconds=_number(env, "MODEL_RETRY_SECONDS", float, 0),
             max_text_chars=_number(env, "MAX_TEXT_CHARS", int, 1),
             max_batch=_number(env, "MAX_BATCH", int, 1),
-            cache_dir=Path(env.get("MODEL_CACHE_DIR") or DEFAULTS["MODEL_CACHE_DIR"]),
+            cache_root=Path(env.get("MODEL_CACHE_DIR") or DEFAULTS["MODEL_CACHE_DIR"]),
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -74,11 +75,25 @@ LAMBDA_ENV = (
     "S3_BUCKET",
     "MODEL_PREFIX",
     "MODEL_REFRESH_SECONDS",
+    "MODEL_RETRY_SECONDS",
     "MAX_TEXT_CHARS",
     "MAX_BATCH",
     "MODEL_CACHE_DIR",
     "AWS_LAMBDA_FUNCTION_NAME",
+    "POWERTOOLS_LOG_LEVEL",
+    "POWERTOOLS_METRICS_NAMESPACE",
+    "POWERTOOLS_METRICS_DISABLED",
+    "POWERTOOLS_DEV",
 )
+
+
+def cache_folder(cache_root: Path, model_uri: str | Path, version: int) -> Path:
+    """Where the Lambda caches ``version`` of the store at ``model_uri``, as lambda/settings.py documents it:
+    ``<MODEL_CACHE_DIR>/<first 12 hex digits of the sha256 of the store's URI>/<version>``, a local path made
+    absolute."""
+    uri = str(model_uri)
+    canonical = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
+    return cache_root / hashlib.sha256(canonical.encode()).hexdigest()[:12] / str(version)
 
 
 class LambdaPackage(NamedTuple):
@@ -92,15 +107,30 @@ def lambda_python() -> str:
     return re.search(r"^LAMBDA_PYTHON \?= (\S+)$", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
 
 
+@functools.cache
+def lambda_interpreter() -> str:
+    """An interpreter of the runtime's Python, which runs the unpacked zip (``make -s lambda-python``: one on PATH,
+    or pyenv's); skipped where there is none, but a failure under CI."""
+    found = subprocess.run(["make", "-s", "lambda-python"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    python = found.stdout.strip()
+    if not python:
+        message = f"no Python {lambda_python()} here to run the Lambda zip (set LAMBDA_PY, or install it with pyenv)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
 def invoke_packaged(package: Path, model_root: Path, cache: Path, events: list[object]) -> list[dict]:
-    """The packaged handler's answers to ``events``, in a process that sees only ``package``: no site-packages (-S),
-    no project, no torch."""
+    """The packaged handler's answers to ``events``, run by the runtime's Python in a process that sees only
+    ``package``: no site-packages (-S), no project, no torch. Its logs and metrics go to stdout before the answers."""
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1]]; import handler; "
-        "print(json.dumps([handler.lambda_handler(event, None) for event in json.load(sys.stdin)]))"
+        "answers = [handler.lambda_handler(event, None) for event in json.load(sys.stdin)]; "
+        "print(json.dumps(answers))"
     )
     done = subprocess.run(
-        [sys.executable, "-S", "-c", code, str(package)],
+        [lambda_interpreter(), "-S", "-c", code, str(package)],
         input=json.dumps(events),
         env={"MODEL_URI": str(model_root), "MODEL_CACHE_DIR": str(cache)},
         cwd=cache.parent,

@@ -16,15 +16,14 @@ from types import ModuleType
 import pytest
 
 from agnews.config import PROJECT_ROOT, compose
-from tests.helpers import LAMBDA_DIR, LAMBDA_ENV, MODEL_NAME, LambdaPackage, lambda_python, mirror_version
+from tests.helpers import LAMBDA_DIR, LAMBDA_ENV, MODEL_NAME, LambdaPackage, lambda_interpreter, mirror_version
 
 
 @pytest.fixture(scope="session")
 def lambda_package(tmp_path_factory: pytest.TempPathFactory) -> LambdaPackage:
-    """``make lambda-zip`` into a temporary folder, and the zip unpacked; it runs on the runtime's Python only."""
-    python = lambda_python()
-    if f"{sys.version_info.major}.{sys.version_info.minor}" != python:
-        pytest.skip(f"the Lambda zip holds wheels for Python {python}, and this is Python {sys.version.split()[0]}")
+    """``make lambda-zip`` into a temporary folder, and the zip unpacked; it runs on the runtime's Python only
+    (``lambda_interpreter``), which also compiles its bytecode."""
+    python = lambda_interpreter()
     tmp = tmp_path_factory.mktemp("lambda-zip")
     out = tmp / "lambda.zip"
     done = subprocess.run(
@@ -34,6 +33,7 @@ def lambda_package(tmp_path_factory: pytest.TempPathFactory) -> LambdaPackage:
             ".venv/.installed",
             "lambda-zip",
             f"PY={sys.executable}",
+            f"LAMBDA_PY={python}",
             f"LAMBDA_BUILD={tmp / 'build'}",
             f"LAMBDA_ZIP={out}",
         ],
@@ -80,9 +80,9 @@ def lambda_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     monkeypatch.syspath_prepend(str(LAMBDA_DIR))
     import handler
 
-    handler.model_store.cache_clear()
+    handler.forget_model_store()
     yield handler
-    handler.model_store.cache_clear()
+    handler.forget_model_store()
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def serve(
         settings = {"MODEL_URI": str(model_uri), "MODEL_CACHE_DIR": str(tmp_path / "cache")} | env
         for name, value in settings.items():
             monkeypatch.setenv(name, value)
-        lambda_module.model_store.cache_clear()
+        lambda_module.forget_model_store()
         return lambda event: lambda_module.lambda_handler(event, None)
 
     return configure

@@ -1,5 +1,6 @@
 """The Lambda handler: event shapes and malformed input against a fake store (the adapter alone, no model), then
-the real tiny bundle: hostile text, missing models, settings, the command line and the local server."""
+the real tiny bundle: hostile text, what the model reads of a long text, missing models, settings, logs and
+metrics, the command line and the local server."""
 
 from __future__ import annotations
 
@@ -7,17 +8,24 @@ import base64
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from agnews.config import PROJECT_ROOT
-from tests.helpers import LABELS, LAMBDA_DIR, SEED_TEXT
+from bundle.layout import INPUTS, OUTPUT
+from bundle.predictor import Predictor
+from tests.helpers import LABELS, LAMBDA_DIR, LAMBDA_ENV, SEED_TEXT, cache_folder, mirror_version
 
 PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "model_version"}
 
@@ -247,6 +255,9 @@ MALFORMED = [
     (v2_event(base64.b64encode(b'{"text": "\xff\xfe"}').decode()) | {"isBase64Encoded": True}, "not valid UTF-8"),
     (v2_event('{"text": "x"}') | {"body": {"text": "x"}}, "body must be a string, not an object"),
     (v1_event('{"text": "\\ud800"}'), "unpaired surrogate"),
+    # more digits than Python turns into an int (4,300): json.loads raises a ValueError that is no JSONDecodeError
+    (v2_event('{"text": ' + "9" * 4301 + "}"), "a number with too many digits"),
+    (v1_event('{"texts": ["a", -' + "1" * 100_000 + "]}"), "a number with too many digits"),
 ]
 
 
@@ -312,7 +323,7 @@ def test_an_unexpected_error_gives_500_and_is_logged(lambda_module, caplog: pyte
     assert direct == {"statusCode": 500, "body": {"error": "internal error"}}
     assert http["statusCode"] == 500
     assert json.loads(http["body"]) == {"error": "internal error"}
-    assert [r.exc_info[1] for r in caplog.records] == [store.problem, store.problem]
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [store.problem, store.problem]
 
 
 def test_limits_come_from_the_settings(lambda_module) -> None:
@@ -325,6 +336,159 @@ def test_limits_come_from_the_settings(lambda_module) -> None:
     )
     assert handle({"texts": ["a", "b", "c"]}, None)["body"]["error"] == '"texts" has 3 items; the most is 2 (MAX_BATCH)'
     assert store.predictor.asked == [["x" * 10], ["a", "b"]]
+
+
+# What the model reads of a long text: a cut of it, tokenized, gives the tokens that the whole text gives.
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle: Path) -> Predictor:
+    return Predictor(tiny_bundle)
+
+
+def uncut_logits(predictor: Predictor, text: str) -> np.ndarray:
+    """The logits of ``text`` as the model read it before texts were cut: all of it tokenized, then truncated."""
+    encoding = predictor.tokenizer.encode(text)
+    ids, mask = (np.array([values], dtype=np.int64) for values in (encoding.ids, encoding.attention_mask))
+    return predictor.session.run([OUTPUT], dict(zip(INPUTS, (ids, mask), strict=True)))[0]
+
+
+ARTICLE = " ".join(
+    [
+        "Ministers from both countries met in Geneva on Monday to discuss a ceasefire along the disputed border.",
+        "Shares of the bank fell 4% after it cut its forecast, citing weaker lending and higher provisions.",
+        "Researchers unveiled a chip that trains neural networks with a fraction of the power, the journal said.",
+        "The Lakers beat the Celtics 112-108 in overtime, with 41 points from their captain.",
+    ]
+    * 300
+)
+LONG_TEXTS = {
+    "article": ARTICLE,
+    "100kB": HOSTILE["100kB"],
+    "cjk": "東京株式市場で日経平均株価が続伸した。" * 500,
+    "combining": ("Zo\u0301e\u0300 markets\u0301\u0301 " * 3000),
+    "emoji": "Stocks 🚀📈 soar as 🍎 beats estimates 👏🏽 " * 2000,
+    "a!": "a!" * 100_000,
+    "words-of-14": "international " * 2000,  # 14 characters a token: the first cut is too short, its double is not
+}
+
+
+@pytest.mark.parametrize("text", LONG_TEXTS.values(), ids=LONG_TEXTS.keys())
+def test_a_long_text_is_read_as_its_cut_which_is_short(predictor: Predictor, text: str) -> None:
+    cut = predictor.cut(text)
+    assert len(cut) <= predictor.most_chars < len(text)
+    assert predictor.tokenizer.encode(cut).ids == predictor.tokenizer.encode(text).ids
+    np.testing.assert_array_equal(predictor.logits([text]), uncut_logits(predictor, text))
+    np.testing.assert_array_equal(predictor.logits([text]), predictor.logits([cut]))
+
+
+def test_a_text_is_cut_to_the_first_prefix_read_the_same(predictor: Predictor) -> None:
+    assert predictor.cut(LONG_TEXTS["a!"]) == LONG_TEXTS["a!"][: predictor.first_cut]
+    assert predictor.cut(LONG_TEXTS["words-of-14"]) == LONG_TEXTS["words-of-14"][: 2 * predictor.first_cut]
+
+
+FITTING = {
+    "seed": SEED_TEXT,
+    "spaced": "Oil " + " " * 3000 + "prices rose",
+    "lines": "Markets " + "\n" * 2000 + "closed higher " + "\t" * 1500 + "on Friday",
+    "tail-of-spaces": "word " * 100 + " " * 3500,
+    "long-words": ("supercalifragilistic" * 6 + " ") * 25,  # of 120 letters: one [UNK] each
+}
+
+
+@pytest.mark.parametrize("text", FITTING.values(), ids=FITTING.keys())
+def test_cutting_never_changes_a_text_that_the_model_reads_whole(predictor: Predictor, text: str) -> None:
+    assert not predictor.tokenizer.encode(text).overflowing  # the model reads all of it
+    assert len(text) <= predictor.most_chars
+    assert predictor.cut(text) == text
+
+
+BUILT_TO_COST = {
+    "spaces-then-dense": " " * 100_000 + "a!" * 50_000,
+    "unknown-words": ("b" * 101 + " ") * 1900,  # a word of more than 100 characters is one [UNK]
+    "only-spaces-then-a-word": " " * 199_990 + "earnings",
+}
+
+
+@pytest.mark.parametrize("text", BUILT_TO_COST.values(), ids=BUILT_TO_COST.keys())
+def test_the_work_on_any_text_is_bounded_by_what_the_model_reads(predictor: Predictor, text: str) -> None:
+    """Texts built so that no short prefix is read as the whole text is: the cut stops at ``most_chars`` anyway (and
+    what the model reads of them may differ from what it would read of all of them: they are not text)."""
+    assert len(predictor.cut(text)) == predictor.most_chars
+    assert predictor.most_chars == 32 * 128  # MOST_CHARS_PER_TOKEN times the tiny bundle's max_length
+
+
+# Logs and metrics: JSON lines and EMF, on stdout, where Lambda sends them to CloudWatch.
+def printed(out: str) -> tuple[list[dict], list[dict]]:
+    """The JSON log lines and the EMF blobs among the lines the handler printed."""
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [line for line in lines if "_aws" not in line], [line for line in lines if "_aws" in line]
+
+
+def metrics_of(blobs: list[dict]) -> dict[str, float]:
+    """Each metric's total over ``blobs``, by name (``Predictions`` by predicted class)."""
+    totals: dict[str, float] = {}
+    for blob in blobs:
+        (directive,) = blob["_aws"]["CloudWatchMetrics"]
+        assert directive["Namespace"] == "agnews"
+        for metric in directive["Metrics"]:
+            name = metric["Name"]
+            key = f"{name}:{blob['predicted_class']}" if name == "Predictions" else name
+            values = blob[name] if isinstance(blob[name], list) else [blob[name]]
+            totals[key] = totals.get(key, 0) + sum(values)
+    return totals
+
+
+def test_each_request_logs_json_with_its_request_id_and_model_version_and_prints_emf_metrics(
+    serve, lambda_module, mirror_root: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serve(mirror_root, MODEL_REFRESH_SECONDS="0")
+
+    def handle(event: object, request_id: str) -> tuple[dict, list[dict], dict[str, float]]:
+        capsys.readouterr()
+        response = lambda_module.lambda_handler(event, SimpleNamespace(aws_request_id=request_id))
+        logs, blobs = printed(capsys.readouterr().out)
+        assert all(log["function_request_id"] == request_id for log in logs)
+        for blob in blobs[:1]:  # the request's blob; the predictions' follow it
+            assert blob["function_request_id"] == request_id
+        (answered,) = [log for log in logs if log["message"] == "answered"]
+        return response, [answered, *logs], metrics_of(blobs)
+
+    texts = [SEED_TEXT, "The Lakers beat the Celtics in overtime", "Oil prices rose"]
+    response, (answered, *logs), metrics = handle(v2_event(json.dumps({"texts": texts})), "req-1")
+    assert response["statusCode"] == 200
+    assert (answered["status"], answered["texts"], answered["model_version"]) == (200, 3, 1)
+    assert answered["service"] == "agnews"
+    assert any(log["message"].startswith("serving version 1") for log in logs)  # the load, in this request
+    predicted = [body["predicted_class"] for body in json.loads(response["body"])]
+    assert metrics == {
+        "Latency": pytest.approx(answered["latency_ms"], abs=0.01),
+        "Texts": 3,
+        "4XXError": 0,
+        "5XXError": 0,
+        **{f"Predictions:{label}": predicted.count(label) for label in set(predicted)},
+    }
+
+    response, (answered, *_), metrics = handle({"text": ""}, "req-2")
+    assert response["statusCode"] == 400
+    assert (answered["status"], answered["problem"]) == (400, '"text" is empty')
+    assert "model_version" not in answered  # no model answered, and req-1's keys are gone
+    assert (metrics["4XXError"], metrics["5XXError"], metrics["Texts"]) == (1, 0, 0)
+
+    mirror_version(tiny_bundle, mirror_root, 2)  # a promotion: the next request swaps
+    response, (answered, *_), metrics = handle({"text": SEED_TEXT}, "req-3")
+    assert (response["body"]["model_version"], answered["model_version"]) == (2, 2)
+    assert metrics["ModelSwaps"] == 1
+    response, _, metrics = handle({"text": SEED_TEXT}, "req-4")
+    assert "ModelSwaps" not in metrics
+
+
+def test_a_503_counts_as_a_5xx_error(lambda_module, capsys: pytest.CaptureFixture[str]) -> None:
+    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.ModelError("gone", "s3://secret/champion"))
+    capsys.readouterr()
+    response = lambda_module.Service(store).handle({"text": SEED_TEXT}, SimpleNamespace(aws_request_id="r"))
+    assert response == {"statusCode": 503, "body": {"error": "no model available: gone"}}
+    logs, blobs = printed(capsys.readouterr().out)
+    assert [(log["level"], log["problem"]) for log in logs] == [("WARNING", "s3://secret/champion")]
+    assert metrics_of(blobs) | {"Latency": 0} == {"Latency": 0, "Texts": 0, "4XXError": 0, "5XXError": 1}
 
 
 # A process that has only the standard library, lambda/ and the project root: a Service over a fake needs no more.
@@ -353,34 +517,43 @@ service = handler.Service(Store())
 events = [{"text": "x"}, {"texts": ["x", "y"]}, {"text": ""}, {"httpMethod": "GET"}, {"httpMethod": "PUT"}]
 answers = [service.handle(event, None) for event in events]
 heavy = {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "bundle", "model_store", "boto3"}
-print(json.dumps({"answers": answers, "loaded": sorted({m.split(".")[0] for m in sys.modules} & heavy)}))
+loaded = {m.split(".")[0] for m in sys.modules}
+powertools = "aws_lambda_powertools" in loaded
+print(json.dumps({"answers": answers, "loaded": sorted(loaded & heavy), "powertools": powertools}))
 """
 
 
-def test_event_handling_needs_only_the_standard_library() -> None:
+def test_event_handling_needs_no_model_dependencies() -> None:
+    """The standard library and Powertools only: no torch, and not even onnxruntime, numpy or tokenizers."""
     env = {name: value for name, value in os.environ.items() if name != "AWS_LAMBDA_FUNCTION_NAME"}
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", TORCH_FREE_PROBE, str(LAMBDA_DIR), str(PROJECT_ROOT)],
+        [sys.executable, "-I", "-c", TORCH_FREE_PROBE, str(LAMBDA_DIR), str(PROJECT_ROOT)],
         env=env,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    probe = json.loads(done.stdout)
+    probe = json.loads(done.stdout.splitlines()[-1])  # after the logs and metrics
     assert [answer["statusCode"] for answer in probe["answers"]] == [200, 200, 400, 200, 405]
     assert probe["answers"][0]["body"]["model_version"] == 3
     assert probe["loaded"] == []
+    assert probe["powertools"]
 
 
-def test_no_model_gives_503_with_the_reason(serve, tmp_path: Path) -> None:
+def test_no_model_gives_503_with_a_short_reason_and_logs_the_details(
+    serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     invoke = serve(tmp_path / "nothing-here")
-    response = invoke(v2_event(json.dumps({"text": SEED_TEXT})))
+    with caplog.at_level(logging.INFO, logger="agnews"):
+        response = invoke(v2_event(json.dumps({"text": SEED_TEXT})))
     assert response["statusCode"] == 503
-    error = json.loads(response["body"])["error"]
-    assert (
-        error
-        == f"no model available: cannot read {tmp_path / 'nothing-here' / 'champion.json'}: No such file or directory"
-    )
+    # the caller learns that there is no model, not where the store is
+    assert json.loads(response["body"]) == {"error": "no model available: the model store could not be read"}
+    assert str(tmp_path) not in response["body"]
+    details = f"cannot read {tmp_path / 'nothing-here' / 'champion.json'}: No such file or directory"
+    assert f"no model to serve: {details}" in caplog.messages  # the store's attempt
+    (answered,) = [record for record in caplog.records if record.getMessage() == "answered"]
+    assert (answered.levelname, answered.status, answered.problem) == ("WARNING", 503, details)
     assert invoke({"text": ""})["statusCode"] == 400  # input is still checked first
 
 
@@ -420,23 +593,28 @@ def test_bad_settings_give_500_naming_the_variable(serve, tmp_path: Path, name: 
 
 def lambda_process(mirror_root: Path, tmp_path: Path) -> dict[str, str]:
     """Environment for a separate handler process."""
-    return os.environ | {"MODEL_URI": str(mirror_root), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    env = {name: value for name, value in os.environ.items() if name not in LAMBDA_ENV}
+    return env | {"MODEL_URI": str(mirror_root), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def last_line(stdout: str) -> object:
+    """What a probe printed last, after the handler's JSON logs and metrics."""
+    return json.loads(stdout.splitlines()[-1])
 
 
 def test_in_lambda_the_model_loads_while_the_handler_is_imported(mirror_root: Path, tmp_path: Path) -> None:
     env = lambda_process(mirror_root, tmp_path) | {"AWS_LAMBDA_FUNCTION_NAME": "agnews", "PYTHONPATH": str(LAMBDA_DIR)}
     probe = "import json, os, sys, handler; print(json.dumps(sorted(os.listdir(sys.argv[1]))))"
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path / "cache" / "1")], env=env, capture_output=True, text=True
-    )
+    cached = cache_folder(tmp_path / "cache", mirror_root, 1)
+    done = subprocess.run([sys.executable, "-c", probe, str(cached)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == ["config.json", "model.int8.onnx", "tokenizer.json"]
+    assert last_line(done.stdout) == ["config.json", "model.int8.onnx", "tokenizer.json"]
     # a bad setting does not fail the init phase: each request answers 500 with the reason
     probe = "import json, handler; print(json.dumps(handler.lambda_handler({'text': 'x'}, None)))"
     done = subprocess.run([sys.executable, "-c", probe], env=env | {"MAX_BATCH": "0"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     error = "configuration error: MAX_BATCH='0' must be at least 1"
-    assert json.loads(done.stdout) == {"statusCode": 500, "body": {"error": error}}
+    assert last_line(done.stdout) == {"statusCode": 500, "body": {"error": error}}
 
 
 def test_command_line_prints_the_prediction_without_torch(mirror_root: Path, tmp_path: Path) -> None:
@@ -455,38 +633,102 @@ def test_command_line_prints_the_prediction_without_torch(mirror_root: Path, tmp
         [sys.executable, "-c", probe], env=env | {"PYTHONPATH": str(LAMBDA_DIR)}, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == []
+    assert last_line(done.stdout) == []
 
 
 def test_command_line_without_a_model_exits_1(tmp_path: Path) -> None:
-    env = os.environ | {"MODEL_URI": str(tmp_path / "none"), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    env = lambda_process(tmp_path / "none", tmp_path)
     done = subprocess.run([sys.executable, str(LAMBDA_DIR / "handler.py"), "text"], env=env, capture_output=True)
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"].startswith("no model available")
+    # the JSON logs and metrics go to stderr, which says what went wrong
+    assert f"cannot read {tmp_path / 'none' / 'champion.json'}" in done.stderr.decode()
 
 
-def test_local_server_answers_real_http(mirror_root: Path, tmp_path: Path) -> None:
-    server = subprocess.Popen(
-        [sys.executable, str(LAMBDA_DIR / "local.py"), "--port", "0"],
-        env=lambda_process(mirror_root, tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        url = json.loads(server.stdout.readline())["listening"]
-        request = urllib.request.Request(url, data=json.dumps({"text": SEED_TEXT}).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            assert answer.status == 200
-            assert answer.headers["Content-Type"] == "application/json"
-            check_prediction(json.load(answer))
-        for method, data, status in (("POST", b"{oops", 400), ("DELETE", None, 405), ("GET", None, 200)):
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=30) as ok:
-                    assert ok.status == status
-            except urllib.error.HTTPError as exc:
-                assert exc.code == status
-                assert "error" in json.load(exc)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+class LocalServer:
+    """lambda/local.py in a process of its own, on a free port; its stdout (logs and metrics) is read as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(LAMBDA_DIR / "local.py"), "--port", "0", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.url = json.loads(self.process.stdout.readline())["listening"]
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def request(self, method: str = "POST", data: bytes | None = None) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url, data=data, method=method), timeout=60) as ok:
+                assert ok.headers["Content-Type"] == "application/json"
+                return ok.status, json.load(ok)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc) if exc.headers["Content-Type"] == "application/json" else {}
+
+    def stop(self) -> list[str]:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.reader.join(timeout=10)
+        return self.lines
+
+
+@pytest.fixture
+def local_server(mirror_root: Path, tmp_path: Path):
+    server = LocalServer(lambda_process(mirror_root, tmp_path))
+    yield server
+    server.stop()
+
+
+def test_local_server_answers_real_http(local_server: LocalServer) -> None:
+    status, body = local_server.request(data=json.dumps({"text": SEED_TEXT}).encode())
+    assert status == 200
+    check_prediction(body)
+    for method, data, expected in (("POST", b"{oops", 400), ("DELETE", None, 405), ("GET", None, 200)):
+        status, body = local_server.request(method, data)
+        assert status == expected
+        assert "error" in body if expected != 200 else body["model_version"] == 1
+    # each request is logged with a request id of its own, as in Lambda
+    logs = [json.loads(line) for line in local_server.stop() if '"message":"answered"' in line]
+    assert [log["status"] for log in logs] == [200, 400, 405, 200]
+    assert len({log["function_request_id"] for log in logs}) == 4
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on ``port``, as ``ss`` reports it (Send-Q of a listening socket)."""
+    done = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    (line,) = done.stdout.splitlines()
+    return int(line.split()[2])
+
+
+def test_local_server_answers_16_concurrent_requests(local_server: LocalServer) -> None:
+    texts = [f"{SEED_TEXT} ({i})" for i in range(16)]
+    start = threading.Barrier(16)
+
+    def ask(text: str) -> tuple[int, dict]:
+        start.wait()  # all 16 connect at once
+        return local_server.request(data=json.dumps({"text": text}).encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, texts))
+    assert [status for status, _ in answers] == [200] * 16, (answers, local_server.stop())
+    for _, body in answers:
+        check_prediction(body)
+    # the kernel queues as many connections as a load test opens, where http.server's backlog of 5 made the rest
+    # retry their SYN after a second or more
+    if shutil.which("ss"):
+        assert listen_backlog(int(local_server.url.rsplit(":", 1)[1])) >= 1024
+
+
+def test_local_server_refuses_a_body_over_its_limit_with_413_before_reading_it(local_server: LocalServer) -> None:
+    port = int(local_server.url.rsplit(":", 1)[1])
+    for length in (6 * 1024 * 1024 + 1, 10**12):  # Lambda's 6 MiB, and a length no body will ever reach
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = f"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n"
+            sock.sendall(head.encode() + b'{"text": "')  # the start of a body; the rest never comes
+            status_line = sock.makefile("rb").readline()
+        assert status_line.split()[1] == b"413", status_line
+    assert local_server.request(data=json.dumps({"text": SEED_TEXT}).encode())[0] == 200  # and it still serves

@@ -17,7 +17,7 @@ from agnews.config import PROJECT_ROOT
 from tests.helpers import LAMBDA_DIR, SEED_TEXT, LambdaPackage, invoke_packaged, lambda_python
 
 ZIP_LIMIT = 250 * 1024 * 1024  # AWS: 262,144,000 bytes unzipped for a zip package
-RUNTIME_GLIBC = (2, 26)  # Amazon Linux 2, under the python3.11 runtime
+RUNTIME_GLIBC = (2, 34)  # Amazon Linux 2023, under the python3.12 and python3.13 runtimes
 # The project's files in the package (zip and image), by their path in the project: the handler's modules at the
 # root (/var/task), the serving contract as the package bundle/.
 CODE = {
@@ -38,9 +38,18 @@ def pins(path: Path) -> dict[str, str]:
 
 def test_requirements_pin_the_runtime_wheels_and_the_project_tokenizer() -> None:
     lambda_pins = pins(LAMBDA_DIR / "requirements.txt")
-    assert set(lambda_pins) == {"numpy", "onnxruntime", "tokenizers"}
-    # tokenizer.json is written by the project's tokenizers; the Lambda reads it with the same release
-    assert lambda_pins["tokenizers"] == pins(PROJECT_ROOT / "requirements.txt")["tokenizers"] == version("tokenizers")
+    powertools = {"aws-lambda-powertools", "jmespath", "typing_extensions"}  # Powertools and what it imports
+    assert set(lambda_pins) == {"numpy", "onnxruntime", "tokenizers"} | powertools
+    # tokenizer.json is written by the project's tokenizers, and the bundle by its onnxruntime: the Lambda reads
+    # them with the same releases
+    project = pins(PROJECT_ROOT / "requirements.txt")
+    for name in ("tokenizers", "onnxruntime"):
+        assert lambda_pins[name] == project[name] == version(name)
+    # the handler runs here (tests, lambda/local.py) with the Powertools it ships
+    dev = pins(PROJECT_ROOT / "requirements-dev.txt")
+    assert lambda_pins["aws-lambda-powertools"] == dev["aws-lambda-powertools"] == version("aws-lambda-powertools")
+    for name in powertools:
+        assert lambda_pins[name] == version(name)
 
 
 def test_sam_template_passes_cfn_lint_and_grants_only_reading_the_model() -> None:
@@ -58,6 +67,20 @@ def test_sam_template_passes_cfn_lint_and_grants_only_reading_the_model() -> Non
     assert statement["Effect"] == "Allow"
     assert statement["Action"] == "s3:GetObject"
     assert statement["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:s3:::${ModelBucket}/${ModelPrefix}/*"}
+    # signed requests unless asked otherwise, and what a public URL exposes said where `sam deploy --guided` shows it
+    auth = template["Parameters"]["UrlAuthType"]
+    assert auth["Default"] == "AWS_IAM"
+    assert "NONE makes the Function URL public" in auth["Description"]
+    assert "With NONE the URL is public" in template["Description"]
+    # reserved concurrency, a parameter: -1 leaves it out of the function
+    reserved = template["Parameters"]["ReservedConcurrency"]
+    assert (reserved["Type"], reserved["Default"], reserved["MinValue"]) == ("Number", 10, -1)
+    assert function["ReservedConcurrentExecutions"] == {
+        "Fn::If": ["ReservesConcurrency", {"Ref": "ReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    }
+    assert template["Conditions"]["ReservesConcurrency"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, -1]}]
+    }
 
 
 def copied(dockerfile: str) -> dict[str, str]:
@@ -78,6 +101,14 @@ def test_container_file_copies_the_zips_code_from_the_project_root() -> None:
     assert copied(dockerfile) == {"lambda/requirements.txt": "requirements.txt"} | CODE
     assert all((PROJECT_ROOT / source).is_file() for source in copied(dockerfile))
     assert 'CMD ["handler.lambda_handler"]' in dockerfile
+    # it runs as a user that is not root, and the example publishes the emulator on the loopback address only
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    lines = dockerfile.splitlines()
+    assert max(i for i, line in enumerate(lines) if line.startswith("USER ")) > max(
+        i for i, line in enumerate(lines) if line.startswith(("COPY ", "RUN "))
+    )
+    assert "#   docker run -p 127.0.0.1:9000:8080 " in dockerfile
 
 
 def test_container_context_holds_only_what_the_image_copies() -> None:
@@ -94,7 +125,9 @@ def test_container_context_holds_only_what_the_image_copies() -> None:
 
 
 def glibc_needed(platform: str) -> tuple[int, int]:
-    """The glibc version that a manylinux x86_64 platform tag requires."""
+    """The glibc version that a manylinux x86_64 platform tag requires (none for a pure-Python wheel)."""
+    if platform == "any":
+        return (0, 0)
     if platform == "manylinux2014_x86_64":
         return (2, 17)
     major, minor = re.fullmatch(r"manylinux_(\d+)_(\d+)_x86_64", platform).groups()
@@ -118,7 +151,8 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     assert unzipped <= ZIP_LIMIT
     assert f"{unzipped / 2**20:.1f} MiB unzipped (AWS limit 250 MiB)" in lambda_package.make_output
     assert shipped == {source: (PROJECT_ROOT / source).read_bytes() for source in CODE}
-    assert not {name for name in names if name.endswith(".py") and "/" not in name} - set(CODE.values())
+    top_level = {name for name in names if name.endswith(".py") and "/" not in name}
+    assert top_level - set(CODE.values()) == {"typing_extensions.py"}  # a wheel's one module
     # bytecode for the runtime's Python, valid whatever mtimes the unzip gives (PEP 552 flags: hash-based, unchecked)
     tag = f"cpython-{target.replace('.', '')}"
     pycs = {name for name in names if name.endswith(".pyc")}
@@ -131,14 +165,14 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     assert len(tags) >= len(pins(LAMBDA_DIR / "requirements.txt"))
     for tag in tags:
         python, abi, platform = tag.split("-")
-        assert python == "cp" + target.replace(".", "") or abi == "abi3", tag
+        assert python == "cp" + target.replace(".", "") or abi == "abi3" or (python, abi) == ("py3", "none"), tag
         assert glibc_needed(platform) <= RUNTIME_GLIBC, tag
 
 
 def test_unpacked_zip_alone_answers_as_the_handler_does(
     lambda_package: LambdaPackage, mirror_root: Path, serve, tmp_path: Path
 ) -> None:
-    """The shipped wheels (onnxruntime 1.16.3) run the bundle that the project's onnxruntime wrote, and agree."""
+    """The shipped wheels, on the runtime's Python, run the bundle that the project wrote, and agree."""
     (packaged,) = invoke_packaged(lambda_package.folder, mirror_root, tmp_path / "cache", [{"text": SEED_TEXT}])
     assert packaged["statusCode"] == 200
     assert packaged["body"]["model_version"] == 1
