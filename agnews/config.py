@@ -78,8 +78,29 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         return hydra.compose(config_name="config", overrides=split_overrides(overrides or []))
 
 
+# The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user info of every URI in it replaced by ``***``: ``http://***@host:5000``.
+
+    What the steps log or record (parameters, ``config.yaml``, log lines) goes through this, so that credentials
+    written into a URI (``MLFLOW_TRACKING_URI=http://user:password@host``) never reach a run or a log.
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _redacted(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _redacted(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_redacted(value) for value in node]
+    return redact(node) if isinstance(node, str) else node
+
+
 def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """Flatten the resolved config into dotted keys, as MLflow params."""
+    """Flatten the resolved config into dotted keys, as MLflow params (URI credentials redacted)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -89,12 +110,13 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix.rstrip(".")] = json.dumps(node) if isinstance(node, list) else node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(_redacted(OmegaConf.to_container(cfg, resolve=True)), "")
     return out
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML (URI credentials redacted), as each step logs it."""
+    return OmegaConf.to_yaml(OmegaConf.create(_redacted(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def code_version() -> str:

@@ -203,15 +203,26 @@ def read_info(storage: Storage, prefix: str) -> dict:
 
 
 def is_current(storage: Storage, prefix: str, files: dict[str, bytes]) -> bool:
-    """True when storage already holds exactly these files, committed by info.json."""
+    """True when storage already holds exactly these files, committed by info.json.
+
+    Each stored file is read back and its sha256 compared: a file of the right size can still be corrupt (one
+    changed letter), and only its content says so. The size is checked first, which spares the read when it differs.
+    """
     try:
         stored = read_info(storage, prefix)["files"]
     except DataError:
         return False
-    in_place = stored.keys() == files.keys() and all(
-        stored[name]["sha256"] == sha256(data) and storage.size(f"{prefix}/{name}") == len(data)
-        for name, data in files.items()
-    )
+
+    def holds(name: str, data: bytes) -> bool:
+        key = f"{prefix}/{name}"
+        if stored[name]["sha256"] != sha256(data) or storage.size(key) != len(data):
+            return False
+        try:
+            return sha256(storage.read_bytes(key)) == stored[name]["sha256"]
+        except NotFoundError:
+            return False
+
+    in_place = stored.keys() == files.keys() and all(holds(name, data) for name, data in files.items())
     return in_place and not storage.list(f"{prefix}/{STAGING}")
 
 

@@ -5,19 +5,47 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import mlflow
+import psutil
 import requests
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from agnews.config import code_version, flatten, to_yaml
+from agnews.config import code_version, flatten, redact, to_yaml
 from agnews.errors import TrackingError
 
 log = logging.getLogger(__name__)
+
+# MLflow's own variables for a tracking server's basic auth (the supported way to pass credentials).
+USERNAME_VARIABLE, PASSWORD_VARIABLE = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+# Tags that name the process a run's step ran in, so that `python -m steps.cleanup` can tell a run whose process
+# is gone (kill -9, out of memory) from one still running: the host, the pid and the process's start time (a pid
+# that the system has given to a new process has another start time).
+HOST_TAG, PID_TAG, STARTED_TAG = "process.host", "process.pid", "process.started"
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that identify this process: host name, pid and start time (seconds since the epoch)."""
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: f"{psutil.Process().create_time():.2f}",
+    }
+
+
+def without_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """An HTTP(S) URI without its user info, and the (username, password) that it carried, if any."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(username), unquote(password))
 
 
 def connect(cfg: DictConfig) -> None:
@@ -25,16 +53,29 @@ def connect(cfg: DictConfig) -> None:
 
     Under ``mlflow run``, which has started the run already, the run's own experiment stays.
     """
-    uri = str(cfg.tracking.uri)
+    # Credentials in an http(s) URI move to MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and MLflow gets the URI
+    # without them: MLflow prints its tracking URI ("View run ... at http://...") and passes it on to subprocesses.
+    uri, credentials = without_credentials(str(cfg.tracking.uri))
+    shown = redact(str(cfg.tracking.uri))
+    if credentials:
+        os.environ[USERNAME_VARIABLE], os.environ[PASSWORD_VARIABLE] = credentials
     scheme = urlparse(uri).scheme
     artifact_location = None
     if scheme in ("http", "https"):
+        auth = (
+            (os.environ[USERNAME_VARIABLE], os.environ.get(PASSWORD_VARIABLE, ""))
+            if os.environ.get(USERNAME_VARIABLE)
+            else None
+        )
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=cfg.tracking.connect_timeout_s).raise_for_status()
+            requests.get(
+                f"{uri.rstrip('/')}/health", timeout=cfg.tracking.connect_timeout_s, auth=auth
+            ).raise_for_status()
         except requests.RequestException as exc:
             raise TrackingError(
-                f"no MLflow tracking server at {uri} ({type(exc).__name__}): start one (`docker compose up mlflow -d` "
-                "or `mlflow server`), or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+                f"no MLflow tracking server at {shown} ({type(exc).__name__}): start one "
+                "(`docker compose up mlflow -d` or `mlflow server`), or unset MLFLOW_TRACKING_URI to use the local "
+                "SQLite store"
             ) from None
     elif scheme == "sqlite":
         # sqlite:///relative/path is relative to the current folder and sqlite:////abs/path absolute, as in MLflow
@@ -54,7 +95,7 @@ def connect(cfg: DictConfig) -> None:
             mlflow.create_experiment(name, artifact_location=artifact_location)
         mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(f"MLflow at {uri} refused experiment '{name}': {exc.message}") from None
+        raise TrackingError(f"MLflow at {shown} refused experiment '{name}': {redact(exc.message)}") from None
 
 
 @contextlib.contextmanager
@@ -62,7 +103,7 @@ def step_run(cfg: DictConfig, step: str, nested: bool = False) -> Iterator[Run]:
     """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
     connect(cfg)
     with mlflow.start_run(run_name=step, nested=nested) as run:
-        mlflow.set_tags({"step": step, "git_commit": code_version()})
+        mlflow.set_tags({"step": step, "git_commit": code_version(), **process_tags()})
         mlflow.log_params(flatten(cfg))
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         log.info(
@@ -70,6 +111,6 @@ def step_run(cfg: DictConfig, step: str, nested: bool = False) -> Iterator[Run]:
             step,
             run.info.run_id,
             mlflow.get_experiment(run.info.experiment_id).name,
-            cfg.tracking.uri,
+            redact(str(cfg.tracking.uri)),
         )
         yield run

@@ -64,6 +64,10 @@ def is_main_process() -> bool:
 def validate(cfg: DictConfig) -> None:
     """Reject override values that would fail late or silently (epochs=0, a negative lr, ...)."""
     t = cfg.train
+    for key in ("data.sample_size", "data.val_size", "data.test_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{key}={value!r} is not a whole number")
     checks = {
         "train.epochs": t.epochs > 0,
         "train.learning_rate": t.learning_rate > 0,

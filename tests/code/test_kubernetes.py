@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import yaml
 from mlflow.projects import _parse_kubernetes_config
 from mlflow.projects._project_spec import load_project
 from mlflow.projects.kubernetes import _get_kubernetes_job_definition, _get_run_command
 
-from agnews.config import PROJECT_ROOT
+from agnews.config import PROJECT_ROOT, compose
 
 BACKEND_CONFIG = PROJECT_ROOT / "kubernetes" / "backend-config.json"
 RUN_ENV = {"MLFLOW_RUN_ID": "0123abcd", "MLFLOW_EXPERIMENT_ID": "1", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
@@ -64,3 +66,34 @@ def test_rendered_job_is_a_valid_kubernetes_job(kube_config: dict) -> None:
     """Strict schema check (unknown or misspelt fields fail) against the newest Kubernetes API known."""
     job = render_job(kube_config)
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_rendered_job_runs_locked_down_in_its_own_namespace(kube_config: dict) -> None:
+    """Non-root, no privilege escalation, no capabilities, a read-only root filesystem with scratch volumes for the
+    paths the steps write, and a namespace of its own."""
+    job = render_job(kube_config)
+    assert job["metadata"]["namespace"] not in ("", "default")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    scratch = {v["name"] for v in pod["volumes"] if v.get("emptyDir") == {}}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    code = "/mlflow/projects/code"  # where --build-image puts the project, the steps' working folder
+    for path in ("/tmp", f"{code}/.checkpoints", f"{code}/.store", "/home/app"):
+        assert mounts.get(path) in scratch, path
+
+
+def test_writable_paths_match_the_config_and_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scratch volumes are where the config's defaults write when the project sits at /mlflow/projects/code."""
+    template = yaml.safe_load((PROJECT_ROOT / "kubernetes" / "job-template.yaml").read_text())
+    mounts = {m["mountPath"] for m in template["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    monkeypatch.delenv("S3_BUCKET", raising=False)
+    cfg = compose()
+    root = str(PROJECT_ROOT)
+    for written in (cfg.storage.uri, str(Path(cfg.train.output_dir).parent)):
+        assert written.startswith(root)
+        assert written.replace(root, "/mlflow/projects/code", 1) in mounts, written

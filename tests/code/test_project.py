@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
-ENTRY_POINTS = ["upload", "train", "register", "mirror", "main"]
+ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup"]
+HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup"]  # `webhook` has a subcommand first
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
@@ -35,7 +36,7 @@ def test_entry_points_are_python_modules() -> None:
         assert entry_point.parameters["overrides"].default == ""
 
 
-@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize("entry_point", HYDRA_ENTRY_POINTS)
 def test_overrides_parameter_applies_every_override(entry_point: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow quotes `overrides` as one word; the step splits it, and drops named parameters left empty."""
     monkeypatch.delenv("S3_BUCKET", raising=False)
@@ -46,6 +47,17 @@ def test_overrides_parameter_applies_every_override(entry_point: str, monkeypatc
     assert (cfg.data.sample_size, cfg.train.epochs) == (1000, 1)
     for key in ("data.source", "model.name", "registry.run_id", "registry.version"):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(default, key), key
+
+
+def test_webhook_entry_point_registers_the_receiver_with_every_override() -> None:
+    from steps.webhook import parse
+
+    argv = shlex.split(command("webhook", url="http://receiver:8088/", overrides=f"{OVERRIDES} registry.model_name=m"))
+    assert argv[:3] == ["python", "-m", "steps.webhook"]
+    args = parse(argv[3:])
+    assert (args.command, args.url) == ("register", "http://receiver:8088/")
+    assert args.overrides == [*OVERRIDES.split(), "registry.model_name=m"]
+    assert parse(shlex.split(command("webhook"))[3:]).url == "", "no URL: the step says it needs one"
 
 
 def test_named_parameters() -> None:

@@ -1,13 +1,29 @@
-"""The tracking connection: relative SQLite URIs resolve as MLflow resolves them."""
+"""The tracking connection: relative SQLite URIs resolve as MLflow resolves them; credentials in the URI stay out
+of runs and logs, against a real `mlflow server --app-name basic-auth`."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
-from agnews.tracking import step_run
+from agnews.config import PROJECT_ROOT, redact
+from agnews.errors import TrackingError
+from agnews.tracking import connect, step_run
+from tests.helpers import answers, free_port
 
 
 def test_relative_sqlite_uri_resolves_against_the_current_folder(
@@ -22,3 +38,140 @@ def test_relative_sqlite_uri_resolves_against_the_current_folder(
     assert experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").as_uri()
     # the same store, opened as `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db` opens it from this folder
     assert mlflow.MlflowClient("sqlite:///mlflow/mlflow.db").get_run(run.info.run_id).data.tags["step"] == "upload"
+
+
+# --- credentials in MLFLOW_TRACKING_URI, against a real `mlflow server --app-name basic-auth` ---
+
+# Seconds that `mlflow server` may take to start (as for the conftest's server).
+SERVER_START_S = 120
+ADMIN, PASSWORD = "admin", "agnews-Secret:pass@1"  # the basic-auth app wants 12 characters or more
+
+
+def start_basic_auth_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 with a SQLite store and the admin ADMIN/PASSWORD."""
+    (root / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+    }
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--workers", "1"),
+            *("--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(root / "artifacts")),
+        ],
+        env=env,
+        stdout=(root / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_S
+    while not answers(f"{uri}/health"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    return server, uri
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server, uri = start_basic_auth_server(tmp_path_factory.mktemp("mlflow-basic-auth"))
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://user:pass@host:5000", "http://***@host:5000"),
+        ("https://user:p@ss:w0rd@host/mlflow", "https://***@host/mlflow"),  # "@" and ":" in the password
+        ("postgresql://mlflow:secret@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("http://host:5000/path@v1", "http://host:5000/path@v1"),  # an '@' after the host is not user info
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
+def test_redact_hides_the_user_info_of_a_uri(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_credentials_in_the_tracking_uri_stay_out_of_runs_and_logs(auth_server: str, tmp_path: Path) -> None:
+    """`MLFLOW_TRACKING_URI=http://user:password@host` authenticates the step, and the password appears in no
+    parameter, no config.yaml, no log line of the step and no "View run" line of MLflow's."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for split in ("train", "test"):
+        (source / f"{split}.jsonl").write_text(json.dumps({"text": f"a {split} text", "label": 1}) + "\n")
+    host = auth_server.removeprefix("http://")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "S3_BUCKET"}
+    env |= {"MLFLOW_TRACKING_URI": f"http://{ADMIN}:{quote(PASSWORD, safe='')}@{host}", "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.upload", f"data.source={source}", f"storage.uri={tmp_path / 'store'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    # MLflow is given the URI without its user info (the credentials travel in MLFLOW_TRACKING_USERNAME/PASSWORD),
+    # and the config, which reads MLFLOW_TRACKING_URI, records that URI
+    assert f"in experiment 'agnews' at http://{host}\n" in output  # the step's own line
+    assert f"View run upload at: http://{host}/#/experiments/" in output  # MLflow's own line
+    assert quote(PASSWORD, safe="") not in output and PASSWORD not in output
+    run, config = logged_run(auth_server, tmp_path)
+    assert run.data.params["tracking.uri"] == f"http://{host}"
+    assert not [key for key, value in run.data.params.items() if "Secret" in value]
+    assert f"uri: http://{host}\n" in config and "Secret" not in config
+
+
+def test_credentials_in_a_tracking_uri_override_are_redacted(
+    auth_server: str, make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, capsys
+) -> None:
+    """`tracking.uri=http://user:password@host` on the command line: the run records and the logs show
+    `http://***@host`."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # restored after the test: connect() sets them
+    caplog.set_level(logging.INFO, logger="agnews")
+    host = auth_server.removeprefix("http://")
+    cfg = make_cfg(f"tracking.uri=http://{ADMIN}:{quote(PASSWORD, safe='')}@{host}", "tracking.experiment=override")
+    with step_run(cfg, "register"):
+        pass
+    output = caplog.text + capsys.readouterr().out
+    assert f"in experiment 'override' at http://***@{host}" in caplog.text
+    assert f"View run register at: http://{host}/#/experiments/" in output
+    assert "Secret" not in output
+    run, config = logged_run(auth_server, tmp_path, "override")
+    assert run.data.params["tracking.uri"] == f"http://***@{host}"
+    assert f"uri: http://***@{host}\n" in config and "Secret" not in config
+    assert not [key for key, value in run.data.params.items() if "Secret" in value]
+
+
+def logged_run(uri: str, tmp_path: Path, experiment: str = "agnews") -> tuple[Run, str]:
+    """The one run in ``experiment`` on the basic-auth server, and its config.yaml, read as the admin."""
+    client = MlflowClient(uri)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    return run, config
+
+
+def test_an_unauthenticated_client_is_refused_in_one_line(
+    auth_server: str, make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without credentials the server answers 401, and the step says so before any work."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(TrackingError, match=rf"^MLflow at {auth_server} refused experiment 'agnews': .*401"):
+        connect(make_cfg(f"tracking.uri={auth_server}"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,9 +19,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
+from agnews.checkpoints import CheckpointError
 from agnews.config import PROJECT_ROOT, compose
 from agnews.data import read_split
-from agnews.errors import ConfigError, DataError, ModelError
+from agnews.errors import ConfigError, DataError, ModelError, PipelineError
 from agnews.ingest import upload
 from agnews.storage import open_storage
 from agnews.tracking import step_run
@@ -343,3 +346,93 @@ def test_validation_comes_from_rows_the_training_sample_leaves(agnews_dir: Path,
     assert (val.label.value_counts() - full.label.value_counts(normalize=True) * 300).abs().max() <= 1
     everything, val_all = split_train(full, None, 300, seed=7)  # all rows: validation first, the rest trains
     assert len(everything) == len(full) - 300 and not set(everything.text) & set(val_all.text)
+
+
+# A train step that SIGKILLs itself while saving its second checkpoint, after the model's config.json and before the
+# weights: the partial folder that a kill during a save leaves (only config.json).
+KILLED_DURING_SAVE = """
+import os, signal, sys
+from transformers import Trainer
+from agnews.config import compose
+from agnews.tracking import step_run
+from agnews.training import train
+
+saves = []
+save_model = Trainer.save_model
+
+def save_then_die(self, output_dir=None, _internal_call=False):
+    saves.append(output_dir)
+    if _internal_call and len(saves) == 2:
+        self.model.config.save_pretrained(output_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_model(self, output_dir, _internal_call)
+
+Trainer.save_model = save_then_die
+cfg = compose(sys.argv[1:])
+with step_run(cfg, "train"):
+    train(cfg)
+"""
+
+
+def test_resume_after_a_kill_during_a_checkpoint_save(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest checkpoint is partial (kill -9 while saving): resume takes the newest complete one, says which, and
+    tags the run that it continues."""
+    cfg = tiny_cfg(tmp_path, *RESUME)
+    upload(cfg)
+    overrides = [
+        f"storage.uri={tmp_path / 'store'}",
+        f"tracking.uri={cfg.tracking.uri}",
+        f"train.output_dir={tmp_path / 'checkpoints'}",
+        *TINY,
+        *RESUME,
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_DURING_SAVE, *overrides],
+        cwd=PROJECT_ROOT,
+        env=env | {"PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    folders = sorted((tmp_path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(folders) == 2
+    complete, partial = folders
+    assert [p.name for p in partial.iterdir()] == ["config.json"]
+    client = MlflowClient(cfg.tracking.uri)
+    (killed_run,) = client.search_runs([client.get_experiment_by_name("agnews").experiment_id])
+    assert killed_run.info.status == "RUNNING"  # kill -9: nothing closed it
+
+    caplog.set_level(logging.INFO, logger="agnews")
+    resumed = tiny_cfg(tmp_path, *RESUME, "train.resume=true")
+    with step_run(resumed, "train") as run:
+        train(resumed)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["resumed_from_checkpoint"] == str(complete)
+    assert tags["resumed_from_run"] == killed_run.info.run_id
+    assert f"resuming from {complete} (run {killed_run.info.run_id})" in caplog.text
+    assert f"removing {partial}: incomplete (no trainer_state.json)" in caplog.text
+    first_step = int(complete.name.split("-")[1])
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert loss_steps and min(loss_steps) > first_step
+    assert client.get_run(run.info.run_id).data.metrics["epoch"] == 2
+    assert (tmp_path / "checkpoints" / partial.name / "trainer_state.json").is_file()  # saved afresh
+
+
+def test_resume_with_no_complete_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path, *RESUME, "train.resume=true")
+    upload(cfg)
+    for step in (7, 14):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (tmp_path / "checkpoints" / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7}')
+    message = (
+        f"train.resume=true, but no checkpoint in {tmp_path / 'checkpoints'} is complete (checkpoint-14: no "
+        "trainer_state.json; checkpoint-7: no model weights): run without train.resume to start afresh"
+    )
+    with pytest.raises(CheckpointError) as caught:
+        train(cfg)
+    assert str(caught.value) == message and isinstance(caught.value, PipelineError)
+    assert (tmp_path / "checkpoints" / "checkpoint-14").is_dir()  # nothing removed

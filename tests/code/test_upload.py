@@ -278,3 +278,29 @@ def test_cli_bad_input_is_one_line(cli: dict, agnews_dir: Path, tmp_path: Path) 
     assert done.returncode == 1
     assert done.stderr == f"error: {bad}:2: label 7 out of range 1-4\n"
     assert {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == before
+
+
+def test_upload_repairs_a_corrupt_file_of_the_same_size(
+    tmp_path: Path, make_cfg, store_uri: str, recorded, caplog
+) -> None:
+    """One changed letter keeps the size: upload reads the file back, sees the wrong sha256 and uploads again,
+    and the trainer's checked reader then reads the dataset."""
+    caplog.set_level(logging.INFO, logger="agnews")
+    cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}", f"storage.uri={store_uri}")
+    upload(cfg)
+    store = open_storage(cfg)
+    key = f"{PREFIX}/train.jsonl"
+    good = store.read_bytes(key)
+    corrupt = good.replace(b"Oil prices rise", b"Oil prices rose", 1)
+    assert len(corrupt) == len(good) and corrupt != good
+    store.write_bytes(key, corrupt)
+    with pytest.raises(DataError, match=r"sha256 does not match info\.json"):
+        read_split(store, PREFIX, "train")
+
+    opened = recorded()
+    _, _, changed = upload(cfg)
+    assert changed and key in opened[0].writes
+    assert "already up to date" not in caplog.text
+    assert store.read_bytes(key) == good
+    assert rows(store, "train") == expected(ROWS_A, "train")
+    assert store.list("") == KEYS
