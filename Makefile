@@ -109,4 +109,4 @@ gpu-check-rehearsal: $(STAMP)
 # the Lambda follows through the webhook receiver. UPDATE_SCREENSHOT=1 also refreshes docs/promote-champion.png.
 .PHONY: test-ui
 test-ui: $(STAMP)
-	$(PY) -m pytest -m ui
+	$(PY) -m pytest -m ui tests/code/test_ui.py

@@ -1,15 +1,24 @@
 """Publishing: copy @champion's serving bundle to storage, verify it, and only then move the pointer.
 
-Layout under ``<storage.model_prefix>/<registry.model_name>/`` (``bundle.layout``): ``v<N>/`` holds the bundle
-files and ``manifest.json``; ``champion.json`` names the manifest of the version to serve. The pointer is written
-last, after every file has been read back and checked, so it always names a complete version. Files already in
-place are not written again: a re-run changes nothing.
+Layout under ``<storage.model_prefix>/<registry.model_name>/`` (``bundle.layout``): ``v<N>-<digest>/`` holds the
+bundle files and ``manifest.json``, ``<digest>`` being the start of the manifest's sha256; ``champion.json`` names the
+manifest of the version to serve. The pointer is written last, after every file has been read back and checked, so
+it always names a complete version. A folder's name fixes its bytes: files already in place are not written again
+(a re-run changes nothing), and a file that holds other bytes is refused, never replaced, so two registries sharing
+a bucket (each with its own v1) write two folders and cannot change what the other's pointer names.
+
+Everything runs under the model's lease (``agnews.lease``, the lock ``<root>/.lock`` in the same storage), which
+``promotion.register`` also holds around the registry update: concurrent mirrors and registers end as if serial,
+and storage always ends matching the registry. A mirror first completes a move of @champion made outside the
+pipeline (``registry.record_champion``: @previous, ``promoted_by=manual``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,17 +30,19 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from agnews.errors import NotFoundError, RegistryError, StorageError
+from agnews.lease import Lease, held, lock_key
 from agnews.pyfunc import BUNDLE_PATH
-from agnews.registry import CHAMPION, aliases
+from agnews.registry import CHAMPION, aliases, record_champion
 from agnews.storage import Storage, open_storage
 from bundle.layout import (
+    MANIFEST,
     POINTER,
     ContractError,
     digest,
     manifest_bytes,
-    manifest_key,
     parse_pointer,
     pointer_bytes,
+    sha256,
     version_folder,
 )
 
@@ -47,13 +58,17 @@ class Mirrored:
     version: int
     pointer: str
     changed: bool
+    folder: str = ""
+    recorded: str | None = None  # what record_champion did, when @champion had been moved outside the pipeline
 
     def tags(self) -> dict[str, str]:
-        return {
+        tags = {
             "mirror.version": str(self.version),
             "mirror.pointer": self.pointer,
             "mirror.changed": str(self.changed).lower(),
+            "mirror.folder": self.folder,
         }
+        return tags | ({"mirror.recorded": self.recorded} if self.recorded else {})
 
 
 def stored_digest(storage: Storage, key: str) -> dict[str, str | int] | None:
@@ -62,10 +77,18 @@ def stored_digest(storage: Storage, key: str) -> dict[str, str | int] | None:
 
 
 def put_verified(storage: Storage, key: str, data: bytes) -> bool:
-    """Write ``data`` unless storage already holds exactly it, then read it back; True when it was written."""
+    """Write ``data`` unless storage already holds exactly it, then read it back; True when it was written. An object
+    that holds other bytes is refused with a StorageError: a mirrored file is never replaced."""
     expected = digest(data)
-    if stored_digest(storage, key) == expected:
+    found = stored_digest(storage, key)
+    if found == expected:
         return False
+    if found is not None:
+        raise StorageError(
+            f"refusing to replace {storage.url(key)}: it holds {found}, not the {expected} its folder's manifest "
+            "names, and a mirrored file is never replaced by other bytes; if it is damaged, delete that folder and "
+            "mirror again"
+        )
     storage.write_bytes(key, data)
     found = stored_digest(storage, key)
     if found != expected:
@@ -105,35 +128,70 @@ def read_pointer(storage: Storage, key: str) -> dict:
 
 
 def point_to(storage: Storage, key: str, name: str, version: int, manifest: bytes) -> bool:
-    """Write the pointer to ``v<version>/manifest.json`` unless it already names it; True when it was written."""
+    """Write the pointer to ``v<version>-<digest>/manifest.json`` unless it already names it; True when written."""
     pointer = read_pointer(storage, key)
     if pointer == {"version": version, "manifest_sha256": digest(manifest)["sha256"]}:
         log.info("%s already names %s v%s: nothing to do", storage.url(key), name, version)
         return False
     updated = datetime.now(UTC).isoformat(timespec="seconds")
-    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated))
+    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated, content_addressed=True))
     log.info("%s now names %s v%s (it named %s)", storage.url(key), name, version, pointer.get("version", "nothing"))
     return True
 
 
+def root_key(cfg: DictConfig) -> str:
+    """The key of the model's root in storage: ``<storage.model_prefix>/<registry.model_name>``."""
+    return f"{cfg.storage.model_prefix}/{cfg.registry.model_name}"
+
+
 def model_root(cfg: DictConfig) -> str:
     """The URL of the folder that holds ``champion.json``: the Lambda's MODEL_URI."""
-    return open_storage(cfg).url(f"{cfg.storage.model_prefix}/{cfg.registry.model_name}")
+    return open_storage(cfg).url(root_key(cfg))
 
 
-def mirror(cfg: DictConfig) -> Mirrored:
-    """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>/``, verify them, then write the pointer."""
+@contextlib.contextmanager
+def model_lease(cfg: DictConfig, storage: Storage, purpose: str) -> Iterator[Lease]:
+    """Hold the model's lease (``<root>/.lock`` in ``storage``) for the ``with`` block."""
+    with held(storage, lock_key(root_key(cfg)), f"{purpose} {cfg.registry.model_name}") as lease:
+        yield lease
+
+
+def served_version(storage: Storage, cfg: DictConfig) -> int | None:
+    """The version that ``champion.json`` names; None when there is none."""
+    return read_pointer(storage, f"{root_key(cfg)}/{POINTER}").get("version")
+
+
+def version_files(client: MlflowClient, name: str, number: int) -> tuple[str, dict[str, bytes]]:
+    """The folder that version ``number`` mirrors to (``v<N>-<digest>``) and its files by name, manifest last."""
+    files = download_bundle(name, number)
+    manifest_doc = manifest(client, client.get_model_version(name, str(number)), files)
+    return version_folder(number, sha256(manifest_doc)), files | {MANIFEST: manifest_doc}
+
+
+def publish(cfg: DictConfig, storage: Storage, lease: Lease) -> Mirrored:
+    """What ``mirror`` does, under a lease the caller holds: complete a move of @champion made outside the pipeline,
+    copy @champion's bundle and manifest into its folder, verify them, then write the pointer."""
     client = MlflowClient()
-    name = cfg.registry.model_name
+    name, root = cfg.registry.model_name, root_key(cfg)
+    pointer = f"{root}/{POINTER}"
+    recorded = record_champion(client, name, served_version(storage, cfg))
     number = aliases(client, name).get(CHAMPION)
     if number is None:
         raise RegistryError(f"model '{name}' has no @{CHAMPION}: run the register step first")
-    files = download_bundle(name, number)
-    manifest_doc = manifest(client, client.get_model_version(name, number), files)
+    folder, files = version_files(client, name, number)
+    written = []
+    for file, data in files.items():  # the manifest last: a folder with a manifest is complete
+        lease.check()
+        if put_verified(storage, f"{root}/{folder}/{file}", data):
+            written.append(file)
+    lease.check()
+    moved = point_to(storage, pointer, name, number, files[MANIFEST])
+    return Mirrored(number, storage.url(pointer), bool(written) or moved, folder, recorded)
+
+
+def mirror(cfg: DictConfig) -> Mirrored:
+    """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them, then write the
+    pointer; under the model's lease, after completing a move of @champion made outside the pipeline."""
     storage = open_storage(cfg)
-    root = f"{cfg.storage.model_prefix}/{name}"
-    objects = {f"{root}/{version_folder(number)}/{file}": data for file, data in files.items()}
-    objects[f"{root}/{manifest_key(number)}"] = manifest_doc
-    written = [key for key, data in objects.items() if put_verified(storage, key, data)]
-    moved = point_to(storage, f"{root}/{POINTER}", name, number, manifest_doc)
-    return Mirrored(number, storage.url(f"{root}/{POINTER}"), bool(written) or moved)
+    with model_lease(cfg, storage, "mirror") as lease:
+        return publish(cfg, storage, lease)

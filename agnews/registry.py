@@ -2,10 +2,18 @@
 
 Aliases, as MLflow 3 uses them (stages are deprecated): ``@champion`` is the version served, ``@previous`` the
 champion it replaced, ``@challenger`` the newest version that failed the quality gate.
+
+The gate compares a candidate with the champion only when both were evaluated on the same test set (the same
+``dataset.test.sha256`` and ``dataset.test.rows``). Every promotion tags the version ``promoted_by`` (``gate`` or
+``manual``) and records the champion on the registered model (``recorded_champion``), so that a move made outside
+the pipeline (the MLflow UI) is recognised later and completed the same way (``record_champion``).
+
+Callers hold the model's lease (``agnews.lease``) around every change here, so concurrent calls end as if serial.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -20,12 +28,17 @@ from agnews.errors import ConfigError, RegistryError
 from agnews.pyfunc import LOGGED_MODEL
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+PROMOTED_BY, BY_GATE, BY_HAND = "promoted_by", "gate", "manual"  # version tag: how it became @champion
+RECORDED_CHAMPION = "recorded_champion"  # registered model tag: the champion as the pipeline last saw it
+TEST_SET_TAGS = ("dataset.test.sha256", "dataset.test.rows")  # what the test set is; the train step tags both
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions, as the MLflow UI reads them
 TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
 BEHAVIOUR_METRICS = ("behaviour_pass_rate", "onnx_int8_behaviour_pass_rate")  # logged by the train step
 MODEL_DESCRIPTION = (
     "AG News topic classifier (World, Sports, Business, Sci/Tech). @champion is the version served: the mirror "
     "step copies its ONNX int8 bundle to storage for the Lambda. @previous is the champion it replaced, "
-    "@challenger the newest version that failed the quality gate."
+    "@challenger the newest version that failed the quality gate. A version's promoted_by tag says how it became "
+    "@champion (gate or manual); its gate tag keeps the gate's verdict at registration."
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +109,24 @@ def logged_model(client: MlflowClient, run: Run) -> LoggedModel:
     return models[-1]
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """The identity of the test set a model was evaluated on: the test file's sha256 and the rows evaluated."""
+
+    __test__ = False  # a name that pytest would otherwise collect where tests import it
+    sha256: str
+    rows: int
+
+    @classmethod
+    def of(cls, tags: dict[str, str]) -> TestSet | None:
+        """From run or version tags; None when either tag is missing or malformed."""
+        sha, rows = (tags.get(name, "") for name in TEST_SET_TAGS)
+        return cls(sha, int(rows)) if sha and rows.isdecimal() else None
+
+    def __str__(self) -> str:
+        return f"test set sha256 {self.sha256[:12]}, {self.rows} rows"
+
+
 def version_tags(run: Run) -> dict[str, str]:
     """Dataset digests and test rows, git commit, test metrics and the source run, as model version tags."""
     tags = {k: v for k, v in run.data.tags.items() if k.startswith("dataset.")}
@@ -113,8 +144,26 @@ def describe(run: Run) -> str:
     )
 
 
+def link_logged_model(client: MlflowClient, model: LoggedModel, version: ModelVersion) -> None:
+    """List ``version`` in the logged model's ``mlflow.modelVersions`` tag, which the UI's logged-model page reads (a
+    tracking server does this itself when a version names its model id; a local SQLite store does not)."""
+    current = client.get_logged_model(model.model_id).tags.get(MODEL_VERSIONS_TAG)
+    try:
+        listed = json.loads(current) if current else []
+    except ValueError:
+        listed = []
+    if any(
+        str(entry.get("name")) == version.name and str(entry.get("version")) == str(version.version) for entry in listed
+    ):
+        return
+    entry = {"name": version.name, "version": int(version.version)}
+    client.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps([*listed, entry])})
+
+
 def create_version(client: MlflowClient, name: str, run: Run) -> ModelVersion:
-    """Register the run's model (``runs:/<id>/model``) as a new version of ``name``, with tags and a description."""
+    """Register the run's logged model as a new version of ``name``, with tags and a description: the source is
+    ``models:/m-<id>`` and the model id is given, as ``mlflow.register_model`` does for a logged model, so that the
+    logged model lists the version (``link_logged_model``) and the UI links the two."""
     model = logged_model(client, run)
     try:
         client.create_registered_model(name, description=MODEL_DESCRIPTION)
@@ -129,7 +178,8 @@ def create_version(client: MlflowClient, name: str, run: Run) -> ModelVersion:
         description=describe(run),
         model_id=model.model_id,
     )
-    log.info("registered runs:/%s/%s as %s version %s", run.info.run_id, LOGGED_MODEL, name, version.version)
+    link_logged_model(client, model, version)
+    log.info("registered %s (run %s) as %s version %s", model.model_uri, run.info.run_id, name, version.version)
     return version
 
 
@@ -161,9 +211,13 @@ def gate(
     behaviour: float,
     champion: int | None,
     champion_accuracy: float | None,
+    test_set: TestSet | None = None,
+    champion_test_set: TestSet | None = None,
 ) -> tuple[bool, str]:
-    """Whether the candidate passes the quality gate, and why: test accuracy at least ``min_accuracy`` and at least
-    the champion's minus ``tolerance``, and a behavioural pass rate at least ``min_behaviour_pass_rate``."""
+    """Whether the candidate passes the quality gate, and why: test accuracy at least ``min_accuracy`` and a
+    behavioural pass rate at least ``min_behaviour_pass_rate``; with a champion, the same test set as the champion's
+    (``test_set``: a candidate or champion without one is not comparable) and test accuracy at least the champion's
+    minus ``tolerance``. A candidate with no test set identity is rejected with or without a champion."""
     checks = [
         (
             accuracy >= registry.min_accuracy,
@@ -176,7 +230,14 @@ def gate(
             f"registry.min_behaviour_pass_rate {registry.min_behaviour_pass_rate}",
         ),
     ]
-    if champion_accuracy is not None:
+    comparable = []
+    if test_set is None:
+        comparable.append(f"the candidate has no test set identity (tags {' and '.join(TEST_SET_TAGS)})")
+    elif champion is not None and champion_test_set is None:
+        comparable.append(f"champion v{champion} has no test set identity (tags {' and '.join(TEST_SET_TAGS)})")
+    elif champion is not None and champion_test_set != test_set:
+        comparable.append(f"it was evaluated on {test_set}, champion v{champion} on {champion_test_set}")
+    if champion is not None and champion_accuracy is not None and not comparable:
         checks.append(
             (
                 accuracy >= champion_accuracy - registry.tolerance,
@@ -184,15 +245,31 @@ def gate(
                 f"champion v{champion}'s {champion_accuracy:.4f} minus registry.tolerance {registry.tolerance}",
             )
         )
-    failed = [f"{what} is below {bound}" for ok, what, bound in checks if not ok]
+    failed = [f"not comparable: {why}" for why in comparable]
+    failed += [f"{what} is below {bound}" for ok, what, bound in checks if not ok]
     if failed:
         return False, f"rejected by the {registry.gate} gate: {'; '.join(failed)}"
     passed = "; ".join(f"{what} is at least {bound}" for _, what, bound in checks)
-    return True, f"promoted by the {registry.gate} gate: {passed}"
+    same = f"; the same {test_set} as champion v{champion}" if champion is not None else ""
+    return True, f"promoted by the {registry.gate} gate: {passed}{same}"
 
 
-def promote(client: MlflowClient, name: str, version: int) -> int | None:
-    """Make ``version`` @champion; the champion it replaces becomes @previous. Returns that replaced version."""
+def recorded_champion(client: MlflowClient, name: str) -> int | None:
+    """The champion as the pipeline last recorded it (the ``recorded_champion`` tag); None when never recorded."""
+    value = client.get_registered_model(name).tags.get(RECORDED_CHAMPION, "")
+    return int(value) if value.isdecimal() else None
+
+
+def record(client: MlflowClient, name: str, version: int, by: str) -> None:
+    """Tag how ``version`` became @champion and record it as the champion. Written after the alias moved, so that an
+    interrupted promotion reads as a move by hand (which ``record_champion`` completes), never the other way round."""
+    client.set_model_version_tag(name, version, PROMOTED_BY, by)
+    client.set_registered_model_tag(name, RECORDED_CHAMPION, str(version))
+
+
+def promote(client: MlflowClient, name: str, version: int, by: str) -> int | None:
+    """Make ``version`` @champion, ``by`` the gate or by hand; the champion it replaces becomes @previous, and the
+    version stops being @challenger. Returns the replaced version."""
     current = aliases(client, name)
     old = current.get(CHAMPION)
     if old == version:
@@ -202,7 +279,41 @@ def promote(client: MlflowClient, name: str, version: int) -> int | None:
     client.set_registered_model_alias(name, CHAMPION, version)
     if current.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
+    record(client, name, version, by)
     return old
+
+
+def record_champion(client: MlflowClient, name: str, served: int | None) -> str | None:
+    """Complete a move of @champion made outside the pipeline (in the MLflow UI, or through the REST API): the
+    champion it replaced (the recorded one, else ``served``, the version storage serves) becomes @previous, the
+    version stops being @challenger, and it is tagged ``promoted_by=manual``. None when there was no such move."""
+    current = aliases(client, name)
+    champion = current.get(CHAMPION)
+    if champion is None:
+        return None
+    recorded = recorded_champion(client, name)
+    if champion == recorded:
+        return None
+    replaced = recorded if recorded is not None else served
+    note = f"@{CHAMPION} was moved to v{champion} outside the pipeline"
+    if replaced is not None and replaced != champion and version_exists(client, name, replaced):
+        client.set_registered_model_alias(name, PREVIOUS, replaced)
+        note += f"; v{replaced} is now @{PREVIOUS}"
+    if current.get(CHALLENGER) == champion:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    record(client, name, champion, BY_HAND)
+    log.info("%s: %s", name, note)
+    return note
+
+
+def version_exists(client: MlflowClient, name: str, version: int) -> bool:
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def register_run(client: MlflowClient, registry: DictConfig, experiment: str) -> Outcome:
@@ -210,15 +321,22 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
     name = registry.model_name
     run = find_train_run(client, experiment, registry.run_id)
     champion = aliases(client, name).get(CHAMPION)
-    champion_accuracy = (
-        version_accuracy(client, client.get_model_version(name, champion)) if champion is not None else None
-    )
+    champion_version = client.get_model_version(name, champion) if champion is not None else None
+    champion_accuracy = version_accuracy(client, champion_version) if champion_version is not None else None
+    champion_test_set = TestSet.of(champion_version.tags) if champion_version is not None else None
     version = int(create_version(client, name, run).version)
+    test_set = TestSet.of(client.get_model_version(name, str(version)).tags)  # as tagged on the version
     passed, reason = gate(
-        registry, run.data.metrics["test_accuracy"], behaviour_pass_rate(run), champion, champion_accuracy
+        registry,
+        run.data.metrics["test_accuracy"],
+        behaviour_pass_rate(run),
+        champion,
+        champion_accuracy,
+        test_set,
+        champion_test_set,
     )
     if passed:
-        promote(client, name, version)
+        promote(client, name, version, BY_GATE)
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "gate", reason)
@@ -233,7 +351,7 @@ def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> 
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RegistryError(f"model '{name}' has no version {version}") from None
         raise
-    old = promote(client, name, version)
+    old = promote(client, name, version, BY_HAND)
     replaced = f"; v{old} is now @{PREVIOUS}" if old is not None else ""
     return Outcome(name, version, CHAMPION, f"{reason}{replaced}")
 
@@ -248,14 +366,17 @@ def rollback(client: MlflowClient, name: str) -> Outcome:
     return set_champion(client, name, previous, f"rolled back to v{previous}")
 
 
-def update(cfg: DictConfig) -> Outcome:
-    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run."""
+def update(cfg: DictConfig, served: int | None = None) -> Outcome:
+    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. A move of
+    @champion made outside the pipeline is completed first (``record_champion``; ``served`` is the version storage
+    serves), so that this call sees the registry as if that move had gone through the pipeline too."""
     registry = cfg.registry
     if registry.rollback and registry.version is not None:
         raise ConfigError("registry.rollback=true and registry.version are exclusive: set one")
     if (registry.rollback or registry.version is not None) and registry.run_id:
         raise ConfigError("registry.run_id registers a new version: do not combine it with a rollback or version")
     client = MlflowClient()
+    record_champion(client, registry.model_name, served)
     if registry.rollback:
         outcome = rollback(client, registry.model_name)
     elif registry.version is not None:

@@ -1,8 +1,10 @@
 """The serving bundle's files, its ``config.json``, and the mirror's ``manifest.json`` and ``champion.json``.
 
 A bundle is a folder of ``model.int8.onnx``, ``tokenizer.json`` and ``config.json``. The mirror lays each
-registered version out as ``v<N>/`` (the bundle plus ``manifest.json``: version, run, metrics, and the sha256 and
-size of every file) below a model's root, and ``champion.json`` there names the manifest of the version to serve.
+registered version out as ``v<N>-<digest>/`` (the bundle plus ``manifest.json``: version, run, metrics, and the sha256
+and size of every file; ``<digest>`` is the start of the manifest's own sha256) below a model's root, and
+``champion.json`` there names the manifest of the version to serve. A folder's name fixes its bytes: two registries
+that share a bucket, each with its own v1, write two folders, and no file is ever replaced by other bytes.
 Writers build these documents with the functions below, readers parse them with ``parse_*``, which refuse any
 field of the wrong type with a ``ContractError``.
 """
@@ -25,6 +27,9 @@ MANIFEST = "manifest.json"
 POINTER = "champion.json"
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# Hex digits of the manifest's sha256 in a version's folder name: 48 bits, so two different manifests of one version
+# number get the same folder only by a collision that no registry will meet.
+DIGEST_CHARS = 12
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -45,13 +50,19 @@ def to_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-def version_folder(version: int) -> str:
-    return f"v{version}"
+def version_folder(version: int, manifest_sha256: str | None = None) -> str:
+    """``v<N>-<first DIGEST_CHARS hex digits of the manifest's sha256>``, the folder the mirror writes; without the
+    digest, ``v<N>``, the layout before content-addressed folders (still readable)."""
+    if manifest_sha256 is None:
+        return f"v{version}"
+    if not SHA256.fullmatch(manifest_sha256):
+        raise ContractError(f"{manifest_sha256!r} is not a sha256 hex digest")
+    return f"v{version}-{manifest_sha256[:DIGEST_CHARS]}"
 
 
-def manifest_key(version: int) -> str:
-    """The manifest's key below the model's root."""
-    return f"{version_folder(version)}/{MANIFEST}"
+def manifest_key(version: int, manifest_sha256: str | None = None) -> str:
+    """The manifest's key below the model's root (see ``version_folder``)."""
+    return f"{version_folder(version, manifest_sha256)}/{MANIFEST}"
 
 
 def _object(data: bytes, where: str) -> dict[str, Any]:
@@ -175,11 +186,15 @@ class Pointer:
     manifest_sha256: str
 
 
-def pointer_bytes(model_name: str, version: int, manifest: bytes, updated_at: str) -> bytes:
+def pointer_bytes(
+    model_name: str, version: int, manifest: bytes, updated_at: str, content_addressed: bool = False
+) -> bytes:
+    """``champion.json`` naming ``manifest``: in ``v<N>-<digest>/`` when ``content_addressed`` (what the mirror
+    writes), else in ``v<N>/``."""
     doc = {
         "model_name": model_name,
         "version": version,
-        "manifest": manifest_key(version),
+        "manifest": manifest_key(version, sha256(manifest) if content_addressed else None),
         "manifest_sha256": sha256(manifest),
         "updated_at": updated_at,
     }

@@ -154,9 +154,10 @@ def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A verified bundle, ready to answer."""
+    """A verified bundle, ready to answer: the version and the digest of the manifest it was verified against."""
 
     version: int
+    manifest_sha256: str
     predictor: Predictor
     folder: Path
 
@@ -171,7 +172,9 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
     if manifest.version != pointer.version:
         detail = f"{source.url(pointer.manifest)} is for version {manifest.version}, not {pointer.version}"
         raise ModelError(UNVERIFIED, detail)
-    folder = cache_dir / str(pointer.version)  # a positive int, as parse_pointer checked
+    # A folder per version and manifest digest (both checked by parse_pointer): the same version number mirrored
+    # again with other bytes is another model, and never overwrites the files of the one being served.
+    folder = cache_dir / f"{pointer.version}-{pointer.manifest_sha256[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     for name, expected in manifest.files.items():  # names checked by parse_manifest: none leaves the folder
         _fetch(source, posixpath.join(posixpath.dirname(pointer.manifest), name), folder / name, expected)
@@ -180,7 +183,7 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
         predictor.predict([WARMUP_TEXT])
     except Exception as exc:  # verified files that onnxruntime or tokenizers still refuse
         raise ModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
-    return LoadedModel(pointer.version, predictor, folder)
+    return LoadedModel(pointer.version, pointer.manifest_sha256, predictor, folder)
 
 
 class ModelStore:
@@ -242,12 +245,11 @@ class ModelStore:
         pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
         old = self._current
         # The manifest's digest, not only the version: the same version number mirrored again with other bytes (a
-        # second registry's v1 in a shared bucket) is another model. _served is the pointer of the model served.
-        served = getattr(self, "_served", None)
-        if old is not None and served is not None and served.manifest_sha256 == pointer.manifest_sha256:
+        # second registry's v1 in a shared bucket) is another model.
+        if old is not None and old.manifest_sha256 == pointer.manifest_sha256:
             return
         new = load_version(source, pointer, self.settings.cache_dir)
-        self._current, self._served = new, pointer
+        self._current = new
         log.info("serving version %s from %s", new.version, source.url(POINTER))
         if old is not None and old.folder != new.folder:
             shutil.rmtree(old.folder, ignore_errors=True)

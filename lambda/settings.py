@@ -17,8 +17,8 @@ It has no Hydra: environment variables are its config, with every default here.
 - ``MAX_BATCH`` (64): the most texts in one ``{"texts": [...]}`` request.
 - ``MODEL_CACHE_DIR`` (``/tmp/models``): the root of the download cache. Each store (each ``MODEL_URI``, local paths
   made absolute) has its own folder below it, named by the first 12 hex digits of the URI's sha256, with one folder
-  per version in it: ``/tmp/models/<key>/<version>/``. Two checkouts or two functions on one machine never share
-  one.
+  per version and manifest digest in it: ``/tmp/models/<key>/<version>-<manifest sha256[:12]>/``. Two checkouts or
+  two functions on one machine never share one.
 
 Logs and metrics (handler.py) take Powertools' own variables: ``POWERTOOLS_LOG_LEVEL`` (INFO),
 ``POWERTOOLS_METRICS_NAMESPACE`` (agnews), ``POWERTOOLS_METRICS_DISABLED``.

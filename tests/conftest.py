@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -20,7 +26,7 @@ import requests
 from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
-from agnews.config import compose
+from agnews.config import PROJECT_ROOT, compose
 from tests.helpers import answers, free_port, moto_environ, require_agnews
 
 
@@ -111,46 +117,12 @@ def mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) ->
     """A real `mlflow server` subprocess on 127.0.0.1: SQLite backend, artifacts proxied to S3 on the moto server.
 
     Yields the tracking URI. Clients reach artifacts through the server (mlflow-artifacts:/), so they need no
-    S3 settings of their own; the server's log is in its tmp folder.
+    S3 settings of their own; the server's log is in its tmp folder. It delivers registry webhooks to local
+    receivers (``running_mlflow_server``).
     """
     root = tmp_path_factory.mktemp("mlflow-server")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
-    env |= moto_environ(moto_server)
-    bucket = f"mlflow-artifacts-{uuid.uuid4().hex[:8]}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    ).create_bucket(Bucket=bucket)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log_file = (root / "server.log").open("wb")
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-            *("--artifacts-destination", f"s3://{bucket}/mlartifacts"),
-        ],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the server and the workers it starts stop together
-    )
-    deadline = time.monotonic() + MLFLOW_SERVER_START_S
-    while not answers(f"{uri}/health"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-    log_file.close()
+    with running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", moto_server, root) as uri:
+        yield uri
 
 
 @pytest.fixture
@@ -170,3 +142,356 @@ def iam_enforced(bucket: str, s3_env: str) -> Iterator[dict[str, tuple[str, str]
         yield keys
     finally:
         requests.post(f"{s3_env}/moto-api/reset-auth", data=b"inf", timeout=5).raise_for_status()
+
+
+# ---- Promotion: tracking servers (SQLite and PostgreSQL) that deliver webhooks, shared train runs, receivers ----
+
+# What `mlflow server` needs to deliver registry webhooks to a receiver on 127.0.0.1 over http (MLflow refuses both
+# by default), and no webhook cache (MLflow caches the list for 60s), so that a webhook a test has just registered
+# fires on the next event.
+WEBHOOK_SERVER_ENV = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "0",
+}
+REGISTRY_EXPERIMENT = "registry-tests"
+TINY_TRAIN = ["model=tiny", "data.val_size=200", "data.test_size=200"]
+GOOD_TRAIN = [*TINY_TRAIN, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
+WORSE_TRAIN = [*TINY_TRAIN, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
+# Evaluated on another test set: 100 test rows, not 200 (the identity is the test file's sha256 and the rows).
+OTHER_TEST_SET_TRAIN = [
+    "model=tiny",
+    "data.val_size=200",
+    "data.test_size=100",
+    "data.sample_size=600",
+    "train.epochs=1",
+]
+
+
+@contextlib.contextmanager
+def running_mlflow_server(backend_uri: str, moto_server: str, root: Path) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 with ``backend_uri``, artifacts in a fresh bucket on the moto
+    server, and webhook delivery to local receivers (WEBHOOK_SERVER_ENV); yields its URI, stops its process group."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env |= moto_environ(moto_server) | WEBHOOK_SERVER_ENV
+    bucket = f"mlflow-artifacts-{uuid.uuid4().hex[:8]}"
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    ).create_bucket(Bucket=bucket)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_file = (root / "server.log").open("wb")
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backend-store-uri", backend_uri),
+            *("--artifacts-destination", f"s3://{bucket}/mlartifacts"),
+        ],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the server and the workers it starts stop together
+    )
+    deadline = time.monotonic() + MLFLOW_SERVER_START_S
+    while not answers(f"{uri}/health"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):  # a server that exited has taken its group with it
+                os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log_file.close()
+
+
+@pytest.fixture(scope="session")
+def atomic_conditional_writes(moto_server: str) -> Iterator[None]:
+    """Make the moto server's conditional writes atomic, as S3's are.
+
+    moto checks ``If-None-Match``/``If-Match`` and then stores the object in two steps, so two racing PUTs could both
+    pass the check; S3 evaluates the condition and the write atomically. One lock around moto's PUT and DELETE
+    handlers (in this process, which runs the server) restores that guarantee for the concurrency tests.
+    """
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    originals = {name: getattr(S3Response, name) for name in ("put_object", "delete_object")}
+
+    def serialised(original):
+        @functools.wraps(original)
+        def handler(self, *args, **kwargs):
+            with lock:
+                return original(self, *args, **kwargs)
+
+        return handler
+
+    for name, original in originals.items():
+        setattr(S3Response, name, serialised(original))
+    yield
+    for name, original in originals.items():
+        setattr(S3Response, name, original)
+
+
+def _postgres_tools() -> Path | None:
+    """The newest PostgreSQL server's bin folder (Debian's postgresql package), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port of 127.0.0.1, in a temporary folder, with one
+    database; yields its SQLAlchemy URI. As root, the cluster runs as the `postgres` user. Skipped where PostgreSQL is
+    not installed (a failure under CI)."""
+    tools = _postgres_tools()
+    if tools is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(tempfile.mkdtemp(prefix="agnews-postgres-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        owner = pwd.getpwnam("postgres")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command[0]}: {done.stdout}{done.stderr}"
+
+    run(str(tools / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    run(str(tools / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+    try:
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"  # SQLAlchemy 2.1's default driver is psycopg 3
+    finally:
+        run(str(tools / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_server(postgres: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on the PostgreSQL cluster, artifacts on the moto server, delivering webhooks."""
+    with running_mlflow_server(postgres, moto_server, tmp_path_factory.mktemp("mlflow-postgres")) as uri:
+        yield uri
+
+
+@dataclass(frozen=True)
+class TrainRuns:
+    """Finished train runs on one tracking server, and where they came from."""
+
+    tracking_uri: str
+    data_bucket: str  # the dataset the runs trained on (the upload step's storage)
+    upload: str
+    worse: str
+    good: str
+
+
+def server_config(
+    tracking_uri: str, storage_uri: str, *overrides: str, experiment: str = REGISTRY_EXPERIMENT
+) -> DictConfig:
+    """The config of the tests on a tracking server: its experiment, the dataset storage, the real AG News."""
+    return compose(
+        [
+            f"tracking.uri={tracking_uri}",
+            f"tracking.experiment={experiment}",
+            f"storage.uri={storage_uri}",
+            f"data.source={require_agnews()}",
+            *overrides,
+        ]
+    )
+
+
+@contextlib.contextmanager
+def s3_environment(moto_server: str) -> Iterator[None]:
+    """The moto S3 variables, for fixtures that outlive a test's monkeypatch."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in moto_environ(moto_server).items():
+            patch.setenv(name, value)
+        for name in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        yield
+
+
+def train_run(cfg: DictConfig) -> str:
+    """The train step on ``cfg``, in this process; returns its run id."""
+    from agnews.tracking import step_run
+    from agnews.training import train
+
+    with step_run(cfg, "train") as run:
+        train(cfg)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="session")
+def train_runs(mlflow_server: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> TrainRuns:
+    """On the session's `mlflow server`: the upload, a deliberately worse training run, then a better (and so the
+    newest) one, all on the real AG News; every registry and promotion test registers these."""
+    from agnews.ingest import upload_and_log
+    from agnews.tracking import step_run
+
+    bucket = f"registry-data-{uuid.uuid4().hex[:8]}"
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    with s3_environment(moto_server):
+        boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
+        settings = (mlflow_server, f"s3://{bucket}", f"train.output_dir={checkpoints}")
+        cfg = server_config(*settings)
+        with step_run(cfg, "upload") as run:
+            upload_and_log(cfg)
+        upload = run.info.run_id
+        worse, good = (train_run(server_config(*settings, *train)) for train in (WORSE_TRAIN, GOOD_TRAIN))
+    return TrainRuns(mlflow_server, bucket, upload, worse, good)
+
+
+@pytest.fixture(scope="session")
+def other_test_set_run(train_runs: TrainRuns, moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A train run on the same server evaluated on another test set (100 rows where the others used 200); in its own
+    experiment, so that the better run stays the newest of REGISTRY_EXPERIMENT (what `register` takes by default)."""
+    checkpoints = tmp_path_factory.mktemp("checkpoints-other")
+    overrides = [f"train.output_dir={checkpoints}", *OTHER_TEST_SET_TRAIN]
+    storage = f"s3://{train_runs.data_bucket}"
+    with s3_environment(moto_server):
+        return train_run(server_config(train_runs.tracking_uri, storage, *overrides, experiment="other-test-set"))
+
+
+def copy_train_run(source_uri: str, run_id: str, target_uri: str, experiment: str = REGISTRY_EXPERIMENT) -> str:
+    """Copy a finished train run to another tracking server: its tags, params and metrics, and its logged model with
+    every artifact, byte for byte, as a logged model of the copy. Returns the copy's run id."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    source, target = MlflowClient(source_uri), MlflowClient(target_uri)
+    run = source.get_run(run_id)
+    model = [source.get_logged_model(o.model_id) for o in run.outputs.model_outputs][-1]
+    found = target.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else target.create_experiment(experiment)
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    copy = target.create_run(experiment_id, run_name=run.info.run_name, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    target.log_batch(copy, metrics=[Metric(k, v, now, 0) for k, v in run.data.metrics.items()])
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    for start in range(0, len(params), 100):
+        target.log_batch(copy, params=params[start : start + 100])
+    logged = target.create_logged_model(experiment_id, name=model.name, source_run_id=copy)
+    with tempfile.TemporaryDirectory() as tmp:
+        # the model's own location: a models:/ URI would be resolved against the global tracking URI
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model.artifact_location, dst_path=tmp, tracking_uri=source_uri
+        )
+        target.log_model_artifacts(logged.model_id, local)
+    target.finalize_logged_model(logged.model_id, "READY")
+    target.log_outputs(copy, [LoggedModelOutput(logged.model_id, 0)])
+    target.set_terminated(copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def run_copier() -> Callable[..., str]:
+    """``copy_train_run``, for tests that need a train run on a second tracking store."""
+    return copy_train_run
+
+
+@pytest.fixture(scope="session")
+def postgres_runs(train_runs: TrainRuns, postgres_mlflow_server: str, moto_server: str) -> TrainRuns:
+    """The worse and the better train run, copied to the PostgreSQL-backed server (no second training)."""
+    with s3_environment(moto_server):
+        worse, good = (
+            copy_train_run(train_runs.tracking_uri, r, postgres_mlflow_server)
+            for r in (train_runs.worse, train_runs.good)
+        )
+    return TrainRuns(postgres_mlflow_server, train_runs.data_bucket, "", worse, good)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def registry_backend(request: pytest.FixtureRequest) -> TrainRuns:
+    """The train runs on a `mlflow server` with SQLite, then on one with PostgreSQL (the same two runs)."""
+    return request.getfixturevalue("train_runs" if request.param == "sqlite" else "postgres_runs")
+
+
+@dataclass
+class WebhookReceiver:
+    """A running `python -m steps.webhook serve` and the webhook that delivers to it."""
+
+    url: str
+    secret: str
+    webhook_id: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+WEBHOOK_START_S = 120
+
+
+@pytest.fixture
+def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[[DictConfig], WebhookReceiver]]:
+    """``start(cfg)`` runs the receiver for ``cfg`` (its tracking server, storage and model name) as a subprocess,
+    registers a webhook for it on the tracking server, and returns both; stopped and deleted after the test."""
+    from mlflow.tracking import MlflowClient
+
+    from agnews.webhooks import SECRET_ENV, register_webhook
+
+    started: list[tuple[WebhookReceiver, MlflowClient]] = []
+
+    def start(cfg: DictConfig) -> WebhookReceiver:
+        secret, port = uuid.uuid4().hex, free_port()
+        log = tmp_path / f"receiver-{port}.log"
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
+        env |= moto_environ(moto_server) | {SECRET_ENV: secret}
+        overrides = [
+            f"tracking.uri={cfg.tracking.uri}",
+            f"tracking.experiment={cfg.tracking.experiment}",
+            f"storage.uri={cfg.storage.uri}",
+            f"registry.model_name={cfg.registry.model_name}",
+        ]
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + WEBHOOK_START_S
+        while not answers(f"{url}health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the webhook receiver did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        client = MlflowClient(str(cfg.tracking.uri))
+        hook = register_webhook(client, url, secret, name=f"test-{cfg.registry.model_name}")
+        receiver = WebhookReceiver(url, secret, hook.webhook_id, process, log)
+        started.append((receiver, client))
+        return receiver
+
+    yield start
+    for receiver, client in started:
+        client.delete_webhook(receiver.webhook_id)
+        receiver.process.send_signal(signal.SIGINT)
+        try:
+            receiver.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            receiver.process.kill()

@@ -87,13 +87,14 @@ LAMBDA_ENV = (
 )
 
 
-def cache_folder(cache_root: Path, model_uri: str | Path, version: int) -> Path:
+def cache_folder(cache_root: Path, model_uri: str | Path, layout_root: Path, version: int) -> Path:
     """Where the Lambda caches ``version`` of the store at ``model_uri``, as lambda/settings.py documents it:
-    ``<MODEL_CACHE_DIR>/<first 12 hex digits of the sha256 of the store's URI>/<version>``, a local path made
-    absolute."""
+    ``<MODEL_CACHE_DIR>/<first 12 hex digits of the sha256 of the store's URI>/<version>-<manifest sha256[:12]>``,
+    a local path made absolute; the manifest is read from ``layout_root``, a local copy of the store."""
     uri = str(model_uri)
     canonical = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
-    return cache_root / hashlib.sha256(canonical.encode()).hexdigest()[:12] / str(version)
+    digest = hashlib.sha256((layout_root / manifest_key(version)).read_bytes()).hexdigest()[:12]
+    return cache_root / hashlib.sha256(canonical.encode()).hexdigest()[:12] / f"{version}-{digest}"
 
 
 class LambdaPackage(NamedTuple):

@@ -605,7 +605,7 @@ def last_line(stdout: str) -> object:
 def test_in_lambda_the_model_loads_while_the_handler_is_imported(mirror_root: Path, tmp_path: Path) -> None:
     env = lambda_process(mirror_root, tmp_path) | {"AWS_LAMBDA_FUNCTION_NAME": "agnews", "PYTHONPATH": str(LAMBDA_DIR)}
     probe = "import json, os, sys, handler; print(json.dumps(sorted(os.listdir(sys.argv[1]))))"
-    cached = cache_folder(tmp_path / "cache", mirror_root, 1)
+    cached = cache_folder(tmp_path / "cache", mirror_root, mirror_root, 1)
     done = subprocess.run([sys.executable, "-c", probe, str(cached)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert last_line(done.stdout) == ["config.json", "model.int8.onnx", "tokenizer.json"]

@@ -41,13 +41,13 @@ def check_served_from_s3(invoke, cached: Path) -> None:
 
 def test_serves_from_s3_bucket_and_prefix(serve, mirror_root: Path, s3_env: str, bucket: str, tmp_path: Path) -> None:
     upload_tree(mirror_root, s3_env, bucket, PREFIX)
-    cached = cache_folder(tmp_path / "cache", f"s3://{bucket}/{PREFIX}", 1)
+    cached = cache_folder(tmp_path / "cache", f"s3://{bucket}/{PREFIX}", mirror_root, 1)
     check_served_from_s3(serve("", S3_BUCKET=bucket, MODEL_PREFIX=PREFIX), cached)
 
 
 def test_serves_from_s3_model_uri(serve, mirror_root: Path, s3_env: str, bucket: str, tmp_path: Path) -> None:
     upload_tree(mirror_root, s3_env, bucket, PREFIX)
-    cached = cache_folder(tmp_path / "cache", f"s3://{bucket}/{PREFIX}", 1)
+    cached = cache_folder(tmp_path / "cache", f"s3://{bucket}/{PREFIX}", mirror_root, 1)
     check_served_from_s3(serve(f"s3://{bucket}/{PREFIX}/"), cached)  # a trailing slash names the same store
 
 
@@ -75,7 +75,7 @@ def test_each_store_has_a_cache_folder_of_its_own(serve, mirror_root: Path, tiny
     cache = tmp_path / "cache"
     assert "Sports" in serve(mirror_root)({"text": SEED_TEXT})["body"]["probabilities"]
     assert "Sport" in serve(other)({"text": SEED_TEXT})["body"]["probabilities"]
-    mine, theirs = (cache_folder(cache, root, 1) for root in (mirror_root, other))
+    mine, theirs = (cache_folder(cache, root, root, 1) for root in (mirror_root, other))
     assert sorted(cache.iterdir()) == sorted([mine.parent, theirs.parent])
     kept = {path.name: path.stat().st_ino for path in mine.iterdir()}
     assert "Sports" in serve(mirror_root)({"text": SEED_TEXT})["body"]["probabilities"]  # a new container
@@ -100,7 +100,7 @@ def test_the_cache_folder_is_keyed_by_the_store_however_it_is_spelled(lambda_mod
 
 
 def test_verified_files_in_the_cache_are_kept_and_bad_ones_replaced(serve, mirror_root: Path, tmp_path: Path) -> None:
-    cached = cache_folder(tmp_path / "cache", mirror_root, 1)
+    cached = cache_folder(tmp_path / "cache", mirror_root, mirror_root, 1)
     served_version(serve(mirror_root))
     kept = {p.name: p.stat().st_ino for p in cached.iterdir()}
     (cached / "tokenizer.json").write_text("{}")
@@ -116,7 +116,7 @@ def test_promotion_is_picked_up_and_the_old_version_cleaned(serve, mirror_root: 
     assert served_version(invoke) == 1
     mirror_version(tiny_bundle, mirror_root, 2)
     assert served_version(invoke) == 2
-    assert not cache_folder(tmp_path / "cache", mirror_root, 1).exists()
+    assert not cache_folder(tmp_path / "cache", mirror_root, mirror_root, 1).exists()
     point_champion(mirror_root, 1)  # a rollback is a promotion too
     assert served_version(invoke) == 1
 

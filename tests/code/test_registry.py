@@ -1,7 +1,8 @@
 """register and mirror against a real `mlflow server` (SQLite, artifacts on moto S3), and against local SQLite.
 
-Two tiny training runs on the server (a worse one, then a better one) and one in a local SQLite store are shared
-by every test; each test registers them under its own model name, so the tests do not see each other's versions.
+Two tiny training runs on the server (a worse one, then a better one: the session's ``train_runs``) and one in a
+local SQLite store are shared by every test; each test registers them under its own model name, so the tests do not
+see each other's versions.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import mlflow
 import pytest
+import requests
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
@@ -25,26 +27,29 @@ from agnews.errors import ConfigError, RegistryError, StorageError
 from agnews.ingest import upload_and_log
 from agnews.promotion import register
 from agnews.publishing import mirror
-from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, Outcome, aliases, gate
-from agnews.storage import open_storage
+from agnews.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    PROMOTED_BY,
+    RECORDED_CHAMPION,
+    Outcome,
+    TestSet,
+    aliases,
+    gate,
+)
+from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.helpers import free_port, moto_environ, require_agnews, use_credentials
 
-TINY = ["model=tiny", "data.val_size=200", "data.test_size=200"]
-GOOD = [*TINY, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
-WORSE = [*TINY, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
+if TYPE_CHECKING:
+    from tests.conftest import TrainRuns as Runs
+
 QUICK = ["model=tiny", "data.sample_size=200", "data.val_size=100", "data.test_size=100", "train.epochs=0.3"]
-EXPERIMENT = "registry-tests"
+EXPERIMENT = "registry-tests"  # the experiment of the session's train runs (tests/conftest.py)
 BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
-
-
-@dataclass(frozen=True)
-class Runs:
-    upload: str
-    worse: str
-    good: str
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +64,8 @@ def moto_env(moto_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server_cfg(mlflow_server: str, moto_env: str, tmp_path_factory: pytest.TempPathFactory):
-    """Compose a config that tracks to the server and reads the dataset from a module bucket."""
-    data_bucket = f"registry-data-{os.getpid()}"
-    boto3.client("s3", endpoint_url=moto_env).create_bucket(Bucket=data_bucket)
+def server_cfg(mlflow_server: str, moto_env: str, train_runs: Runs, tmp_path_factory: pytest.TempPathFactory):
+    """Compose a config that tracks to the server and reads the dataset from the train runs' bucket."""
     checkpoints = tmp_path_factory.mktemp("checkpoints")
 
     def make(*overrides: str) -> DictConfig:
@@ -70,7 +73,7 @@ def server_cfg(mlflow_server: str, moto_env: str, tmp_path_factory: pytest.TempP
             [
                 f"tracking.uri={mlflow_server}",
                 f"tracking.experiment={EXPERIMENT}",
-                f"storage.uri=s3://{data_bucket}",
+                f"storage.uri=s3://{train_runs.data_bucket}",
                 f"train.output_dir={checkpoints}",
                 f"data.source={require_agnews()}",
                 *overrides,
@@ -81,18 +84,9 @@ def server_cfg(mlflow_server: str, moto_env: str, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def runs(server_cfg) -> Runs:
-    """Upload, then a deliberately worse training run, then a better (and so the newest) one."""
-    cfg = server_cfg()
-    with step_run(cfg, "upload") as run:
-        upload_and_log(cfg)
-    ids = [run.info.run_id]
-    for overrides in (WORSE, GOOD):
-        cfg = server_cfg(*overrides)
-        with step_run(cfg, "train") as run:
-            train(cfg)
-        ids.append(run.info.run_id)
-    return Runs(*ids)
+def runs(train_runs: Runs) -> Runs:
+    """The upload, a deliberately worse training run, then a better (and so the newest) one: the session's."""
+    return train_runs
 
 
 @pytest.fixture
@@ -140,18 +134,26 @@ def objects(bucket: str) -> dict[str, bytes]:
     return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
+def folder_of(files: dict[str, bytes], root: str) -> str:
+    """The version folder that the pointer names."""
+    return json.loads(files[f"{root}/{POINTER}"])["manifest"].split("/")[0]
+
+
 def assert_mirrored(files: dict[str, bytes], root: str, version: int, run_id: str) -> None:
-    """The pointer names v<version>, whose manifest matches the sha256 and size of every file beside it."""
+    """The pointer names v<version>-<the first 12 hex digits of its manifest's sha256>, whose manifest matches the
+    sha256 and size of every file beside it."""
     pointer = json.loads(files[f"{root}/{POINTER}"])
-    assert pointer["version"] == version and pointer["manifest"] == f"v{version}/{MANIFEST}"
-    manifest_bytes = files[f"{root}/v{version}/{MANIFEST}"]
+    folder = folder_of(files, root)
+    assert pointer["version"] == version and pointer["manifest"] == f"{folder}/{MANIFEST}"
+    manifest_bytes = files[f"{root}/{folder}/{MANIFEST}"]
+    assert folder == f"v{version}-{sha256(manifest_bytes)[:12]}"
     assert pointer["manifest_sha256"] == sha256(manifest_bytes)
     manifest = json.loads(manifest_bytes)
     assert manifest["version"] == version and manifest["run_id"] == run_id
     assert {"test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement"} <= manifest["metrics"].keys()
     assert sorted(manifest["files"]) == BUNDLE
     for name, meta in manifest["files"].items():
-        data = files[f"{root}/v{version}/{name}"]
+        data = files[f"{root}/{folder}/{name}"]
         assert meta == {"sha256": sha256(data), "bytes": len(data)}, name
 
 
@@ -159,28 +161,59 @@ def accuracy(cfg: DictConfig, run_id: str) -> float:
     return MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics["test_accuracy"]
 
 
+TEST_SET = TestSet("a" * 64, 200)
+
+
 def test_gate_needs_min_accuracy_behaviour_and_tolerance_against_the_champion() -> None:
     registry = compose(
         ["registry.min_accuracy=0.5", "registry.tolerance=0.01", "registry.min_behaviour_pass_rate=0.7"]
     ).registry
-    assert gate(registry, 0.6, 0.7, None, None)[0]
-    assert gate(registry, 0.595, 0.9, 2, 0.6) == (
+    assert gate(registry, 0.6, 0.7, None, None, TEST_SET)[0]
+    assert gate(registry, 0.595, 0.9, 2, 0.6, TEST_SET, TEST_SET) == (
         True,
         "promoted by the production gate: test accuracy 0.5950 is at least registry.min_accuracy 0.5; behavioural "
         "pass rate 0.9000 is at least registry.min_behaviour_pass_rate 0.7; test accuracy 0.5950 is at least champion "
-        "v2's 0.6000 minus registry.tolerance 0.01",
+        "v2's 0.6000 minus registry.tolerance 0.01; the same test set sha256 aaaaaaaaaaaa, 200 rows as champion v2",
     )
-    passed, reason = gate(registry, 0.58, 0.9, 2, 0.6)
+    passed, reason = gate(registry, 0.58, 0.9, 2, 0.6, TEST_SET, TEST_SET)
     assert not passed and "below champion v2's 0.6000 minus registry.tolerance 0.01" in reason
-    passed, reason = gate(registry, 0.4, 0.9, 2, 0.3)
+    passed, reason = gate(registry, 0.4, 0.9, 2, 0.3, TEST_SET, TEST_SET)
     assert (
         not passed
         and reason == "rejected by the production gate: test accuracy 0.4000 is below registry.min_accuracy 0.5"
     )
-    passed, reason = gate(registry, 0.9, 0.69, 2, 0.6)
+    passed, reason = gate(registry, 0.9, 0.69, 2, 0.6, TEST_SET, TEST_SET)
     assert not passed and reason == (
         "rejected by the production gate: behavioural pass rate 0.6900 is below registry.min_behaviour_pass_rate 0.7"
     )
+
+
+def test_gate_compares_with_the_champion_only_on_the_same_test_set() -> None:
+    """The issue's attack: a model evaluated on a test split of one class scores 1.0; it is not comparable with a
+    champion evaluated on the full split, however the numbers compare. The minimums still apply."""
+    registry = compose(["registry.min_accuracy=0.5", "registry.min_behaviour_pass_rate=0.7"]).registry
+    business_only = TestSet("b" * 64, 1900)
+    passed, reason = gate(registry, 1.0, 1.0, 3, 0.9, business_only, TEST_SET)
+    assert not passed and reason == (
+        "rejected by the production gate: not comparable: it was evaluated on test set sha256 bbbbbbbbbbbb, 1900 rows, "
+        "champion v3 on test set sha256 aaaaaaaaaaaa, 200 rows"
+    )
+    fewer_rows = TestSet("a" * 64, 100)  # the same file, evaluated on a sample of it
+    assert (
+        "not comparable: it was evaluated on test set sha256 aaaaaaaaaaaa, 100 rows"
+        in gate(registry, 1.0, 1.0, 3, 0.9, fewer_rows, TEST_SET)[1]
+    )
+    passed, reason = gate(registry, 1.0, 1.0, 3, 0.9, TEST_SET, None)
+    assert not passed and reason == (
+        "rejected by the production gate: not comparable: champion v3 has no test set identity (tags "
+        "dataset.test.sha256 and dataset.test.rows)"
+    )
+    passed, reason = gate(registry, 1.0, 1.0, None, None, None)
+    assert not passed and "not comparable: the candidate has no test set identity" in reason
+    passed, reason = gate(registry, 0.4, 1.0, 3, 0.3, business_only, TEST_SET)
+    assert not passed and reason.endswith("; test accuracy 0.4000 is below registry.min_accuracy 0.5")
+    assert TestSet.of({"dataset.test.sha256": "a" * 64, "dataset.test.rows": "200"}) == TEST_SET
+    assert TestSet.of({"dataset.test.sha256": "a" * 64}) is None
 
 
 def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: Runs, bucket: str) -> None:
@@ -201,16 +234,22 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     for split in ("train", "test"):
         key = f"dataset.{split}.sha256"
         assert version.tags[key] == train_run.data.tags[key]
+    assert version.tags["dataset.test.rows"] == train_run.data.tags["dataset.test.rows"] == "200"
     assert float(version.tags["test_accuracy"]) == train_run.data.metrics["test_accuracy"]
-    assert float(version.tags["f1_macro"]) == train_run.data.metrics["f1_macro"]
+    assert float(version.tags["test_f1_macro"]) == train_run.data.metrics["test_f1_macro"]
     assert version.tags["gate"].startswith("promoted by the production gate: test accuracy")
+    assert version.tags[PROMOTED_BY] == "gate"
+    assert client.get_registered_model(name).tags[RECORDED_CHAMPION] == "1"
     assert runs.good in version.description and "test accuracy" in version.description
     assert client.get_registered_model(name).description
     assert version.current_stage in (None, "None"), "aliases only: stages are deprecated"
 
     files = objects(bucket)
     root = f"models/{name}"
-    assert sorted(files) == sorted([f"{root}/{POINTER}", f"{root}/v1/{MANIFEST}", *(f"{root}/v1/{f}" for f in BUNDLE)])
+    folder = folder_of(files, root)
+    assert sorted(files) == sorted(
+        [f"{root}/{POINTER}", f"{root}/{folder}/{MANIFEST}", *(f"{root}/{folder}/{f}" for f in BUNDLE)]
+    ), "the lease lock is gone once register is done"
     assert_mirrored(files, root, 1, runs.good)
     register_run = client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id],
@@ -223,6 +262,76 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     assert again.returncode == 0, again.stderr[-3000:]
     assert objects(bucket) == files, "a second mirror must change nothing"
     assert "already names" in again.stdout
+
+
+def test_versions_register_the_logged_model_which_lists_them(model_cfg, runs: Runs) -> None:
+    """MLflow 3's `models:/m-<id>` source, and the logged model's `mlflow.modelVersions` tag, which the UI's
+    logged-model page reads (through the REST API below) to link to its versions instead of "Not registered"."""
+    cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1")
+    name = cfg.registry.model_name
+    assert run_register(model_cfg(*cfg_overrides(cfg), f"registry.run_id={runs.good}")).version == 1
+    assert run_register(model_cfg(*cfg_overrides(cfg), f"registry.run_id={runs.good}")).version == 2
+    client = MlflowClient(cfg.tracking.uri)
+    model_id = client.get_run(runs.good).outputs.model_outputs[-1].model_id
+    for number in ("1", "2"):
+        version = client.get_model_version(name, number)
+        assert (version.source, version.run_id) == (f"models:/{model_id}", runs.good)
+    page = requests.get(f"{cfg.tracking.uri}/ajax-api/2.0/mlflow/logged-models/{model_id}", timeout=10)
+    page.raise_for_status()
+    tags = {tag["key"]: tag["value"] for tag in page.json()["model"]["info"]["tags"]}
+    listed = json.loads(tags["mlflow.modelVersions"])
+    assert [str(entry["version"]) for entry in listed if entry["name"] == name] == ["1", "2"]
+    found = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in found if v.source == f"models:/{model_id}") == ["1", "2"]
+
+
+def cfg_overrides(cfg: DictConfig) -> list[str]:
+    """The gate settings of ``cfg`` as overrides."""
+    r = cfg.registry
+    return [
+        f"registry.min_accuracy={r.min_accuracy}",
+        f"registry.min_behaviour_pass_rate={r.min_behaviour_pass_rate}",
+        f"registry.tolerance={r.tolerance}",
+    ]
+
+
+def test_a_candidate_from_another_test_set_becomes_challenger(
+    model_cfg, runs: Runs, other_test_set_run: str, bucket: str
+) -> None:
+    """With a tolerance that lets any accuracy through, only the test set identity keeps the candidate out."""
+    gate_open = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1"]
+    assert run_register(model_cfg(*gate_open, f"registry.run_id={runs.good}")).promoted
+    before = objects(bucket)
+    outcome = run_register(model_cfg(*gate_open, f"registry.run_id={other_test_set_run}"))
+    client = MlflowClient(model_cfg().tracking.uri)
+    good = client.get_run(runs.good).data.tags
+    assert (outcome.version, outcome.alias) == (2, CHALLENGER)
+    assert outcome.reason == (
+        "rejected by the production gate: not comparable: it was evaluated on test set sha256 "
+        f"{good['dataset.test.sha256'][:12]}, 100 rows, champion v1 on test set sha256 "
+        f"{good['dataset.test.sha256'][:12]}, 200 rows"
+    )
+    name = model_cfg().registry.model_name
+    assert aliases(client, name) == {CHAMPION: 1, CHALLENGER: 2}
+    assert client.get_model_version(name, "2").tags["gate"] == outcome.reason
+    assert objects(bucket) == before
+
+
+def test_a_champion_without_a_test_set_identity_is_not_comparable(model_cfg, runs: Runs) -> None:
+    """A champion registered before versions carried the test set (its tags removed here) cannot be beaten by
+    numbers; the candidate waits as @challenger until promoted with registry.version."""
+    gate_open = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1"]
+    name = model_cfg().registry.model_name
+    assert run_register(model_cfg(*gate_open, f"registry.run_id={runs.worse}")).promoted
+    client = MlflowClient(model_cfg().tracking.uri)
+    for tag in ("dataset.test.sha256", "dataset.test.rows"):
+        client.delete_model_version_tag(name, "1", tag)
+    outcome = run_register(model_cfg(*gate_open, f"registry.run_id={runs.good}"))
+    assert (outcome.version, outcome.alias) == (2, CHALLENGER)
+    assert "not comparable: champion v1 has no test set identity" in outcome.reason
+    promoted = run_register(model_cfg("registry.version=2"))
+    assert promoted.promoted and aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert client.get_model_version(name, "2").tags[PROMOTED_BY] == "manual"
 
 
 def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: Runs, bucket: str) -> None:
@@ -257,15 +366,23 @@ def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: st
     client.set_registered_model_alias(name, CHAMPION, 2)  # what the UI does
     moved = run_mirror(cfg)
     assert moved.version == 2 and moved.changed
+    assert moved.recorded == "@champion was moved to v2 outside the pipeline; v1 is now @previous"
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}, "the challenger alias goes with the promotion"
+    assert client.get_model_version(name, "2").tags[PROMOTED_BY] == "manual"
+    assert client.get_model_version(name, "2").tags["gate"].startswith("rejected"), "the verdict at registration"
     assert_mirrored(objects(bucket), root, 2, runs.worse)
-    assert not run_mirror(cfg).changed
+    again = run_mirror(cfg)
+    assert not again.changed and again.recorded is None
 
     client.set_registered_model_alias(name, CHAMPION, 1)
-    files_v1 = {k: v for k, v in objects(bucket).items() if "/v1/" in k}
+    files_v1 = {k: v for k, v in objects(bucket).items() if "/v1-" in k}
     assert run_mirror(cfg).version == 1
     after = objects(bucket)
     assert_mirrored(after, root, 1, runs.good)
-    assert {k: v for k, v in after.items() if "/v1/" in k} == files_v1
+    assert {k: v for k, v in after.items() if "/v1-" in k} == files_v1
+    assert aliases(client, name) == {CHAMPION: 1, PREVIOUS: 2}
+    back = run_register(model_cfg("registry.rollback=true"))
+    assert back.version == 2 and aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
 
 
 def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: Runs, bucket: str) -> None:
@@ -356,44 +473,60 @@ def test_local_sqlite_register_and_mirror(local: tuple[Path, str]) -> None:
     assert (outcome.version, outcome.alias) == (1, CHAMPION)
     assert mlflow.get_tracking_uri().startswith("sqlite:///")
     assert MlflowClient().get_model_version("local-model", "1").run_id == run_id
+    model_id = MlflowClient().get_run(run_id).outputs.model_outputs[-1].model_id
+    listed = json.loads(MlflowClient().get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert {"name": "local-model", "version": 1} in listed, "no server to link them: register does"
     store = root / "store"
     files = {p.relative_to(store).as_posix(): p.read_bytes() for p in (store / "models").rglob("*") if p.is_file()}
     assert_mirrored(files, "models/local-model", 1, run_id)
 
 
-def test_mirror_failing_half_way_keeps_the_old_pointer(local: tuple[Path, str]) -> None:
+def test_mirror_failing_half_way_keeps_the_old_pointer(
+    local: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, run_id = local
     cfg = local_cfg(root, "half-way")
     assert run_register(cfg).version == 1
     storage = open_storage(cfg)
     pointer = storage.read_bytes(f"models/half-way/{POINTER}")
-    (root / "store" / "models" / "half-way" / "v2" / "tokenizer.json").mkdir(parents=True)  # the last file fails
+    v1 = folder_of({f"models/half-way/{POINTER}": pointer}, "models/half-way")
+    write = LocalStorage.write_bytes
 
+    def disk_full_at_the_last_file(self: LocalStorage, key: str, data: bytes) -> None:
+        if key.startswith("models/half-way/v2-") and key.endswith("/tokenizer.json"):
+            raise StorageError(f"cannot write {self.root / key}: No space left on device")
+        write(self, key, data)
+
+    monkeypatch.setattr(LocalStorage, "write_bytes", disk_full_at_the_last_file)
     with pytest.raises(StorageError) as failure:
         run_register(cfg)
     message = str(failure.value)
     assert message.startswith("half-way v2 is @champion, but mirroring it failed: cannot write")
     assert "tokenizer.json" in message and "python -m steps.mirror" in message
     assert storage.read_bytes(f"models/half-way/{POINTER}") == pointer
-    assert storage.exists("models/half-way/v2/model.int8.onnx")  # half-way indeed
-    assert not storage.exists(f"models/half-way/v2/{MANIFEST}")
-    files = {key: storage.read_bytes(key) for key in storage.list("models/half-way/v1")}
+    (v2,) = [p.name for p in (root / "store" / "models" / "half-way").glob("v2-*")]
+    assert storage.exists(f"models/half-way/{v2}/model.int8.onnx")  # half-way indeed
+    assert not storage.exists(f"models/half-way/{v2}/{MANIFEST}")
+    files = {key: storage.read_bytes(key) for key in storage.list(f"models/half-way/{v1}")}
     assert_mirrored(files | {f"models/half-way/{POINTER}": pointer}, "models/half-way", 1, run_id)
 
-    (root / "store" / "models" / "half-way" / "v2" / "tokenizer.json").rmdir()
+    monkeypatch.setattr(LocalStorage, "write_bytes", write)
     assert run_mirror(cfg).version == 2
     files = {key: storage.read_bytes(key) for key in storage.list("models/half-way")}
     assert_mirrored(files, "models/half-way", 2, run_id)
+    assert folder_of(files, "models/half-way") == v2, "the mirror completes the same folder"
 
 
-def test_bucket_not_writable_leaves_storage_untouched(
+def test_bucket_not_writable_leaves_registry_and_storage_untouched(
     local: tuple[Path, str], bucket: str, iam_enforced: dict[str, tuple[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The model's lease lives in the bucket: a bucket that this role cannot write fails before the registry
+    changes, so the registry never gets ahead of storage."""
     root, _ = local
     cfg = local_cfg(root, "read-only", f"storage.uri=s3://{bucket}")
     use_credentials(monkeypatch, *iam_enforced["reader"])
-    with pytest.raises(StorageError, match=r"mirroring it failed: cannot write s3://.*: access denied"):
+    with pytest.raises(StorageError, match=r"cannot write s3://.*/models/read-only/\.lock: access denied"):
         run_register(cfg)
     use_credentials(monkeypatch, *iam_enforced["writer"])
     assert objects(bucket) == {}
-    assert aliases(MlflowClient(cfg.tracking.uri), "read-only") == {CHAMPION: 1}
+    assert aliases(MlflowClient(cfg.tracking.uri), "read-only") == {}
