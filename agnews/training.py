@@ -112,8 +112,14 @@ def split_train(frame: pd.DataFrame, sample_size: int | None, val_size: int, see
     if sample_size and sample_size + val_size <= len(frame):
         sample, rest = draw(frame, sample_size, seed, "data.sample_size")
         return sample, draw(rest, val_size, seed, "data.val_size")[0]
+    if sample_size and sample_size > len(frame):
+        raise DataError(f"data.sample_size={sample_size} is larger than the {len(frame)} rows available")
     val, rest = draw(frame, val_size, seed, "data.val_size")
-    return stratified_sample(rest, sample_size, seed, "data.sample_size (after data.val_size)"), val
+    if sample_size and sample_size > len(rest):
+        raise DataError(
+            f"data.sample_size={sample_size} is larger than the {len(rest)} rows left after data.val_size={val_size}"
+        )
+    return stratified_sample(rest, sample_size, seed, "data.sample_size"), val
 
 
 def by_length(frame: pd.DataFrame) -> pd.DataFrame:

@@ -55,7 +55,7 @@ def test_docker_env_forwards_set_variables_and_drops_unset_ones(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a/b+c d*")  # one word, whatever the characters
     shutil.copy(mlflow_db, tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:  # MLflow raised here for any unset variable listed by bare name
+    with mlflow.start_run(experiment_id="0") as run:  # MLflow raised here for any unset variable listed by bare name
         command = _get_docker_command(
             SimpleNamespace(tags=[IMAGE]), run, user_env_vars=PROJECT.docker_env["environment"]
         )

@@ -346,6 +346,10 @@ def test_validation_comes_from_rows_the_training_sample_leaves(agnews_dir: Path,
     assert (val.label.value_counts() - full.label.value_counts(normalize=True) * 300).abs().max() <= 1
     everything, val_all = split_train(full, None, 300, seed=7)  # all rows: validation first, the rest trains
     assert len(everything) == len(full) - 300 and not set(everything.text) & set(val_all.text)
+    with pytest.raises(
+        DataError, match=r"data.sample_size=22200 is larger than the 21960 rows left after data.val_size=300"
+    ):
+        split_train(full, 22200, 300, seed=7)
 
 
 # A train step that SIGKILLs itself while saving its second checkpoint, after the model's config.json and before the
