@@ -25,6 +25,7 @@ from mlflow.projects.backend.local import _get_docker_command
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
+from bundle.layout import manifest_key
 
 PROJECT = load_project(str(PROJECT_ROOT))
 IMAGE = PROJECT.docker_env["image"]
@@ -185,9 +186,14 @@ def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: 
 
     s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
-    version = f"models/{model_name}/v{champion.version}"
-    files = ["model.int8.onnx", "tokenizer.json", "config.json", "manifest.json"]
-    assert {f"{version}/{name}" for name in files} <= keys
-    assert {f"datasets/ag_news/{name}" for name in ("train.jsonl", "test.jsonl", "info.json")} <= keys
     pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{model_name}/champion.json")["Body"].read())
-    assert (pointer["version"], pointer["manifest"]) == (int(champion.version), f"v{champion.version}/manifest.json")
+    manifest = s3.get_object(Bucket=bucket, Key=f"models/{model_name}/{pointer['manifest']}")["Body"].read()
+    # the version's folder is named by its number and its manifest's digest
+    assert (pointer["version"], pointer["manifest"]) == (
+        int(champion.version),
+        manifest_key(int(champion.version), hashlib.sha256(manifest).hexdigest()),
+    )
+    folder = f"models/{model_name}/{pointer['manifest'].rsplit('/', 1)[0]}"
+    files = ["model.int8.onnx", "tokenizer.json", "config.json", "manifest.json"]
+    assert {f"{folder}/{name}" for name in files} <= keys
+    assert {f"datasets/ag_news/{name}" for name in ("train.jsonl", "test.jsonl", "info.json")} <= keys

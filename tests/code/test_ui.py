@@ -76,12 +76,22 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 
 
 def click(browser: WebDriver, xpath: str) -> None:
-    """Wait until the element is there and clickable, then click it, as a user would."""
+    """Wait until the element is there and clickable, then click it, as a user would. The UI re-renders while it
+    loads, so an element found a moment ago may be replaced before the click lands: find it again and retry."""
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
-    WebDriverWait(browser, WAIT_S).until(expected_conditions.element_to_be_clickable((By.XPATH, xpath))).click()
+    def clicked(driver: WebDriver) -> bool:
+        element = expected_conditions.element_to_be_clickable((By.XPATH, xpath))(driver)
+        if not element:
+            return False
+        element.click()
+        return True
+
+    ignored = (StaleElementReferenceException, ElementClickInterceptedException)
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=ignored).until(clicked)
 
 
 def visible(browser: WebDriver, xpath: str):
