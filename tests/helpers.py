@@ -11,7 +11,7 @@ import socket
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import boto3
 import pytest
@@ -21,13 +21,18 @@ from agnews.config import AGNEWS_DIR, PROJECT_ROOT
 from bundle.layout import MANIFEST, POINTER, manifest_bytes, manifest_key, pointer_bytes
 
 
+def unavailable(message: str) -> NoReturn:
+    """Skip a test whose tool or data this machine lacks; under CI=true, where .ci/run installs everything, fail."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_agnews() -> Path:
     """The AG News folder; skipped where it is absent, but a failure under CI."""
     if not (AGNEWS_DIR / "test.csv").is_file():
         message = f"AG News not found at {AGNEWS_DIR} (set AGNEWS_DIR)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
     return AGNEWS_DIR
 
 
@@ -116,9 +121,7 @@ def lambda_interpreter() -> str:
     python = found.stdout.strip()
     if not python:
         message = f"no Python {lambda_python()} here to run the Lambda zip (set LAMBDA_PY, or install it with pyenv)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
     return python
 
 

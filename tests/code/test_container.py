@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
 from bundle.layout import manifest_key
+from tests.helpers import unavailable
 
 PROJECT = load_project(str(PROJECT_ROOT))
 IMAGE = PROJECT.docker_env["image"]
@@ -87,9 +88,7 @@ def require_engine() -> None:
             f"no container engine at {os.environ.get('DOCKER_HOST', 'the default socket')} ({exc}); "
             'run `eval "$(.ci/container-setup)"`'
         )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
 
 
 def torch_build_args() -> list[str]:
