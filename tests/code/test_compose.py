@@ -26,7 +26,7 @@ from agnews.tracking import step_run
 from tests.helpers import answers, free_port, unavailable
 
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
-PROFILES = [None, "manual", "train", "pipeline", "auth", "minio"]
+PROFILES = [None, "manual", "train", "pipeline", "auth", "minio", "postgres"]
 # What the user writes into .env: every value that .env.example leaves empty, but the optional ones.
 OPTIONAL = {"S3_ENDPOINT_URL", "SAMPLE_SIZE", "APP_UID", "APP_GID", "BIND_ADDRESS", "MLFLOW_ALLOWED_HOSTS"}
 FILLED = {
@@ -39,6 +39,9 @@ FILLED = {
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef0123456789abcdef",
     "MLFLOW_TRACKING_USERNAME": "admin",
     "MLFLOW_TRACKING_PASSWORD": "admin-secret-0001",
+    "AGNEWS_WEBHOOK_SECRET": "webhook-secret-0001",
+    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=",
+    "POSTGRES_PASSWORD": "postgres-secret-0001",
 }
 CREDENTIALS = [name for name in FILLED if not name.startswith("MLFLOW_TRACKING_")]
 
@@ -118,13 +121,14 @@ def test_env_example_has_the_seeds_variables_and_no_secret() -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_is_valid_and_hardened(cli: list[str], env_file: Path, profile: str | None) -> None:
     """Every profile composes; each port publishes on 127.0.0.1; every service but the one-shot that hands MinIO's
-    volume over runs as a non-root user, with no capabilities and no privilege escalation."""
+    volume over (and its twin for PostgreSQL's) runs as a non-root user, with no capabilities and no privilege
+    escalation."""
     for name, service in services(cli, env_file, profile=profile).items():
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", (name, port)
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
-        if name == "minio-volume":
+        if name in ("minio-volume", "postgres-volume"):
             assert service["user"] == "0:0" and service["cap_add"] == ["CHOWN"]
             assert service["network_mode"] == "none"
         else:
