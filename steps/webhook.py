@@ -17,7 +17,7 @@ import sys
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from agnews.config import compose, split_overrides
+from agnews.config import compose, redact, split_overrides
 from agnews.errors import PipelineError
 from agnews.tracking import connect
 from agnews.webhooks import SECRET_ENV, Receiver, make_receiver_server, register_webhook
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             hook = register_webhook(MlflowClient(), args.url, secret)
             events = ", ".join(str(event) for event in hook.events)
-            print(f"webhook {hook.name} ({hook.webhook_id}) at {cfg.tracking.uri} delivers {events} to {hook.url}")
+            where = redact(cfg.tracking.uri)
+            print(f"webhook {hook.name} ({hook.webhook_id}) at {where} delivers {events} to {hook.url}")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
