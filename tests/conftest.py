@@ -27,7 +27,7 @@ from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
-from tests.helpers import answers, free_port, moto_environ, require_agnews, unavailable
+from tests.helpers import answers, free_port, moto_environ, require_agnews, s3_environment, unavailable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -317,17 +317,6 @@ def server_config(
             *overrides,
         ]
     )
-
-
-@contextlib.contextmanager
-def s3_environment(moto_server: str) -> Iterator[None]:
-    """The moto S3 variables, for fixtures that outlive a test's monkeypatch."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in moto_environ(moto_server).items():
-            patch.setenv(name, value)
-        for name in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            patch.delenv(name, raising=False)
-        yield
 
 
 def train_run(cfg: DictConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -52,6 +54,17 @@ def moto_environ(endpoint: str) -> dict[str, str]:
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+@contextlib.contextmanager
+def s3_environment(moto_server: str) -> Iterator[None]:
+    """The moto S3 variables, for fixtures that outlive a test's monkeypatch."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in moto_environ(moto_server).items():
+            patch.setenv(name, value)
+        for name in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        yield
 
 
 def use_credentials(monkeypatch: pytest.MonkeyPatch, key: str | None, secret: str | None) -> None:

@@ -42,7 +42,7 @@ from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.helpers import free_port, moto_environ, require_agnews, use_credentials
+from tests.helpers import free_port, require_agnews, s3_environment, use_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TrainRuns as Runs
@@ -55,11 +55,7 @@ BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
 @pytest.fixture(scope="module")
 def moto_env(moto_server: str) -> Iterator[str]:
     """The S3 variables for the whole module (its fixtures outlive a test's monkeypatch)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in moto_environ(moto_server).items():
-            patch.setenv(name, value)
-        for name in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            patch.delenv(name, raising=False)
+    with s3_environment(moto_server):
         yield moto_server
 
 
