@@ -16,13 +16,12 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from machine import machine
 
 from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
 from agnews.ingest import upload
@@ -117,16 +116,6 @@ def accuracy(tmp: Path, extra: list[str], seeds: list[int]) -> dict:
 
     keys = ("test_accuracy", "onnx_int8_accuracy", "best_val_accuracy", "test_f1_macro")
     return {"overrides": overrides, "runs": runs, **{key: summary(key) for key in keys}}
-
-
-def machine() -> dict[str, str | int]:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-    }
 
 
 def main() -> None:
