@@ -27,7 +27,8 @@ def register(cfg: DictConfig) -> registry.Outcome:
         mlflow.set_tags(outcome.tags())
         if outcome.promoted:
             try:
-                mlflow.set_tags(publish(cfg, storage, lease).tags())
+                how = "rollback" if cfg.registry.rollback else "gate" if cfg.registry.version is None else "manual"
+                mlflow.set_tags(publish(cfg, storage, lease, how).tags())
             except PipelineError as exc:
                 raise type(exc)(
                     f"{outcome.model_name} v{outcome.version} is @champion, but mirroring it failed: {exc}. Storage "

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow import MlflowClient
@@ -47,6 +48,9 @@ from bundle.layout import (
 )
 
 MANIFEST_METRICS = ("test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement")
+# How @champion came to name a version: the gate, registry.version, registry.rollback, a move in the MLflow UI (or
+# its REST API), or a mirror that caught storage up with the registry.
+How = Literal["gate", "manual", "rollback", "ui", "reconcile"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class Mirrored:
     changed: bool
     folder: str = ""
     recorded: str | None = None  # what record_champion did, when @champion had been moved outside the pipeline
+    how: How = "reconcile"
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -67,6 +72,7 @@ class Mirrored:
             "mirror.pointer": self.pointer,
             "mirror.changed": str(self.changed).lower(),
             "mirror.folder": self.folder,
+            "mirror.how": self.how,
         }
         return tags | ({"mirror.recorded": self.recorded} if self.recorded else {})
 
@@ -168,9 +174,11 @@ def version_files(client: MlflowClient, name: str, number: int) -> tuple[str, di
     return version_folder(number, sha256(manifest_doc)), files | {MANIFEST: manifest_doc}
 
 
-def publish(cfg: DictConfig, storage: Storage, lease: Lease) -> Mirrored:
+def publish(cfg: DictConfig, storage: Storage, lease: Lease, how: How | None = None) -> Mirrored:
     """What ``mirror`` does, under a lease the caller holds: complete a move of @champion made outside the pipeline,
-    copy @champion's bundle and manifest into its folder, verify them, then write the pointer."""
+    copy @champion's bundle and manifest into its folder, verify them, then write the pointer. ``how`` says how
+    @champion moved; None: ``ui`` when this call completed a move made outside the pipeline, else
+    ``reconcile``."""
     client = MlflowClient()
     name, root = cfg.registry.model_name, root_key(cfg)
     pointer = f"{root}/{POINTER}"
@@ -186,12 +194,15 @@ def publish(cfg: DictConfig, storage: Storage, lease: Lease) -> Mirrored:
             written.append(file)
     lease.check()
     moved = point_to(storage, pointer, name, number, files[MANIFEST])
-    return Mirrored(number, storage.url(pointer), bool(written) or moved, folder, recorded)
+    how = how or ("ui" if recorded else "reconcile")
+    return Mirrored(number, storage.url(pointer), bool(written) or moved, folder, recorded, how)
 
 
-def mirror(cfg: DictConfig) -> Mirrored:
+def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
     """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them, then write the
-    pointer; under the model's lease, after completing a move of @champion made outside the pipeline."""
+    pointer; under the model's lease, after completing a move of @champion made outside the pipeline. ``how`` says
+    how @champion moved, as for ``publish``: the webhook receiver passes ``ui`` for a delivery and ``reconcile`` for
+    its timer."""
     storage = open_storage(cfg)
     with model_lease(cfg, storage, "mirror") as lease:
-        return publish(cfg, storage, lease)
+        return publish(cfg, storage, lease, how)
