@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.resources
 import json
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from agnews.errors import PipelineError
+from agnews.errors import ConfigError, PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -72,10 +75,58 @@ def split_overrides(args: list[str]) -> list[str]:
     return [o for o in overrides if not re.fullmatch(r"[\w.+~/@-]+=", o)]
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the config as the entry points do (for tests and library use)."""
+def _compose(overrides: list[str]) -> DictConfig:
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra.compose(config_name="config", overrides=split_overrides(overrides or []))
+        return hydra.compose(config_name="config", overrides=overrides)
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return []
+    return [
+        key for name, value in node.items() for key in (f"{prefix}{name}", *_dotted_keys(value, f"{prefix}{name}."))
+    ]
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse, in one line that names the closest key or option, an override the config cannot take.
+
+    Hydra answers a misspelled key (``trian.epochs=1``) in six lines, and accepts ``+trian.epochs=1``, with which a
+    step would run with the key silently ignored: a ``+`` key is refused unless the config has it (``++``) or it
+    names one of the project's config groups. ``hydra.*`` overrides are Hydra's own and pass through.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    groups = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONF_DIR.iterdir() if path.is_dir()}
+    chosen = [o.input_line for o in parsed if o.key_or_group in groups and not (o.is_add() or o.is_delete())]
+    for override in chosen:
+        name, option = override.split("=", 1)
+        if option not in (*groups[name], "null"):
+            raise ConfigError(
+                f"{override}: no such option{_closest(option, groups[name])} (choose from {', '.join(groups[name])})"
+            )
+    keys = _dotted_keys(OmegaConf.to_container(_compose(chosen), resolve=False))
+    for o in parsed:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or key in groups or key in keys:
+            continue
+        if o.is_add():
+            raise ConfigError(f"{o.input_line}: adds a key that no step reads{_closest(key, keys)}")
+        raise ConfigError(f"{o.input_line}: no such key{_closest(key, keys)}")
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the config as the entry points do (for tests and library use); unknown keys fail in one line."""
+    overrides = split_overrides(overrides or [])
+    check_overrides(overrides)
+    return _compose(overrides)
 
 
 # The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials.
@@ -152,6 +203,11 @@ def entrypoint(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
 
     def main() -> None:
         sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
+        try:
+            check_overrides([arg for arg in sys.argv[1:] if _OVERRIDE.fullmatch(arg)])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
         hydra_main()
 
     return main

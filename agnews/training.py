@@ -68,24 +68,24 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{key}={value!r} is not a whole number")
+    # each key: whether its value is allowed, and what is
     checks = {
-        "train.epochs": t.epochs > 0,
-        "train.learning_rate": t.learning_rate > 0,
-        "train.batch_size": t.batch_size > 0,
-        "train.eval_batch_size": t.eval_batch_size > 0,
-        "train.serving_batch_size": t.serving_batch_size > 0,
-        "train.max_length": t.max_length > 0,
-        "train.weight_decay": t.weight_decay >= 0,
-        "train.warmup_ratio": 0 <= t.warmup_ratio < 1,
-        "train.label_smoothing": 0 <= t.label_smoothing < 1,
-        "data.sample_size": (cfg.data.sample_size or 0) >= 0,
-        "data.val_size": (cfg.data.val_size or 0) > 0,
-        "data.test_size": (cfg.data.test_size or 0) >= 0,
+        "train.epochs": (t.epochs > 0, "> 0"),
+        "train.learning_rate": (t.learning_rate > 0, "> 0"),
+        "train.batch_size": (t.batch_size > 0, "> 0"),
+        "train.eval_batch_size": (t.eval_batch_size > 0, "> 0"),
+        "train.serving_batch_size": (t.serving_batch_size > 0, "> 0"),
+        "train.max_length": (t.max_length > 0, "> 0"),
+        "train.weight_decay": (t.weight_decay >= 0, ">= 0"),
+        "train.warmup_ratio": (0 <= t.warmup_ratio < 1, "in [0, 1)"),
+        "train.label_smoothing": (0 <= t.label_smoothing < 1, "in [0, 1)"),
+        "data.sample_size": ((cfg.data.sample_size or 0) >= 0, ">= 0 (0 or null: every row)"),
+        "data.val_size": ((cfg.data.val_size or 0) > 0, "> 0"),
+        "data.test_size": ((cfg.data.test_size or 0) >= 0, ">= 0 (0 or null: every row)"),
     }
-    for key, ok in checks.items():
+    for key, (ok, allowed) in checks.items():
         if not ok:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range")
-    precision.for_config(t)  # a precision this device cannot run fails here, before any data or model is loaded
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range: it must be {allowed}")
 
 
 def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:

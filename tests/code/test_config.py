@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from agnews.config import CONF_DIR, PROJECT_ROOT, compose
+from agnews.errors import ConfigError
 from tests.helpers import SEED_TEXT
 
 OPTIONS = sorted(f"{path.parent.name}={path.stem}" for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "hydra")
@@ -71,3 +73,32 @@ def test_make_smoke_ends_with_the_lambda_answering_from_the_mirrored_model(agnew
     assert answer["model_version"] == 1 and answer["predicted_class"] in {"World", "Sports", "Business", "Sci/Tech"}
     assert (tmp_path / "store" / "models" / "distilbert-agnews-smoke" / "champion.json").is_file()
     assert SEED_TEXT in done.stdout  # the seed's example is what the handler answered
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trian.epochs=1", "trian.epochs=1: no such key; did you mean 'train.epochs'?"),
+        ("train.epoch=1", "train.epoch=1: no such key; did you mean 'train.epochs'?"),
+        ("+trian.epochs=1", "+trian.epochs=1: adds a key that no step reads; did you mean 'train.epochs'?"),
+        ("+train.extra=1", "+train.extra=1: adds a key that no step reads"),
+        ("model=minlm", "model=minlm: no such option; did you mean 'minilm'? (choose from distilbert, minilm, tiny)"),
+    ],
+)
+def test_a_misspelled_override_fails_in_one_line_naming_the_closest_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        compose([override])
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "steps.train", "trian.epochs=1"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: trian.epochs=1: no such key; did you mean 'train.epochs'?"]

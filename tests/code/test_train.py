@@ -242,11 +242,11 @@ def test_missing_dataset_says_run_upload_first(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.learning_rate=-1e-5", "train.learning_rate=-1e-05 is out of range"),
-        ("train.epochs=0", "train.epochs=0 is out of range"),
-        ("train.batch_size=0", "train.batch_size=0 is out of range"),
-        ("train.label_smoothing=1.0", "train.label_smoothing=1.0 is out of range"),
-        ("train.serving_batch_size=0", "train.serving_batch_size=0 is out of range"),
+        ("train.learning_rate=-1e-5", "train.learning_rate=-1e-05 is out of range: it must be > 0"),
+        ("train.epochs=0", "train.epochs=0 is out of range: it must be > 0"),
+        ("train.batch_size=0", "train.batch_size=0 is out of range: it must be > 0"),
+        ("train.label_smoothing=1.0", r"train.label_smoothing=1.0 is out of range: it must be in \[0, 1\)"),
+        ("train.serving_batch_size=0", "train.serving_batch_size=0 is out of range: it must be > 0"),
     ],
 )
 def test_bad_override_values_are_rejected(make_cfg, override: str, message: str) -> None:
