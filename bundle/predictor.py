@@ -6,6 +6,7 @@ against the torch model with it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,48 @@ from bundle.layout import CONFIG_FILE, INPUTS, ONNX_FILE, OUTPUT, TOKENIZER_FILE
 # reads; the cut never goes past 32 per token, whatever the text.
 FIRST_CUT_CHARS_PER_TOKEN = 8
 MOST_CHARS_PER_TOKEN = 32
+# cgroup v2's CPU quota of this process's group ("<quota> <period>" in microseconds, or "max <period>"): Lambda and
+# containers cap CPU time there while affinity still shows every core of the host.
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def cpu_quota(cpu_max: str | None) -> float | None:
+    """The CPUs that a cgroup v2 ``cpu.max`` line allows (``"50000 100000"``: half a CPU); None without a quota, or
+    for a line that is not one."""
+    quota, _, period = (cpu_max or "").strip().partition(" ")
+    try:
+        return int(quota) / int(period)
+    except ValueError:  # "max", or no file
+        return None
+
+
+def usable_cpus(affinity: int, quota: float | None) -> int:
+    """The CPUs this process can keep busy: those it may run on, no more than the quota's whole CPUs, at least one."""
+    return max(1, min(affinity, int(quota)) if quota is not None else affinity)
+
+
+def session_options(affinity: int, cpu_max: str | None) -> ort.SessionOptions:
+    """onnxruntime's options for a process that may run on ``affinity`` CPUs under the cgroup quota ``cpu_max``: an
+    intra-op pool of ``usable_cpus`` threads (onnxruntime's default sizes it from the host's cores), which spin
+    while they wait only when they have CPUs of their own (with one CPU, or under a quota, a spinning thread takes
+    the time the work needs)."""
+    quota = cpu_quota(cpu_max)
+    threads = usable_cpus(affinity, quota)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry(SPINNING, "1" if threads > 1 and quota is None else "0")
+    return options
+
+
+def this_process_options() -> ort.SessionOptions:
+    """``session_options`` for the CPUs this process may use now (its affinity) and its cgroup's quota."""
+    try:
+        cpu_max = CPU_MAX.read_text()
+    except OSError:
+        cpu_max = None
+    return session_options(len(os.sched_getaffinity(0)), cpu_max)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -29,9 +72,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """A serving bundle (``model.int8.onnx``, ``tokenizer.json``, ``config.json``) ready to classify texts."""
+    """A serving bundle (``model.int8.onnx``, ``tokenizer.json``, ``config.json``) ready to classify texts, with
+    ``options`` for its onnxruntime session (default: ``this_process_options()``)."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, options: ort.SessionOptions | None = None) -> None:
         config = parse_config((bundle / CONFIG_FILE).read_bytes(), str(bundle / CONFIG_FILE))
         self.labels = config.labels
         self.batch_size = config.batch_size
@@ -42,7 +86,9 @@ class Predictor:
         if pad_id is None:
             raise ValueError(f"{bundle / CONFIG_FILE}: pad_token {pad!r} is not in the tokenizer's vocabulary")
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad)
-        self.session = ort.InferenceSession(str(bundle / ONNX_FILE), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(bundle / ONNX_FILE), options or this_process_options(), providers=["CPUExecutionProvider"]
+        )
         self.read_tokens = config.max_length - self.tokenizer.num_special_tokens_to_add(False)  # of the text
         self.first_cut = config.max_length * FIRST_CUT_CHARS_PER_TOKEN
         self.most_chars = config.max_length * MOST_CHARS_PER_TOKEN
