@@ -2,14 +2,17 @@
 
 ``resolve`` is pure: it takes the requested settings (``train.precision``, ``train.tf32``,
 ``train.dataloader_workers``, ``train.pad_to_multiple_of``) and a ``Device`` and returns the TrainingArguments
-keywords, so every branch runs in a test on a CPU. ``detect`` reads the facts from torch; ``for_config`` does both.
+keywords, so every branch runs in a test on any machine. ``detect`` reads the facts (torch for CUDA, /proc/cpuinfo
+through agnews/hardware.py for the CPU); ``for_config`` does both, once per run.
 
-- ``auto``: bf16 where the card computes in bf16 (Ampere and newer), else fp16 with loss scaling on CUDA, and
-  fp32 on a CPU. ``bf16`` and ``fp16`` are mixed precision (autocast; the weights stay float32).
-- An explicit ``bf16`` or ``fp16`` that the device cannot run is a ``ConfigError``, not a silent fallback: on a
-  CPU, and ``bf16`` on a card without bf16.
+- ``auto``: bf16 where the device computes in bf16 (a card of the Ampere generation and newer; a CPU with
+  AVX512-BF16 or AMX-BF16), else fp16 with loss scaling on CUDA and fp32 on a CPU. ``bf16`` and ``fp16`` are mixed
+  precision (autocast; the weights stay float32, and the serving bundle is exported from a float32 copy).
+- An explicit ``bf16`` or ``fp16`` that the device cannot run is a ``ConfigError``, not a silent fallback: ``fp16``
+  on a CPU, and ``bf16`` on a card or a CPU without bf16.
 - CUDA: TF32 matmuls on Ampere and newer (unless ``train.tf32=false``), pinned memory, DataLoader workers (kept
-  alive across epochs), and batches padded to a multiple of 8. CPU: no pinning, no workers, no extra padding.
+  alive across epochs), and batches padded to a multiple of 8. CPU: no pinning, no workers, no extra padding; bf16
+  there is the Trainer's ``bf16`` with ``use_cpu`` (accelerate's ``torch.autocast("cpu", torch.bfloat16)``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from agnews import hardware
 from agnews.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -34,8 +38,8 @@ class Device:
     """The facts about the training device that the settings depend on."""
 
     cuda: bool
-    name: str
-    bf16: bool = False  # the card computes in bf16 natively (not emulated)
+    name: str  # the card's or the CPU's model name
+    bf16: bool = False  # the card or CPU computes in bf16 natively (not emulated)
     tf32: bool = False  # the card has TF32 matmuls: CUDA compute capability 8.0 (Ampere) and newer
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability
 
@@ -58,7 +62,8 @@ def detect() -> Device:
     """CUDA device 0, or the CPU where there is none or ``ACCELERATE_USE_CPU`` is set (as the Trainer does)."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "on")
     if use_cpu or not torch.cuda.is_available():
-        return Device(cuda=False, name="cpu")
+        cpu = hardware.cpu()
+        return Device(cuda=False, name=cpu.model, bf16=cpu.bf16)
     capability = torch.cuda.get_device_capability(0)
     return Device(
         cuda=True,
@@ -79,6 +84,24 @@ def _pad_multiple(setting: Any, device: Device) -> int | None:
     raise ConfigError(f"train.pad_to_multiple_of={setting}: expected auto, null or a positive integer")
 
 
+def _resolve_cpu(requested: str, device: Device, pad: int | None) -> Resolved:
+    if requested == "fp16":
+        raise ConfigError(
+            f"train.precision=fp16 needs a CUDA GPU, and this run trains on the CPU ({device.name}): use auto or fp32"
+        )
+    if requested == "bf16" and not device.bf16:
+        raise ConfigError(
+            f"train.precision=bf16: the CPU ({device.name}) has neither AVX512-BF16 nor AMX-BF16: "
+            "use auto (fp32 there) or fp32"
+        )
+    precision = "bf16" if requested != "fp32" and device.bf16 else "fp32"
+    # No pinning: pinned memory only helps copies to an accelerator (torch warns on every run without one).
+    kwargs: dict[str, Any] = {"dataloader_pin_memory": False, "dataloader_num_workers": 0}
+    if precision == "bf16":
+        kwargs |= {"bf16": True, "use_cpu": True}  # the Trainer's bf16 on a CPU needs use_cpu
+    return Resolved(precision, device, pad, kwargs)
+
+
 def resolve(
     requested: str,
     device: Device,
@@ -96,14 +119,7 @@ def resolve(
         raise ConfigError(f"train.dataloader_workers={workers}: expected 0 or more")
     pad = _pad_multiple(pad_to_multiple_of, device)
     if not device.cuda:
-        if requested in ("bf16", "fp16"):
-            raise ConfigError(
-                f"train.precision={requested} needs a CUDA GPU, and this run trains on the CPU: "
-                "use train.precision=auto (fp32 on a CPU) or fp32"
-            )
-        # No pinning: pinned memory only helps copies to an accelerator (torch warns on every run without one).
-        kwargs = {"dataloader_pin_memory": False, "dataloader_num_workers": 0}
-        return Resolved("fp32", device, pad, kwargs)
+        return _resolve_cpu(requested, device, pad)
     if requested == "bf16" and not device.bf16:
         raise ConfigError(
             f"train.precision=bf16: {device.name} (compute capability {device.capability[0]}.{device.capability[1]})"

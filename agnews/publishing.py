@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
+from agnews import history
 from agnews.errors import NotFoundError, RegistryError, StorageError
 from agnews.lease import Lease, held, lock_key
 from agnews.pyfunc import BUNDLE_PATH
-from agnews.registry import CHAMPION, aliases, record_champion
+from agnews.registry import CHAMPION, PROMOTED_BY, FencedClient, aliases, record_champion
 from agnews.storage import Storage, open_storage
+from agnews.tracking import USERNAME_VARIABLE
 from bundle.layout import (
     MANIFEST,
     POINTER,
@@ -156,10 +159,11 @@ def model_root(cfg: DictConfig) -> str:
 
 
 @contextlib.contextmanager
-def model_lease(cfg: DictConfig, storage: Storage, purpose: str) -> Iterator[Lease]:
-    """Hold the model's lease (``<root>/.lock`` in ``storage``) for the ``with`` block."""
-    with held(storage, lock_key(root_key(cfg)), f"{purpose} {cfg.registry.model_name}") as lease:
-        yield lease
+def model_lease(cfg: DictConfig, storage: Storage, purpose: str) -> Iterator[tuple[Lease, MlflowClient]]:
+    """Hold the model's lease (``<root>/.lock`` in ``storage``) for the ``with`` block, with a client whose every
+    registry write first checks that the lease is still held (``registry.FencedClient``)."""
+    with held(storage, lock_key(root_key(cfg)), f"{purpose} {cfg.registry.model_name}", cfg.storage) as lease:
+        yield lease, FencedClient(lease.check)
 
 
 def served_version(storage: Storage, cfg: DictConfig) -> int | None:
@@ -167,42 +171,80 @@ def served_version(storage: Storage, cfg: DictConfig) -> int | None:
     return read_pointer(storage, f"{root_key(cfg)}/{POINTER}").get("version")
 
 
-def version_files(client: MlflowClient, name: str, number: int) -> tuple[str, dict[str, bytes]]:
-    """The folder that version ``number`` mirrors to (``v<N>-<digest>``) and its files by name, manifest last."""
-    files = download_bundle(name, number)
-    manifest_doc = manifest(client, client.get_model_version(name, str(number)), files)
+def version_files(client: MlflowClient, version: ModelVersion) -> tuple[str, dict[str, bytes]]:
+    """The folder that ``version`` mirrors to (``v<N>-<digest>``) and its files by name, manifest last."""
+    number = int(version.version)
+    files = download_bundle(version.name, number)
+    manifest_doc = manifest(client, version, files)
     return version_folder(number, sha256(manifest_doc)), files | {MANIFEST: manifest_doc}
 
 
-def publish(cfg: DictConfig, storage: Storage, lease: Lease, how: How | None = None) -> Mirrored:
-    """What ``mirror`` does, under a lease the caller holds: complete a move of @champion made outside the pipeline,
-    copy @champion's bundle and manifest into its folder, verify them, then write the pointer. ``how`` says how
-    @champion moved; None: ``ui`` when this call completed a move made outside the pipeline, else
-    ``reconcile``."""
-    client = MlflowClient()
+def history_entry(version: ModelVersion, manifest_doc: bytes, previous: dict, how: How) -> history.Entry:
+    """The history entry of a move of the served champion from ``previous`` (``read_pointer``) to ``version``."""
+    who = os.environ.get(USERNAME_VARIABLE) or version.tags.get(PROMOTED_BY, "unknown")
+    return history.Entry(
+        datetime.now(UTC),
+        history.Served(int(version.version), sha256(manifest_doc)),
+        history.Served(**previous) if previous else None,
+        how,
+        who,
+        version.tags.get("gate", ""),
+    )
+
+
+def publish(
+    cfg: DictConfig, storage: Storage, lease: Lease, client: MlflowClient, how: How, recorded: str | None = None
+) -> Mirrored:
+    """Copy @champion's bundle and manifest into its folder, verify them, then write the pointer and, when it moved,
+    append the move to the promotion history; every write under ``lease``, checked first. ``how`` says how
+    @champion moved; ``recorded`` what ``record_champion`` said, for the run's tags."""
     name, root = cfg.registry.model_name, root_key(cfg)
     pointer = f"{root}/{POINTER}"
-    recorded = record_champion(client, name, served_version(storage, cfg))
     number = aliases(client, name).get(CHAMPION)
     if number is None:
         raise RegistryError(f"model '{name}' has no @{CHAMPION}: run the register step first")
-    folder, files = version_files(client, name, number)
+    version = client.get_model_version(name, str(number))
+    folder, files = version_files(client, version)
     written = []
     for file, data in files.items():  # the manifest last: a folder with a manifest is complete
         lease.check()
         if put_verified(storage, f"{root}/{folder}/{file}", data):
             written.append(file)
+    previous = read_pointer(storage, pointer)
     lease.check()
     moved = point_to(storage, pointer, name, number, files[MANIFEST])
-    how = how or ("ui" if recorded else "reconcile")
+    if moved:
+        lease.check()
+        entry = history_entry(version, files[MANIFEST], previous, how)
+        log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
     return Mirrored(number, storage.url(pointer), bool(written) or moved, folder, recorded, how)
+
+
+def reconcile(cfg: DictConfig, storage: Storage, lease: Lease, client: MlflowClient) -> Mirrored | None:
+    """Bring storage in line with the registry, as the first thing a register does: complete a move of @champion made
+    outside the pipeline (``record_champion``), then mirror @champion if ``champion.json`` names another version
+    (a move in the UI, or a promotion whose mirror was killed); None when storage already serves @champion."""
+    served = served_version(storage, cfg)
+    recorded = record_champion(client, cfg.registry.model_name, served)
+    champion = aliases(client, cfg.registry.model_name).get(CHAMPION)
+    if champion is None or champion == served:
+        return None
+    log.warning(
+        "storage serves %s, but @%s is v%s: mirroring v%s first",
+        f"v{served}" if served is not None else "nothing",
+        CHAMPION,
+        champion,
+        champion,
+    )
+    return publish(cfg, storage, lease, client, "ui" if recorded else "reconcile", recorded)
 
 
 def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
     """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them, then write the
     pointer; under the model's lease, after completing a move of @champion made outside the pipeline. ``how`` says
-    how @champion moved, as for ``publish``: the webhook receiver passes ``ui`` for a delivery and ``reconcile`` for
-    its timer."""
+    how @champion moved: the webhook receiver passes ``ui`` for a delivery and ``reconcile`` for its timer; None:
+    ``ui`` when this call completed a move made outside the pipeline, else ``reconcile``."""
     storage = open_storage(cfg)
-    with model_lease(cfg, storage, "mirror") as lease:
-        return publish(cfg, storage, lease, how)
+    with model_lease(cfg, storage, "mirror") as (lease, client):
+        recorded = record_champion(client, cfg.registry.model_name, served_version(storage, cfg))
+        return publish(cfg, storage, lease, client, how or ("ui" if recorded else "reconcile"), recorded)

@@ -13,9 +13,12 @@ Callers hold the model's lease (``agnews.lease``) around every change here, so c
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -31,6 +34,7 @@ CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PROMOTED_BY, BY_GATE, BY_HAND = "promoted_by", "gate", "manual"  # version tag: how it became @champion
 RECORDED_CHAMPION = "recorded_champion"  # registered model tag: the champion as the pipeline last saw it
 TEST_SET_TAGS = ("dataset.test.sha256", "dataset.test.rows")  # what the test set is; the train step tags both
+WRITES = ("create_", "set_", "delete_", "update_", "rename_", "transition_", "copy_")  # MlflowClient's writes
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions, as the MLflow UI reads them
 TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
 BEHAVIOUR_METRICS = ("behaviour_pass_rate", "onnx_int8_behaviour_pass_rate")  # logged by the train step
@@ -42,6 +46,29 @@ MODEL_DESCRIPTION = (
 )
 
 log = logging.getLogger(__name__)
+
+
+class FencedClient(MlflowClient):
+    """An MlflowClient whose every registry and tracking write (a method named ``create_*``, ``set_*``,
+    ``delete_*``, ...) first calls ``fence``: ``Lease.check``, which raises once the model's lease is lost, so that a
+    holder paused past its lease changes nothing more."""
+
+    def __init__(self, fence: Callable[[], None]) -> None:
+        self._fence = fence
+        super().__init__()
+
+    def __getattribute__(self, name: str) -> Any:
+        found = super().__getattribute__(name)
+        if not name.startswith(WRITES) or not callable(found):
+            return found
+        fence = super().__getattribute__("_fence")
+
+        @functools.wraps(found)
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            fence()
+            return found(*args, **kwargs)
+
+        return fenced
 
 
 @dataclass(frozen=True)
@@ -366,17 +393,15 @@ def rollback(client: MlflowClient, name: str) -> Outcome:
     return set_champion(client, name, previous, f"rolled back to v{previous}")
 
 
-def update(cfg: DictConfig, served: int | None = None) -> Outcome:
-    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. A move of
-    @champion made outside the pipeline is completed first (``record_champion``; ``served`` is the version storage
-    serves), so that this call sees the registry as if that move had gone through the pipeline too."""
+def update(cfg: DictConfig, client: MlflowClient) -> Outcome:
+    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. The
+    caller has completed any move of @champion made outside the pipeline (``record_champion``), so that this call sees
+    the registry as if that move had gone through the pipeline too."""
     registry = cfg.registry
     if registry.rollback and registry.version is not None:
         raise ConfigError("registry.rollback=true and registry.version are exclusive: set one")
     if (registry.rollback or registry.version is not None) and registry.run_id:
         raise ConfigError("registry.run_id registers a new version: do not combine it with a rollback or version")
-    client = MlflowClient()
-    record_champion(client, registry.model_name, served)
     if registry.rollback:
         outcome = rollback(client, registry.model_name)
     elif registry.version is not None:

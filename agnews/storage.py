@@ -1,13 +1,23 @@
-"""One key layout over two backends: S3 (or any S3-compatible endpoint) and a local folder."""
+"""One key layout over two backends: S3 (or any S3-compatible endpoint) and a local folder.
+
+Besides plain reads and writes, both offer conditional writes on small objects, for locks and append-only records:
+``create`` writes only a key that does not exist, ``swap`` replaces an object only while it still holds the bytes a
+token names (compare-and-swap), ``delete_if`` deletes it only then. In S3 these are conditional requests
+(``If-None-Match: *``, ``If-Match: <ETag>``), which S3 evaluates atomically with the write. In a folder, ``create``
+links a complete temporary file into place (which fails if the name exists, as ``O_EXCL`` does), and ``swap`` and
+``delete_if`` compare and write under an exclusive ``flock`` of the object's folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -21,6 +31,9 @@ from omegaconf import DictConfig
 from agnews.errors import NotFoundError, StorageError
 
 MB = 1024 * 1024
+# S3's answers to a conditional request that lost: the condition failed, the key is gone, or another conditional
+# write on the key was in flight.
+LOST_CONDITION = {"PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict", "409"}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -38,6 +51,21 @@ class Storage(Protocol):
     def copy(self, src: str, dst: str) -> None: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> list[str]: ...
+    def create(self, key: str, data: bytes) -> str | None:
+        """Write ``data`` if ``key`` does not exist; the token of what was written, or None when the key exists."""
+        ...
+
+    def read_token(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and their token; None when it does not exist."""
+        ...
+
+    def swap(self, key: str, data: bytes, token: str) -> str | None:
+        """Write ``data`` if the object still holds what ``token`` names; the new token, or None when it does not."""
+        ...
+
+    def delete_if(self, key: str, token: str) -> bool:
+        """Delete the object if it still holds what ``token`` names; False when it does not."""
+        ...
 
 
 class LocalStorage:
@@ -67,7 +95,9 @@ class LocalStorage:
             raise NotFoundError(f"no such file: {self._path(key)}") from None
 
     @contextlib.contextmanager
-    def _atomic(self, key: str) -> Iterator[Path]:
+    def _atomic(self, key: str, place: Callable[[str, Path], None] = os.replace) -> Iterator[Path]:
+        """A temporary file beside the key's, which ``place`` puts at the key once the block has filled it;
+        ``os.link`` raises FileExistsError where the key exists."""
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +108,9 @@ class LocalStorage:
         try:
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, target)
+            place(tmp, target)
+        except FileExistsError:
+            raise
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {exc.strerror}") from None
         finally:
@@ -108,6 +140,56 @@ class LocalStorage:
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    @staticmethod
+    def _token(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _folder_locked(self, key: str) -> Iterator[None]:
+        """An exclusive flock of the key's folder, held by every compare-and-swap in it."""
+        folder = self._path(key).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError as exc:
+            raise StorageError(f"cannot lock {folder}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def create(self, key: str, data: bytes) -> str | None:
+        try:
+            with self._atomic(key, place=os.link) as tmp:  # a complete file, or none at all
+                tmp.write_bytes(data)
+        except FileExistsError:
+            return None
+        return self._token(data)
+
+    def read_token(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.read_bytes(key)
+        except NotFoundError:
+            return None
+        return data, self._token(data)
+
+    def swap(self, key: str, data: bytes, token: str) -> str | None:
+        with self._folder_locked(key):
+            found = self.read_token(key)
+            if found is None or found[1] != token:
+                return None
+            self.write_bytes(key, data)
+        return self._token(data)
+
+    def delete_if(self, key: str, token: str) -> bool:
+        with self._folder_locked(key):
+            found = self.read_token(key)
+            if found is None or found[1] != token:
+                return False
+            self._path(key).unlink()  # its folder stays: another contender may be waiting for its flock
+        return True
 
 
 class S3Storage:
@@ -192,6 +274,39 @@ class S3Storage:
             ):
                 keys.extend(obj["Key"][start:] for obj in page.get("Contents", []))
         return sorted(keys)
+
+    @contextlib.contextmanager
+    def _conditional(self, action: str, key: str) -> Iterator[list[bool]]:
+        """Errors as ``_errors`` does, but a conditional request that lost sets ``lost[0]`` instead."""
+        lost = [False]
+        with self._errors(action, key):
+            try:
+                yield lost
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code", "")) not in LOST_CONDITION:
+                    raise
+                lost[0] = True
+
+    def create(self, key: str, data: bytes) -> str | None:
+        with self._conditional("write", key) as lost:
+            put = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        return None if lost[0] else put["ETag"]
+
+    def read_token(self, key: str) -> tuple[bytes, str] | None:
+        with self._conditional("read", key) as lost:
+            got = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = got["Body"].read()
+        return None if lost[0] else (data, got["ETag"])
+
+    def swap(self, key: str, data: bytes, token: str) -> str | None:
+        with self._conditional("write", key) as lost:
+            put = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=token)
+        return None if lost[0] else put["ETag"]
+
+    def delete_if(self, key: str, token: str) -> bool:
+        with self._conditional("delete", key) as lost:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=token)
+        return not lost[0]
 
 
 def s3_client(config: BotoConfig | None = None):

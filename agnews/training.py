@@ -177,8 +177,9 @@ class TrainingClock(TrainerCallback):
         self.seconds += time.perf_counter() - self._started
 
 
-def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
-    """The Trainer's arguments: the recipe from ``train``, with precision and DataLoader settings for the device."""
+def training_args(cfg: DictConfig, output_dir: Path, resolved: precision.Resolved) -> TrainingArguments:
+    """The Trainer's arguments: the recipe from ``train``, with the precision and DataLoader settings resolved for
+    the device."""
     t = cfg.train
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -200,7 +201,7 @@ def training_args(cfg: DictConfig, output_dir: Path) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
-        **precision.for_config(t).trainer_kwargs,
+        **resolved.trainer_kwargs,
     )
 
 
@@ -211,12 +212,15 @@ class Fitted:
     test_frame: pd.DataFrame
     probs: np.ndarray  # test rows x classes, from the kept checkpoint
     train_metrics: dict[str, float]
+    resolved: precision.Resolved  # the precision and device settings the run trained with
 
 
 def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     """Load data and model, fine-tune with validation choosing the checkpoint, then predict the test split once
     with the kept (best) checkpoint."""
     validate(cfg)
+    # Once per run, before any data or model is loaded: a precision this device cannot run fails here.
+    resolved = precision.for_config(cfg.train)
     storage = open_storage(cfg)
     prefix = cfg.storage.dataset_prefix
     labels = read_info(storage, prefix)["labels"]
@@ -241,13 +245,11 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     clock = TrainingClock()
     trainer = OrderedEvalTrainer(
         model=model,
-        args=training_args(cfg, output_dir),
+        args=training_args(cfg, output_dir, resolved),
         train_dataset=tokenize(train_frame, tokenizer, cfg.train),
         eval_dataset=tokenize(val_frame, tokenizer, cfg.train),
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=precision.for_config(cfg.train).pad_to_multiple_of
-        ),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=resolved.pad_to_multiple_of),
         compute_metrics=compute_metrics,
         callbacks=[MlflowMetrics(), clock, *extra],
     )
@@ -262,7 +264,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     logits = trainer.predict(tokenize(test_frame, tokenizer, cfg.train), metric_key_prefix="test").predictions
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return Fitted(trainer, tokenizer, test_frame, probs, train_metrics)
+    return Fitted(trainer, tokenizer, test_frame, probs, train_metrics, resolved)
 
 
 def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[str, float]:
@@ -297,7 +299,8 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
     model_dir, bundle_dir = workdir / pyfunc.WEIGHTS_ARTIFACT, workdir / pyfunc.BUNDLE_ARTIFACT
     fitted.trainer.save_model(str(model_dir))
     export.export_bundle(
-        fitted.trainer.model,
+        # Without the autocast wrapper that mixed precision puts around forward: on a CPU it would trace in bf16.
+        fitted.trainer.accelerator.unwrap_model(fitted.trainer.model, keep_fp32_wrapper=False),
         fitted.tokenizer,
         labels,
         cfg.train.max_length,
@@ -354,7 +357,7 @@ def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[st
     storage = open_storage(cfg)
     info = read_info(storage, cfg.storage.dataset_prefix)
     mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in info["files"].items()})
-    mlflow.set_tags(precision.for_config(cfg.train).tags())
+    mlflow.set_tags(fitted.resolved.tags())
     final = log_evaluation(cfg, fitted, labels)
     with tempfile.TemporaryDirectory() as tmp:
         final |= log_model(cfg, fitted, labels, Path(tmp))

@@ -8,9 +8,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback, TrainingArguments
 
+from agnews import hardware
 from agnews.config import compose
 from agnews.errors import ConfigError
 from agnews.ingest import upload
@@ -18,7 +20,9 @@ from agnews.precision import CUDA_PAD_MULTIPLE, Device, detect, for_config, reso
 from agnews.tracking import step_run
 from agnews.training import train, training_args
 
-CPU = Device(cuda=False, name="cpu")
+CPU = Device(cuda=False, name="Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz")  # AVX2, no AVX-512: bf16 is emulated
+ZEN4 = Device(cuda=False, name="AMD EPYC 9R14 96-Core Processor", bf16=True)  # AVX512-BF16
+SAPPHIRE_RAPIDS = Device(cuda=False, name="Intel(R) Xeon(R) Platinum 8488C", bf16=True)  # AMX-BF16
 H100 = Device(cuda=True, name="NVIDIA H100 80GB HBM3", bf16=True, tf32=True, capability=(9, 0))
 A100 = Device(cuda=True, name="NVIDIA A100-SXM4-40GB", bf16=True, tf32=True, capability=(8, 0))
 T4 = Device(cuda=True, name="Tesla T4", capability=(7, 5))
@@ -56,20 +60,35 @@ def test_cuda_resolution(requested: str, device: Device, precision: str, tf32: b
     assert resolved.tags() == {"precision": precision, "device": device.name}
 
 
-def test_cpu_trains_in_fp32_without_pinning_workers_or_extra_padding() -> None:
-    for requested in ("auto", "fp32"):
-        resolved = resolve(requested, CPU, workers=4)
-        assert resolved.precision == "fp32"
-        assert resolved.trainer_kwargs == {"dataloader_pin_memory": False, "dataloader_num_workers": 0}
-        assert resolved.pad_to_multiple_of is None
-        assert resolved.tags() == {"precision": "fp32", "device": "cpu"}
+@pytest.mark.parametrize(
+    ("requested", "device", "precision"),
+    [
+        ("auto", CPU, "fp32"),
+        ("fp32", CPU, "fp32"),
+        ("auto", ZEN4, "bf16"),
+        ("auto", SAPPHIRE_RAPIDS, "bf16"),
+        ("bf16", ZEN4, "bf16"),
+        ("fp32", SAPPHIRE_RAPIDS, "fp32"),
+    ],
+)
+def test_cpu_trains_in_bf16_where_it_computes_in_it_without_pinning_workers_or_extra_padding(
+    requested: str, device: Device, precision: str
+) -> None:
+    resolved = resolve(requested, device, workers=4)
+    assert resolved.precision == precision
+    # The Trainer's bf16 on a CPU is accelerate's torch.autocast("cpu", torch.bfloat16), and needs use_cpu.
+    bf16 = {"bf16": True, "use_cpu": True} if precision == "bf16" else {}
+    assert resolved.trainer_kwargs == {"dataloader_pin_memory": False, "dataloader_num_workers": 0, **bf16}
+    assert resolved.pad_to_multiple_of is None
+    assert resolved.tags() == {"precision": precision, "device": device.name}
 
 
 @pytest.mark.parametrize(
     ("requested", "device", "message"),
     [
-        ("bf16", CPU, "train.precision=bf16 needs a CUDA GPU"),
+        ("bf16", CPU, "the CPU (Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz) has neither AVX512-BF16 nor AMX-BF16"),
         ("fp16", CPU, "train.precision=fp16 needs a CUDA GPU"),
+        ("fp16", SAPPHIRE_RAPIDS, "train.precision=fp16 needs a CUDA GPU"),
         ("bf16", T4, "Tesla T4 (compute capability 7.5) does not support bf16"),
         ("bf16", V100, "use fp16 or auto"),
         ("fp8", H100, "expected one of auto, bf16, fp16, fp32"),
@@ -131,30 +150,65 @@ def test_config_defaults_and_the_seed_recipe() -> None:
     assert seed.trainer_kwargs["tf32"] is False and seed.trainer_kwargs["dataloader_num_workers"] == 0
 
 
-def test_this_machine_is_detected_as_it_is() -> None:
-    import torch
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: fpu sse2 {flags}
 
+processor\t: 1
+model name\t: {model}
+flags\t\t: fpu sse2 {flags}
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "flags", "bf16"),
+    [
+        ("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz", "avx avx2 fma", False),
+        ("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", "avx2 avx512f avx512_vnni", False),  # Cascade Lake
+        ("AMD EPYC 9R14 96-Core Processor", "avx2 avx512f avx512_vnni avx512_bf16", True),  # Zen 4
+        ("Intel(R) Xeon(R) Platinum 8488C", "avx2 avx512f amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+    ],
+)
+def test_the_cpu_is_read_from_cpuinfo(model: str, flags: str, bf16: bool) -> None:
+    cpu = hardware.parse_cpuinfo(CPUINFO.format(vendor="GenuineIntel", model=model, flags=flags))
+    assert cpu.model == model and cpu.bf16 is bf16
+    assert cpu.flags == set(flags.split()) - {"avx", "fma"}  # only the flags that matter are kept
+
+
+def test_this_machine_is_detected_as_it_is() -> None:
     device = detect()
     assert device.cuda == torch.cuda.is_available()
     if not device.cuda:
-        assert device == CPU
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        assert device.bf16 == bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        assert device.name in Path("/proc/cpuinfo").read_text()
 
 
 def test_training_args_on_this_machine(tmp_path: Path) -> None:
-    """The real TrainingArguments that a run here gets (on a CPU: fp32, no pinning, no workers)."""
-    args = training_args(compose(["model=tiny"]), tmp_path)
-    resolved = for_config(compose(["model=tiny"]).train)
+    """The real TrainingArguments that a run here gets (on a CPU: bf16 where it computes in it, else fp32; no
+    pinning, no workers)."""
+    cfg = compose(["model=tiny"])
+    resolved = for_config(cfg.train)
+    args = training_args(cfg, tmp_path, resolved)
     for key, value in resolved.trainer_kwargs.items():
         assert getattr(args, key) == value, key
     assert args.bf16 == (resolved.precision == "bf16") and args.fp16 == (resolved.precision == "fp16")
 
 
 class Batches(TrainerCallback):
-    """Keeps the sequence lengths of the training batches (drawn from the Trainer's own DataLoader) and the args."""
+    """Keeps the sequence lengths of the training batches (drawn from the Trainer's own DataLoader), the args, and
+    the dtypes that the model's output layer computes in during training."""
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
         self.args = args
         self.lengths = [batch["input_ids"].shape[1] for batch in train_dataloader]
+        self.dtypes: set[torch.dtype] = set()
+        self.handle = model.classifier.register_forward_hook(lambda _, __, output: self.dtypes.add(output.dtype))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.handle.remove()
+        self.weights = {parameter.dtype for parameter in model.parameters()}
 
 
 def test_a_run_records_its_precision_and_device_pads_as_asked_and_does_not_pin_on_a_cpu(
@@ -178,5 +232,9 @@ def test_a_run_records_its_precision_and_device_pads_as_asked_and_does_not_pin_o
     assert {key: tags[key] for key in ("precision", "device")} == resolved.tags()
     assert len(batches.lengths) == 7 and all(length % 8 == 0 for length in batches.lengths), batches.lengths
     assert batches.args.dataloader_pin_memory == resolved.trainer_kwargs["dataloader_pin_memory"]
+    # On a CPU with AVX512-BF16 or AMX-BF16 (as where this suite is developed) the Trainer computes in bf16 under
+    # autocast, while the weights, which the serving bundle is exported from, stay float32.
+    assert batches.dtypes == {torch.bfloat16 if resolved.precision == "bf16" else torch.float32}
+    assert batches.weights == {torch.float32}
     if not resolved.device.cuda:
         assert not [w for w in caught if "pin_memory" in str(w.message)]

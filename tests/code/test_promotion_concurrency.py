@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import PipelineError
-from agnews.lease import Lease, LeaseError, lock_object
+from agnews.lease import Lease, LeaseError
 from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, aliases
 from agnews.storage import open_storage
 from bundle.layout import MANIFEST, POINTER, sha256
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 ROUNDS = 10
 EXPERIMENT = "registry-tests"
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0"]
+LOCK = "models/m/.lock"
 
 
 # ---- the lease on its own -------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def lock_storage(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.M
 
 
 def test_one_contender_of_many_gets_the_lease(lock_storage) -> None:
-    contenders = [Lease(lock_object(lock_storage, "models/m/.lock"), f"contender {i}") for i in range(8)]
+    contenders = [Lease(lock_storage, LOCK, f"contender {i}", 60) for i in range(8)]
     start = threading.Barrier(len(contenders))
     won: list[Lease] = []
 
@@ -81,11 +82,11 @@ def test_one_contender_of_many_gets_the_lease(lock_storage) -> None:
     assert holder.release()
     loser.acquire(wait_s=0)
     assert loser.release()
-    assert lock_object(lock_storage, "models/m/.lock").read() is None, "released: no lock left behind"
+    assert lock_storage.read_token(LOCK) is None, "released: no lock left behind"
 
 
 def test_a_waiting_contender_gets_the_lease_once_it_is_released(lock_storage) -> None:
-    first, second = (Lease(lock_object(lock_storage, "models/m/.lock"), name) for name in ("first", "second"))
+    first, second = (Lease(lock_storage, LOCK, name, 60) for name in ("first", "second"))
     first.acquire(wait_s=0)
     waiting = threading.Thread(target=second.acquire, kwargs={"wait_s": 60})
     waiting.start()
@@ -98,20 +99,35 @@ def test_a_waiting_contender_gets_the_lease_once_it_is_released(lock_storage) ->
 
 
 def test_an_expired_lease_is_taken_over_and_its_holder_finds_out(lock_storage) -> None:
-    """A holder that stopped renewing (a dead process) loses the lock once its lease has expired: the next contender
-    takes it over with a conditional write, and the old holder's next renewal, check and release all say so."""
-    lock = lock_object(lock_storage, "models/m/.lock")
-    stalled = Lease(lock, "stalled", duration_s=60)
+    """A holder that stopped renewing (a dead or paused process) loses the lock once its lease has expired: the next
+    contender takes it over with a conditional write, and the old holder's next check (which re-reads the lock, with
+    no renewal in between), renewal and release all say so."""
+    stalled = Lease(lock_storage, LOCK, "stalled", duration_s=60)
     stalled.acquire(wait_s=0)
-    later = Lease(lock, "later", duration_s=60, clock=lambda: stalled.clock() + 3600)  # an hour on
+    later = Lease(lock_storage, LOCK, "later", duration_s=60, clock=lambda: stalled.clock() + 3600)  # an hour on
     later.acquire(wait_s=0)
-    assert json.loads(lock.read()[0])["purpose"] == "later"
-    assert not stalled.renew()
-    with pytest.raises(LeaseError, match="was taken over by another holder"):
+    assert json.loads(lock_storage.read_token(LOCK)[0])["purpose"] == "later"
+    with pytest.raises(
+        LeaseError, match=r"^the lease on \S+ was taken over by another holder: stalled stopped before its next write"
+    ):
         stalled.check()
+    assert not stalled.renew()
     assert not stalled.release()
     later.check()
     assert later.renew() and later.release()
+
+
+def test_a_lease_that_ran_out_fails_its_check(lock_storage) -> None:
+    """A holder whose renewals stopped (paused) finds, by its own clock, that its lease ran out: no write after that,
+    even when nobody has taken the lock over yet."""
+    now = [1000.0]
+    lease = Lease(lock_storage, LOCK, "paused", duration_s=60, clock=lambda: now[0])
+    lease.acquire(wait_s=0)
+    lease.check()
+    now[0] += 61
+    with pytest.raises(LeaseError, match=r"ran out at .*, before it was renewed: paused stopped before its next write"):
+        lease.check()
+    assert lease.release(), "nobody took it over: the lock is still its own to delete"
 
 
 # ---- concurrent processes against a real server ---------------------------------------------------------------

@@ -43,10 +43,29 @@ def round_trip(storage: Storage) -> None:
         storage.copy("a/c/file.bin", "z/gone.bin")
 
 
+def conditional_writes(storage: Storage) -> None:
+    """create, read_token, swap and delete_if against one store: each writes only while its condition holds."""
+    assert storage.read_token("a/lock") is None
+    first = storage.create("a/lock", b"first")
+    assert first is not None
+    assert storage.create("a/lock", b"second") is None, "create never replaces"
+    assert storage.read_token("a/lock") == (b"first", first)
+    second = storage.swap("a/lock", b"second", first)
+    assert second is not None and second != first
+    assert storage.swap("a/lock", b"third", first) is None, "a stale token swaps nothing"
+    assert storage.delete_if("a/lock", first) is False
+    assert storage.read_token("a/lock") == (b"second", second)
+    assert storage.delete_if("a/lock", second) is True
+    assert storage.read_token("a/lock") is None
+    assert storage.swap("a/lock", b"x", second) is None and storage.delete_if("a/lock", second) is False
+    assert storage.list("a") == ["a/b.txt"]
+
+
 def test_local_round_trip(tmp_path: Path, make_cfg) -> None:
     storage = open_storage(make_cfg())
     assert isinstance(storage, LocalStorage)
     round_trip(storage)
+    conditional_writes(storage)
     root = tmp_path / "store"
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["a", "a/b.txt", "z", "z/copy.bin"]
     assert storage.url("a/b.txt") == (root / "a" / "b.txt").as_uri()
@@ -79,6 +98,7 @@ def test_local_write_error_is_one_line(tmp_path: Path, make_cfg) -> None:
 def test_s3_round_trip(s3_env: str, bucket: str, tmp_path: Path, make_cfg) -> None:
     storage = open_storage(make_cfg(f"storage.uri=s3://{bucket}/some/prefix"))
     round_trip(storage)
+    conditional_writes(storage)
     listed = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=bucket)["Contents"]
     assert sorted(obj["Key"] for obj in listed) == ["some/prefix/a/b.txt", "some/prefix/z/copy.bin"]
     assert storage.url("a/b.txt") == f"s3://{bucket}/some/prefix/a/b.txt"
