@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.precision import Device, for_config
+from agnews.precision import Device, detect, for_config
 from tests.helpers import require_agnews
 
 SCRIPT = PROJECT_ROOT / "bench" / "gpu_check.sh"
@@ -100,10 +100,14 @@ def test_rehearsal_on_this_cpu(tmp_path: Path) -> None:
 
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["transformers"]
     assert report["settings"]["DIMS"] == "64,128,2,2"
+    cpu = detect()
     for label in TRAIN_STEPS:
         step = report["steps"][label]
         assert (step["rc"], step["status"]) == (0, "FINISHED"), label
-        assert (step["precision"], step["device"]) == ("fp32", "cpu"), label  # a CPU resolves auto to fp32
+        # a CPU resolves auto (ours, full, ours_no_pad) to bf16 where it computes in bf16, else to fp32
+        auto = "bf16" if cpu.bf16 else "fp32"
+        assert step["precision"] == (auto if label in ("ours", "full", "ours_no_pad") else "fp32"), label
+        assert step["device"] == cpu.name, label
         assert step["metrics"]["train_loop_samples_per_second"] > 0
         assert step["pyfunc_logged"] and step["int8_bundle_logged"], label
     assert report["ours_over_seed"]["ratio"] > 0 and report["auto_over_fp32"]["ratio"] > 0
