@@ -23,6 +23,7 @@ from pathlib import Path
 
 from machine import machine
 
+from agnews import precision
 from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
 from agnews.ingest import upload
 from agnews.tracking import step_run
@@ -49,8 +50,9 @@ KEYS = (
 )
 
 
-def run(workdir: Path, overrides: list[str]) -> dict[str, float]:
-    """One upload and train run; its figures, with the load average before and after."""
+def run(workdir: Path, overrides: list[str]) -> dict[str, float | str]:
+    """One upload and train run; its figures and the precision it trained in, with the load average before and
+    after."""
     cfg = compose(
         [
             f"storage.uri={workdir / 'store'}",
@@ -65,6 +67,7 @@ def run(workdir: Path, overrides: list[str]) -> dict[str, float]:
     with step_run(cfg, "train"):
         final = train(cfg)
     return {key: final[key] for key in KEYS} | {
+        "precision": precision.for_config(cfg.train).precision,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": os.getloadavg()[0],
     }
