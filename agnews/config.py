@@ -129,15 +129,19 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     return _compose(overrides)
 
 
-# The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials.
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]+@")
+# The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials. After
+# `user:`, the password runs to the last `@` before the next blank, so it may hold an unencoded `@`, `/`, `?` or `#`
+# (SQLAlchemy accepts them), unless it is digits up to a `/`, `?`, `#` or the end: that is a port
+# (`http://host:5000/path@v1` has no user info). Without a `:`, the user info holds none of `/`, `?` and `#`.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)(?:[^:/?#@\s]*:(?!\d*(?:[/?#\s]|$))\S*|[^/?#\s]+)@")
 
 
 def redact(text: str) -> str:
     """``text`` with the user info of every URI in it replaced by ``***``: ``http://***@host:5000``.
 
     What the steps log or record (parameters, ``config.yaml``, log lines) goes through this, so that credentials
-    written into a URI (``MLFLOW_TRACKING_URI=http://user:password@host``) never reach a run or a log.
+    written into a URI (``MLFLOW_TRACKING_URI=http://user:password@host``) never reach a run or a log. A password of
+    digits followed by an unencoded ``/`` reads as a port and stays: percent-encode it (``%2F``).
     """
     return _USERINFO.sub(r"\1***@", text)
 

@@ -27,6 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
+from agnews.config import redact
 from agnews.errors import ConfigError, RegistryError
 from agnews.pyfunc import LOGGED_MODEL
 
@@ -98,7 +99,9 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
         return client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no run '{run_id}' in the tracking store at {mlflow.get_tracking_uri()}") from None
+            raise RegistryError(
+                f"no run '{run_id}' in the tracking store at {redact(mlflow.get_tracking_uri())}"
+            ) from None
         raise
 
 

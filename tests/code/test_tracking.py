@@ -21,7 +21,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, redact
-from agnews.errors import TrackingError
+from agnews.errors import RegistryError, TrackingError
+from agnews.registry import get_run
 from agnews.tracking import connect, step_run
 from tests.helpers import answers, free_port
 
@@ -96,11 +97,31 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ("https://user:p@ss:w0rd@host/mlflow", "https://***@host/mlflow"),  # "@" and ":" in the password
         ("postgresql://mlflow:secret@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
         ("http://host:5000/path@v1", "http://host:5000/path@v1"),  # an '@' after the host is not user info
+        ("http://user@host/path@v1", "http://***@host/path@v1"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        # unencoded '/', '#' and '?' in the password: the user info ends at the last '@' before the host
+        ("http://user:pa/ss@host", "http://***@host"),
+        ("postgresql+psycopg2://postgres:s/e#c?r@t@db:5432/mlflow", "postgresql+psycopg2://***@db:5432/mlflow"),
+        (
+            "at postgresql://u:p/w@db/mlflow, then http://a:b#c@h/x.",
+            "at postgresql://***@db/mlflow, then http://***@h/x.",
+        ),
     ],
 )
 def test_redact_hides_the_user_info_of_a_uri(text: str, shown: str) -> None:
     assert redact(text) == shown
+
+
+def test_a_missing_run_names_the_tracking_store_without_its_password(
+    postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """registry's "no run" error prints the tracking URI: a PostgreSQL URI's password (here with an unencoded '/',
+    which SQLAlchemy accepts; the test cluster trusts any password) stays out of it."""
+    uri = postgres.replace("postgres@", "postgres:pa/ss@", 1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(RegistryError) as caught:
+        get_run(MlflowClient(), "f00d")
+    assert str(caught.value) == f"no run 'f00d' in the tracking store at {postgres.replace('postgres@', '***@', 1)}"
 
 
 def test_credentials_in_the_tracking_uri_stay_out_of_runs_and_logs(auth_server: str, tmp_path: Path) -> None:
