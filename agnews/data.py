@@ -2,6 +2,7 @@
 
 Layout under ``storage.dataset_prefix``: ``train.jsonl`` and ``test.jsonl`` (one ``{"text", "label"}`` per line,
 label 0-3) and ``info.json`` (labels, counts, sha256 and size of each file), written last as the commit marker.
+Uploads hold the lease ``<prefix>/.lock`` (``agnews.lease``), so two at once end as if one ran after the other.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +26,8 @@ SPLITS = ("train", "test")
 FORMATS = (".csv", ".jsonl", ".parquet")
 INFO = "info.json"
 STAGING = ".staging"
+# The fields of info.json that say who wrote it, when and from what: the rest describes the dataset itself.
+PROVENANCE = ("source", "created_at", "code_version")
 
 log = logging.getLogger(__name__)
 
@@ -200,29 +204,38 @@ def read_info(storage: Storage, prefix: str) -> dict:
         return json.loads(storage.read_bytes(f"{prefix}/{INFO}"))
     except NotFoundError:
         raise DataError(f"no dataset at {storage.url(prefix)}: run the upload step first") from None
+    except ValueError as exc:
+        url = storage.url(f"{prefix}/{INFO}")
+        raise DataError(f"{url} is not valid JSON ({exc}): run the upload step again") from None
 
 
-def is_current(storage: Storage, prefix: str, files: dict[str, bytes]) -> bool:
-    """True when storage already holds exactly these files, committed by info.json.
+def described(info: dict) -> dict:
+    """What info.json says about the dataset: every field but its provenance (``PROVENANCE``)."""
+    return {key: value for key, value in info.items() if key not in PROVENANCE}
+
+
+def is_current(storage: Storage, prefix: str, files: dict[str, bytes], info: dict) -> bool:
+    """True when storage already holds exactly these files, committed by an info.json that describes them as
+    ``info`` does: every field but the provenance compared, so that a tampered row count is uploaded again.
 
     Each stored file is read back and its sha256 compared: a file of the right size can still be corrupt (one
     changed letter), and only its content says so. The size is checked first, which spares the read when it differs.
     """
     try:
-        stored = read_info(storage, prefix)["files"]
+        stored = read_info(storage, prefix)
     except DataError:
         return False
 
     def holds(name: str, data: bytes) -> bool:
         key = f"{prefix}/{name}"
-        if stored[name]["sha256"] != sha256(data) or storage.size(key) != len(data):
+        if storage.size(key) != len(data):
             return False
         try:
-            return sha256(storage.read_bytes(key)) == stored[name]["sha256"]
+            return sha256(storage.read_bytes(key)) == sha256(data)
         except NotFoundError:
             return False
 
-    in_place = stored.keys() == files.keys() and all(holds(name, data) for name, data in files.items())
+    in_place = described(stored) == described(info) and all(holds(name, data) for name, data in files.items())
     return in_place and not storage.list(f"{prefix}/{STAGING}")
 
 
@@ -230,27 +243,39 @@ def _staged(prefix: str, name: str, digest: str) -> str:
     return f"{prefix}/{STAGING}/{digest}/{name}"
 
 
-def publish(storage: Storage, prefix: str, files: dict[str, bytes], info: dict) -> bool:
-    """Stage the data files, commit them with info.json, then move them into place.
+def publish(storage: Storage, prefix: str, files: dict[str, bytes], info: dict, fence: Callable[[], None]) -> bool:
+    """Stage the data files, commit them with info.json, then move them into place; the caller holds the dataset's
+    lease, and ``fence`` (``Lease.check``) raises before any write once it is lost.
 
-    Returns False when storage already holds exactly these files. A run that dies before info.json is written
-    leaves the previous dataset as it was; one that dies after it leaves the new dataset readable, because
+    Returns False when storage already holds exactly these files and info. A run that dies before info.json is
+    written leaves the previous dataset as it was; one that dies after it leaves the new dataset readable, because
     ``read_split`` falls back to the staged copy (kept under its sha256) until the file is in place.
     """
-    if is_current(storage, prefix, files):
+    if is_current(storage, prefix, files, info):
         return False
     for name, data in files.items():
+        fence()
         storage.write_bytes(_staged(prefix, name, sha256(data)), data)
+    fence()
     storage.write_bytes(f"{prefix}/{INFO}", json.dumps(info, indent=2).encode())
     for name, data in files.items():
-        storage.copy(_staged(prefix, name, sha256(data)), f"{prefix}/{name}")
+        staged = _staged(prefix, name, sha256(data))
+        fence()
+        try:
+            storage.copy(staged, f"{prefix}/{name}")
+        except NotFoundError:
+            raise DataError(
+                f"the staged {storage.url(staged)} went missing before it was moved into place (removed by a "
+                "process that does not hold the upload lease?): run the upload step again"
+            ) from None
     for key in storage.list(f"{prefix}/{STAGING}"):
+        fence()
         storage.delete(key)
     return True
 
 
 def read_split(storage: Storage, prefix: str, split: str) -> pd.DataFrame:
-    """Load a split from storage after checking its sha256 against info.json.
+    """Load a split from storage after checking its sha256 against info.json; rows are indexed by their line number.
 
     A file that an interrupted upload committed but did not move into place is read from its staged copy.
     """

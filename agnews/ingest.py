@@ -12,26 +12,41 @@ from omegaconf import DictConfig
 
 from agnews.config import code_version
 from agnews.data import INFO, build_info, load_source, publish, read_info, to_jsonl
+from agnews.lease import held, lock_key
 from agnews.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 
 def upload(cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], dict, bool]:
-    """Parse and validate both splits, then publish them; returns (splits, info, changed)."""
+    """Parse and validate both splits, then publish them under the dataset's lease; returns (splits, info, changed)."""
     splits = load_source(cfg.data)
     files = {f"{split}.jsonl": to_jsonl(frame) for split, frame in splits.items()}
     storage = open_storage(cfg)
     prefix = cfg.storage.dataset_prefix
     source = " + ".join(str(cfg.data[f"{s}_file"]) for s in splits) if cfg.data.train_file else str(cfg.data.source)
     info = build_info(splits, files, list(cfg.data.labels), source, code_version())
-    changed = publish(storage, prefix, files, info)
+    with held(storage, lock_key(prefix), f"upload {prefix}", cfg.storage) as lease:
+        changed = publish(storage, prefix, files, info, lease.check)
+        if not changed:
+            info = read_info(storage, prefix)
     if changed:
         log.info("uploaded %s to %s", ", ".join(files), storage.url(prefix))
     else:
-        info = read_info(storage, prefix)
         log.info("dataset at %s is already up to date: nothing uploaded", storage.url(prefix))
     return splits, info, changed
+
+
+def log_frame(frame: pd.DataFrame, source: str, name: str, context: str) -> None:
+    """Log ``frame`` (``text``, ``label``) as an ``mlflow.data`` input of the active run, read from ``source``."""
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source twice and says a file URL fits both; and it hints that an
+        # integer column cannot hold missing values, which labels never are. Neither is for a user to act on. The
+        # hint comes from the schema, which MLflow infers again each time it is read: in log_input too.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label")
+        mlflow.log_input(dataset, context=context)
 
 
 def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) -> None:
@@ -40,15 +55,7 @@ def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) ->
     prefix = cfg.storage.dataset_prefix
     for split, frame in splits.items():
         name = f"{split}.jsonl"
-        with warnings.catch_warnings():
-            # MLflow registers its local artifact source twice and says a file URL fits both; and it hints that an
-            # integer column cannot hold missing values, which labels never are. Neither is for a user to act on.
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-            dataset = mlflow.data.from_pandas(
-                frame, source=storage.url(f"{prefix}/{name}"), name=f"ag_news-{split}", targets="label"
-            )
-        mlflow.log_input(dataset, context=split)
+        log_frame(frame, storage.url(f"{prefix}/{name}"), f"ag_news-{split}", split)
         mlflow.set_tag(f"dataset.{split}.sha256", info["files"][name]["sha256"])
         counts = info["counts"][split]
         mlflow.log_metric(f"rows_{split}", counts["rows"])

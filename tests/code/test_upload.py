@@ -1,15 +1,20 @@
-"""The upload step: local and S3 stores, idempotence, interrupted uploads, the checked reader, and the CLI."""
+"""The upload step: local and S3 stores, idempotence, interrupted and concurrent uploads, the checked reader, and the
+CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import boto3
@@ -19,11 +24,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 import agnews.ingest
-from agnews.config import PROJECT_ROOT, code_version
+from agnews.config import PROJECT_ROOT, code_version, compose
 from agnews.data import INFO, read_info, read_split
-from agnews.errors import DataError, StorageError
+from agnews.errors import DataError, PipelineError, StorageError
 from agnews.ingest import upload
 from agnews.storage import Storage, open_storage
+from tests.helpers import moto_environ
 
 PREFIX = "datasets/ag_news"
 KEYS = [f"{PREFIX}/info.json", f"{PREFIX}/test.jsonl", f"{PREFIX}/train.jsonl"]
@@ -40,6 +46,7 @@ def write_source(folder: Path, rows: list[tuple[str, int]]) -> Path:
 
 ROWS_A = [("Oil prices rise", 2), ("Team wins", 1), ("New chip", 3), ("Peace talks", 0)]
 ROWS_B = [("Markets fall", 2), ("Final score", 1), ("Rocket launch", 3), ("Election day", 0), ("More news", 0)]
+ROWS_C = [("Rates hold", 2), ("Cup final", 1), ("Chip shortage", 3)]
 
 
 def rows(storage: Storage, split: str) -> list[tuple[str, int]]:
@@ -78,15 +85,24 @@ class Recorded:
         self.store.delete(key)
 
 
-@pytest.fixture
-def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[[str | None], list[Recorded]]:
-    """Make the upload step open its store through Recorded; returns the stores it opened."""
+class LosesStaged(Recorded):
+    """A store in which each staged file is removed just before it is moved into place, as another process that
+    does not hold the upload lease would."""
 
-    def install(fail_on: str | None = None) -> list[Recorded]:
+    def copy(self, src: str, dst: str) -> None:
+        self.store.delete(src)
+        super().copy(src, dst)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Recorded]]:
+    """Make the upload step open its store through Recorded (or a subclass); returns the stores it opened."""
+
+    def install(fail_on: str | None = None, kind: type[Recorded] = Recorded) -> list[Recorded]:
         opened: list[Recorded] = []
 
         def open_recorded(cfg: DictConfig) -> Recorded:
-            opened.append(Recorded(open_storage(cfg), fail_on))
+            opened.append(kind(open_storage(cfg), fail_on))
             return opened[-1]
 
         monkeypatch.setattr(agnews.ingest, "open_storage", open_recorded)
@@ -218,7 +234,7 @@ def cli(moto_server: str, agnews_dir: Path, mlflow_db: Path, tmp_path_factory: p
     done = run(f"data.source={agnews_dir}")
     assert done.returncode == 0, done.stderr
     client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", **creds(env))
-    return {"run": run, "env": env, "bucket": bucket, "cwd": cwd, "tracking": tracking, "s3": client}
+    return {"run": run, "env": env, "bucket": bucket, "cwd": cwd, "tracking": tracking, "s3": client, "first": done}
 
 
 def creds(env: dict[str, str]) -> dict[str, str]:
@@ -269,6 +285,15 @@ def test_cli_logs_mlflow_run(cli: dict, agnews_dir: Path) -> None:
     assert config["data"]["source"] == str(agnews_dir)
 
 
+def test_cli_prints_no_schema_hint(cli: dict) -> None:
+    """MLflow hints that an integer column cannot hold missing values each time it infers a dataset's schema (twice
+    per split); labels never miss, so the step keeps it off its output."""
+    output = cli["first"].stdout + cli["first"].stderr
+    assert "uploaded train.jsonl, test.jsonl to s3://" in output
+    assert "Integer columns" not in output
+    assert "Warning" not in output
+
+
 def test_cli_bad_input_is_one_line(cli: dict, agnews_dir: Path, tmp_path: Path) -> None:
     s3, bucket = cli["s3"], cli["bucket"]
     before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
@@ -304,3 +329,111 @@ def test_upload_repairs_a_corrupt_file_of_the_same_size(
     assert store.read_bytes(key) == good
     assert rows(store, "train") == expected(ROWS_A, "train")
     assert store.list("") == KEYS
+
+
+def test_upload_repairs_a_tampered_info_json(tmp_path: Path, make_cfg, store_uri: str, recorded, caplog) -> None:
+    """The files are intact but info.json's row count was changed: every field that describes the dataset is
+    compared, so the upload writes info.json again; who wrote it, when and from where (its provenance) is not."""
+    caplog.set_level(logging.INFO, logger="agnews")
+    source = write_source(tmp_path / "src", ROWS_A)
+    cfg = make_cfg(f"data.source={source}", f"storage.uri={store_uri}")
+    _, info, _ = upload(cfg)
+    store = open_storage(cfg)
+    tampered = json.loads(json.dumps(info))
+    tampered["counts"]["train"]["rows"] = 999
+    store.write_bytes(f"{PREFIX}/{INFO}", json.dumps(tampered).encode())
+
+    opened = recorded()
+    _, again, changed = upload(cfg)
+    assert changed and f"{PREFIX}/{INFO}" in opened[0].writes
+    assert read_info(store, PREFIX)["counts"] == again["counts"] == info["counts"]
+
+    shutil.copytree(source, tmp_path / "elsewhere")
+    opened = recorded()
+    _, kept, changed = upload(make_cfg(f"data.source={tmp_path / 'elsewhere'}", f"storage.uri={store_uri}"))
+    assert not changed and opened[0].writes == []
+    assert kept["source"] == str(source)
+    assert "already up to date: nothing uploaded" in caplog.text
+
+
+def test_a_staged_file_that_went_missing_is_named(tmp_path: Path, make_cfg, store_uri: str, recorded) -> None:
+    cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}", f"storage.uri={store_uri}")
+    recorded(kind=LosesStaged)
+    with pytest.raises(DataError) as caught:
+        upload(cfg)
+    staged = re.escape(f"{open_storage(cfg).url(PREFIX)}/.staging/")
+    assert re.fullmatch(
+        rf"the staged {staged}[0-9a-f]{{64}}/train\.jsonl went missing before it was moved into place \(removed by "
+        r"a process that does not hold the upload lease\?\): run the upload step again",
+        str(caught.value),
+    ), caught.value
+
+
+# --- concurrent uploads, each in its own process ---
+
+UPLOADERS = 3
+UPLOAD_ROUNDS = 4
+
+
+def uploader(inbox: Queue, outbox: Queue, start: Barrier, env: dict[str, str]) -> None:
+    """An upload process: for each job, compose its config, wait for the others at ``start``, upload, report."""
+    os.environ.update(env)
+    while (overrides := inbox.get()) is not None:
+        cfg = compose(overrides)
+        start.wait()
+        try:
+            outbox.put({"changed": upload(cfg)[2]})
+        except PipelineError as exc:
+            outbox.put({"error": str(exc)})
+        except Exception as exc:  # reported, so that the test fails with it instead of waiting for the process
+            outbox.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+@pytest.fixture(scope="module")
+def uploaders(moto_server: str, atomic_conditional_writes: None) -> Iterator[Callable[[list[list[str]]], list[dict]]]:
+    """Spawned upload processes, kept for every round; run one job each, all started together by a barrier."""
+    context = multiprocessing.get_context("spawn")
+    start, outbox = context.Barrier(UPLOADERS), context.Queue()
+    inboxes = [context.Queue() for _ in range(UPLOADERS)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
+    env |= moto_environ(moto_server)
+    processes = [context.Process(target=uploader, args=(inbox, outbox, start, env), daemon=True) for inbox in inboxes]
+    for process in processes:
+        process.start()
+
+    def run(jobs: list[list[str]]) -> list[dict]:
+        for inbox, job in zip(inboxes, jobs, strict=True):
+            inbox.put(job)
+        return [outbox.get(timeout=300) for _ in jobs]
+
+    yield run
+    for inbox in inboxes:
+        inbox.put(None)
+    for process in processes:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+
+def test_concurrent_uploads_end_as_if_serial(tmp_path: Path, store_uri: str, uploaders) -> None:
+    """Rounds of three uploads of different data at once: each holds the dataset's lease, so none fails and
+    every round ends with one upload's complete dataset (its sha256 checked, its info.json), and nothing staged or
+    locked left behind."""
+    sources = {
+        str(write_source(tmp_path / name, data)): data for name, data in (("a", ROWS_A), ("b", ROWS_B), ("c", ROWS_C))
+    }
+    folders = list(sources)
+    store = open_storage(compose([f"storage.uri={store_uri}"]))
+    for round_number in range(UPLOAD_ROUNDS):
+        jobs = [
+            [f"data.source={folders[(i + round_number) % len(folders)]}", f"storage.uri={store_uri}"]
+            for i in range(UPLOADERS)
+        ]
+        results = uploaders(jobs)
+        assert [r for r in results if "error" in r] == [], f"round {round_number}: {results}"
+        info = read_info(store, PREFIX)
+        data = sources[info["source"]]
+        for split in ("train", "test"):
+            assert rows(store, split) == expected(data, split), f"round {round_number}"
+        assert info["counts"]["train"]["rows"] == len(data)
+        assert store.list("") == KEYS
