@@ -61,7 +61,7 @@ class Entry:
 
     def __str__(self) -> str:
         moved = f"{self.previous} -> {self.to}" if self.previous else f"nothing -> {self.to}"
-        line = f"{self.at.isoformat(timespec='seconds')}  {moved}  by {self.how} ({self.who})"
+        line = f"{self.at.isoformat(timespec='seconds')}  {moved}  how: {self.how}, who: {self.who}"
         return f"{line}; gate: {self.gate}" if self.gate else line
 
 

@@ -248,3 +248,8 @@ def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
     with model_lease(cfg, storage, "mirror") as (lease, client):
         recorded = record_champion(client, cfg.registry.model_name, served_version(storage, cfg))
         return publish(cfg, storage, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
+
+
+def promotion_history(cfg: DictConfig) -> list[history.Entry]:
+    """The model's promotion history in storage, newest first."""
+    return history.entries(open_storage(cfg), root_key(cfg))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
-ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup"]
+ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history"]
 HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup"]  # `webhook` has a subcommand first
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
