@@ -206,18 +206,28 @@ def training_args(cfg: DictConfig, output_dir: Path, resolved: precision.Resolve
 
 
 @dataclass
-class Fitted:
+class FineTuned:
+    """A fine-tuned model with the checkpoint that validation chose; the test split has not been read."""
+
     trainer: Trainer
     tokenizer: PreTrainedTokenizerFast
-    test_frame: pd.DataFrame
-    probs: np.ndarray  # test rows x classes, from the kept checkpoint
     train_metrics: dict[str, float]
     resolved: precision.Resolved  # the precision and device settings the run trained with
 
 
-def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
-    """Load data and model, fine-tune with validation choosing the checkpoint, then predict the test split once
-    with the kept (best) checkpoint."""
+@dataclass
+class Fitted(FineTuned):
+    """A fine-tuned model and its one prediction of the test split."""
+
+    test_frame: pd.DataFrame
+    probs: np.ndarray  # test rows x classes, from the kept checkpoint
+
+
+def fine_tune(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
+    """Load the training and validation rows and the model, and fine-tune with validation choosing the checkpoint.
+
+    The test split is neither read nor predicted: a hyperparameter search trial (agnews/tuning.py) stops here.
+    """
     validate(cfg)
     # Once per run, before any data or model is loaded: a precision this device cannot run fails here.
     resolved = precision.for_config(cfg.train)
@@ -227,8 +237,7 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     train_frame, val_frame = split_train(
         read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.data.val_size, cfg.seed
     )
-    test_frame = stratified_sample(read_split(storage, prefix, "test"), cfg.data.test_size, cfg.seed, "data.test_size")
-    val_frame, test_frame = by_length(val_frame), by_length(test_frame)
+    val_frame = by_length(val_frame)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, labels, tokenizer)
@@ -260,11 +269,24 @@ def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
         "train_wall_time_s": time.perf_counter() - started,
         "train_loop_samples_per_second": samples / clock.seconds if clock.seconds else 0.0,
     }
+    return FineTuned(trainer, tokenizer, train_metrics, resolved)
+
+
+def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
+    """Fine-tune (``fine_tune``), then predict the test split once with the kept (best) checkpoint.
+
+    The test rows are drawn first, so that a bad ``data.test_size`` fails before any training.
+    """
+    validate(cfg)
+    test_split = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test")
+    test_frame = by_length(stratified_sample(test_split, cfg.data.test_size, cfg.seed, "data.test_size"))
+    tuned = fine_tune(cfg, callbacks)
     log.info("predicting the %d test rows with the kept checkpoint", len(test_frame))
-    logits = trainer.predict(tokenize(test_frame, tokenizer, cfg.train), metric_key_prefix="test").predictions
+    test_set = tokenize(test_frame, tuned.tokenizer, cfg.train)
+    logits = tuned.trainer.predict(test_set, metric_key_prefix="test").predictions
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return Fitted(trainer, tokenizer, test_frame, probs, train_metrics, resolved)
+    return Fitted(**vars(tuned), test_frame=test_frame, probs=probs)
 
 
 def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[str, float]:
