@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
@@ -306,3 +310,120 @@ def test_concurrent_register_and_mirror_commands(
     said = "".join(out for out, _ in outputs[:2])
     assert said.count("is @champion") == (1 if good == 1 else 2) and said.count("is @challenger") == (good == 1)
     assert_storage_serves(bucket, name, good)
+
+
+# ---- a register paused past its lease, a register killed before its mirror ---------------------------------------
+
+# `python -m steps.register` with one registry function wrapped, so that the process signals itself at a known point.
+HOOKED_REGISTER = """
+import os, signal, sys
+from agnews import registry
+from steps.register import main
+real = registry.{function}
+def hooked(*args, **kwargs):
+    {before}
+    result = real(*args, **kwargs)
+    {after}
+    return result
+registry.{function} = hooked
+sys.argv[0] = "steps.register"
+main()
+"""
+# Stops itself (SIGSTOP) when it is about to create its version: after it has read @champion.
+PAUSED_AFTER_READING = HOOKED_REGISTER.format(
+    function="create_version", before="os.kill(os.getpid(), signal.SIGSTOP)", after=""
+)
+# Kills itself (SIGKILL) once its gate promotion is recorded: @champion has moved, its mirror has not begun.
+KILLED_BEFORE_MIRROR = HOOKED_REGISTER.format(
+    function="record", before="", after="args[3] == 'gate' and os.kill(os.getpid(), signal.SIGKILL)"
+)
+LEASE = "storage.lease_s=8"  # short enough to wait for, long enough to renew under load
+
+
+def hooked_register(code: str, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *overrides],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def register_command(overrides: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.register", *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def wait_until_stopped(process: subprocess.Popen) -> None:
+    """Wait until ``process`` has stopped itself (state T in /proc/<pid>/stat)."""
+    deadline = time.monotonic() + 300
+    while Path(f"/proc/{process.pid}/stat").read_text().split(")")[-1].split()[0] != "T":
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+
+
+def history_moves(bucket: str, name: str) -> list[tuple[int | None, int, str]]:
+    docs = [json.loads(data) for _, data in sorted(objects(bucket, f"models/{name}/history/").items())]
+    return [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"]) for d in docs]
+
+
+def test_a_register_paused_past_its_lease_changes_nothing(
+    train_runs: TrainRuns, bucket: str, atomic_conditional_writes: None
+) -> None:
+    """The issue's scenario: a register paused after it read @champion, for longer than its lease; a second register
+    takes the lease over and promotes the better model; the first, resumed, changes nothing and says so in one line
+    (with a gate that would have let its worse model through: registry.tolerance=1)."""
+    name = f"fenced-{uuid.uuid4().hex[:6]}"
+    common = round_config(train_runs, bucket, name, LEASE, "registry.tolerance=1")
+    register_command([*common, f"registry.run_id={train_runs.worse}"])  # v1
+    paused = hooked_register(PAUSED_AFTER_READING, [*common, f"registry.run_id={train_runs.worse}"])
+    try:
+        wait_until_stopped(paused)
+        register_command([*common, f"registry.run_id={train_runs.good}"])  # waits out the lease, then v2
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    out, err = paused.communicate(timeout=300)
+    assert paused.returncode == 1, out + err
+    assert re.fullmatch(
+        rf"error: the lease on s3://{bucket}/models/{name}/\.lock (was taken over by another holder|ran out at \S+, "
+        rf"before it was renewed): register {name} stopped before its next write and changed nothing more",
+        err.strip().splitlines()[-1],
+    ), err
+    assert "steps.mirror" not in err
+    client = MlflowClient(train_runs.tracking_uri)
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2, "the paused register created no version"
+    assert client.get_model_version(name, "2").run_id == train_runs.good
+    assert_storage_serves(bucket, name, 2)
+    assert history_moves(bucket, name) == [(None, 1, "gate"), (1, 2, "gate")]
+
+
+def test_a_register_killed_before_its_mirror_is_caught_up_by_the_next(
+    train_runs: TrainRuns, bucket: str, atomic_conditional_writes: None
+) -> None:
+    """kill -9 after @champion moved and before the mirror: storage still serves the old champion. The next register,
+    whose model the gate rejects, first brings storage in line with the registry, and says so."""
+    name = f"killed-{uuid.uuid4().hex[:6]}"
+    common = round_config(train_runs, bucket, name, LEASE)
+    register_command([*common, f"registry.run_id={train_runs.worse}"])  # v1
+    killed = hooked_register(KILLED_BEFORE_MIRROR, [*common, f"registry.run_id={train_runs.good}"])
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    client = MlflowClient(train_runs.tracking_uri)
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert json.loads(objects(bucket, f"models/{name}/{POINTER}")[f"models/{name}/{POINTER}"])["version"] == 1
+
+    rejected = register_command([*common, f"registry.run_id={train_runs.worse}"])
+    assert "storage serves v1, but @champion is v2: mirroring v2 first" in rejected.stdout
+    assert f"{name} v3 is @challenger: rejected" in rejected.stdout
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1, CHALLENGER: 3}
+    assert_storage_serves(bucket, name, 2)
+    assert history_moves(bucket, name) == [(None, 1, "gate"), (1, 2, "reconcile")]
