@@ -8,7 +8,8 @@ The gate compares a candidate with the champion only when both were evaluated on
 ``manual``) and records the champion on the registered model (``recorded_champion``), so that a move made outside
 the pipeline (the MLflow UI) is recognised later and completed the same way (``record_champion``).
 
-Callers hold the model's lease (``agnews.lease``) around every change here, so concurrent calls end as if serial.
+Callers hold the model's lease (``agnews.lease``) around every change here, so concurrent calls end as if serial,
+and pass a ``FencedClient``, whose every write first checks that the lease is still held.
 """
 
 from __future__ import annotations

@@ -243,9 +243,14 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     files = objects(bucket)
     root = f"models/{name}"
     folder = folder_of(files, root)
+    (entry,) = [key for key in files if key.startswith(f"{root}/history/")]
     assert sorted(files) == sorted(
-        [f"{root}/{POINTER}", f"{root}/{folder}/{MANIFEST}", *(f"{root}/{folder}/{f}" for f in BUNDLE)]
+        [f"{root}/{POINTER}", f"{root}/{folder}/{MANIFEST}", *(f"{root}/{folder}/{f}" for f in BUNDLE), entry]
     ), "the lease lock is gone once register is done"
+    assert json.loads(files[entry])["to"] == {
+        "version": 1,
+        "manifest_sha256": sha256(files[f"{root}/{folder}/{MANIFEST}"]),
+    }
     assert_mirrored(files, root, 1, runs.good)
     register_run = client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id],
