@@ -27,13 +27,32 @@ from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
-from tests.helpers import answers, free_port, moto_environ, require_agnews, s3_environment, unavailable
+from tests.helpers import (
+    WEBHOOK_START_S,
+    answers,
+    free_port,
+    moto_environ,
+    require_agnews,
+    s3_environment,
+    unavailable,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--model-uri",
         help="the MLflow model that tests/model checks, e.g. models:/distilbert-agnews@champion",
+    )
+    parser.addoption(
+        "--champion",
+        action="store_true",
+        help="tests/model: check the @champion of the registered model that --overrides configures",
+    )
+    parser.addoption(
+        "--overrides",
+        default="",
+        help="tests/model: Hydra overrides of the config the model is judged by (its tracking URI, the gate's "
+        "behavioural minimum), e.g. 'preset=smoke'",
     )
     parser.addoption(
         "--min-pass-rate",
@@ -169,11 +188,21 @@ OTHER_TEST_SET_TRAIN = [
 
 
 @contextlib.contextmanager
-def running_mlflow_server(backend_uri: str, moto_server: str, root: Path) -> Iterator[str]:
+def running_mlflow_server(
+    backend_uri: str, moto_server: str, root: Path, workers: int | None = 1, key: str | None = None
+) -> Iterator[str]:
     """`mlflow server` on a free port of 127.0.0.1 with ``backend_uri``, artifacts in a fresh bucket on the moto
-    server, and webhook delivery to local receivers (WEBHOOK_SERVER_ENV); yields its URI, stops its process group."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
-    env |= moto_environ(moto_server) | WEBHOOK_SERVER_ENV
+    server, and webhook delivery to local receivers (WEBHOOK_SERVER_ENV); yields its URI, stops its process group.
+
+    ``workers``: None starts MLflow's default (4), each its own process; ``key``: the Fernet key that the workers
+    encrypt webhook secrets with (MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY), None for none: each worker makes its own.
+    """
+    from agnews.webhooks import KEY_ENV
+
+    unset = ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE", KEY_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in unset} | moto_environ(moto_server) | WEBHOOK_SERVER_ENV
+    if key:
+        env[KEY_ENV] = key
     bucket = f"mlflow-artifacts-{uuid.uuid4().hex[:8]}"
     boto3.client(
         "s3",
@@ -187,7 +216,8 @@ def running_mlflow_server(backend_uri: str, moto_server: str, root: Path) -> Ite
     log_file = (root / "server.log").open("wb")
     server = subprocess.Popen(
         [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
+            *(("--workers", str(workers)) if workers else ()),
             *("--backend-store-uri", backend_uri),
             *("--artifacts-destination", f"s3://{bucket}/mlartifacts"),
         ],
@@ -290,6 +320,27 @@ def postgres() -> Iterator[str]:
 def postgres_mlflow_server(postgres: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on the PostgreSQL cluster, artifacts on the moto server, delivering webhooks."""
     with running_mlflow_server(postgres, moto_server, tmp_path_factory.mktemp("mlflow-postgres")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def keyed_mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` as the README starts it, with its default workers (4), that share one
+    MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY; SQLite backend, artifacts on the moto server, delivering webhooks."""
+    from cryptography.fernet import Fernet  # MLflow's own dependency, which makes the key
+
+    root = tmp_path_factory.mktemp("mlflow-keyed")
+    key = Fernet.generate_key().decode()
+    with running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", moto_server, root, workers=None, key=key) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def keyless_mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same with no MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY: each of its 4 workers makes its own key, so a webhook
+    secret that one stores the others cannot decrypt."""
+    root = tmp_path_factory.mktemp("mlflow-keyless")
+    with running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", moto_server, root, workers=None) as uri:
         yield uri
 
 
@@ -409,6 +460,16 @@ def postgres_runs(train_runs: TrainRuns, postgres_mlflow_server: str, moto_serve
     return TrainRuns(postgres_mlflow_server, train_runs.data_bucket, "", worse, good)
 
 
+@pytest.fixture(scope="session")
+def keyed_runs(train_runs: TrainRuns, keyed_mlflow_server: str, moto_server: str) -> TrainRuns:
+    """The worse and the better train run, copied to the 4-worker server (no second training)."""
+    with s3_environment(moto_server):
+        worse, good = (
+            copy_train_run(train_runs.tracking_uri, r, keyed_mlflow_server) for r in (train_runs.worse, train_runs.good)
+        )
+    return TrainRuns(keyed_mlflow_server, train_runs.data_bucket, "", worse, good)
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def registry_backend(request: pytest.FixtureRequest) -> TrainRuns:
     """The train runs on a `mlflow server` with SQLite, then on one with PostgreSQL (the same two runs)."""
@@ -429,20 +490,18 @@ class WebhookReceiver:
         return self.log.read_text()
 
 
-WEBHOOK_START_S = 120
-
-
 @pytest.fixture
-def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[[DictConfig], WebhookReceiver]]:
-    """``start(cfg)`` runs the receiver for ``cfg`` (its tracking server, storage and model name) as a subprocess,
-    registers a webhook for it on the tracking server, and returns both; stopped and deleted after the test."""
+def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[..., WebhookReceiver]]:
+    """``start(cfg)`` runs the receiver for ``cfg`` (its tracking server, storage, model name and reconcile interval)
+    as a subprocess, registers a webhook for it on the tracking server (``register=False``: none), and returns both;
+    stopped, and the webhook deleted, after the test."""
     from mlflow.tracking import MlflowClient
 
     from agnews.webhooks import SECRET_ENV, register_webhook
 
     started: list[tuple[WebhookReceiver, MlflowClient]] = []
 
-    def start(cfg: DictConfig) -> WebhookReceiver:
+    def start(cfg: DictConfig, register: bool = True) -> WebhookReceiver:
         secret, port = uuid.uuid4().hex, free_port()
         log = tmp_path / f"receiver-{port}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
@@ -452,6 +511,7 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[[Dic
             f"tracking.experiment={cfg.tracking.experiment}",
             f"storage.uri={cfg.storage.uri}",
             f"registry.model_name={cfg.registry.model_name}",
+            f"webhook.reconcile_s={cfg.webhook.reconcile_s}",
         ]
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -468,15 +528,15 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[[Dic
                 process.kill()
                 pytest.fail(f"the webhook receiver did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
-        client = MlflowClient(str(cfg.tracking.uri))
-        hook = register_webhook(client, url, secret, name=f"test-{cfg.registry.model_name}")
-        receiver = WebhookReceiver(url, secret, hook.webhook_id, process, log)
-        started.append((receiver, client))
+        hook = register_webhook(cfg, url, secret, name=f"test-{cfg.registry.model_name}") if register else None
+        receiver = WebhookReceiver(url, secret, hook.webhook_id if hook else "", process, log)
+        started.append((receiver, MlflowClient(str(cfg.tracking.uri))))
         return receiver
 
     yield start
     for receiver, client in started:
-        client.delete_webhook(receiver.webhook_id)
+        if receiver.webhook_id:
+            client.delete_webhook(receiver.webhook_id)
         receiver.process.send_signal(signal.SIGINT)
         try:
             receiver.process.wait(timeout=30)

@@ -84,7 +84,11 @@ def test_failing_child_fails_the_parent_with_its_error(tmp_path: Path, agnews_di
     assert (parent.info.status, failed.info.status, runs["upload"].info.status) == ("FAILED", "FAILED", "FINISHED")
     assert parent.data.tags["upload"] == "uploaded"
     assert parent.data.tags["failed_step"] == "train"
-    assert parent.data.tags["error"] == failed.data.tags["error"] == "ConfigError: train.epochs=0 is out of range: it must be > 0"
+    assert (
+        parent.data.tags["error"]
+        == failed.data.tags["error"]
+        == "ConfigError: train.epochs=0 is out of range: it must be > 0"
+    )
     assert parent.data.tags["child.train"] == failed.info.run_id
     assert aliases(MlflowClient(tracking), "never") == {}
 

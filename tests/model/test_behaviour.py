@@ -7,12 +7,10 @@ import pytest
 
 from agnews.behaviour import KINDS, check
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-
 
 @pytest.fixture(scope="module")
-def result(model: mlflow.pyfunc.PyFuncModel):
-    return check(lambda texts: model.predict(texts)[LABELS].to_numpy(), LABELS)
+def result(model: mlflow.pyfunc.PyFuncModel, labels: list[str]):
+    return check(lambda texts: model.predict(texts)[labels].to_numpy(), labels)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,7 +6,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TEXTS = [
     "Apple reported strong quarterly earnings with iPhone sales up 15%",
     "The Red Sox beat the Yankees 5-3 to win the pennant",
@@ -15,13 +14,13 @@ TEXTS = [
 ]
 
 
-def test_answers_each_text_with_a_class_and_probabilities(model: mlflow.pyfunc.PyFuncModel) -> None:
+def test_answers_each_text_with_a_class_and_probabilities(model: mlflow.pyfunc.PyFuncModel, labels: list[str]) -> None:
     out = model.predict(pd.DataFrame({"text": TEXTS}))
-    assert out.columns.tolist() == ["predicted_class", "confidence", *LABELS]
+    assert out.columns.tolist() == ["predicted_class", "confidence", *labels]
     assert len(out) == len(TEXTS)
-    probs = out[LABELS].to_numpy()
+    probs = out[labels].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5) and (probs >= 0).all()
-    assert out.predicted_class.tolist() == [LABELS[i] for i in probs.argmax(axis=1)]
+    assert out.predicted_class.tolist() == [labels[i] for i in probs.argmax(axis=1)]
     assert np.allclose(out.confidence, probs.max(axis=1))
 
 
