@@ -31,3 +31,7 @@ class ModelError(PipelineError):
 
 class RegistryError(PipelineError):
     """A run, model version or alias that the registry needs is missing or unusable."""
+
+
+class TuneError(PipelineError):
+    """A hyperparameter search cannot go on: no complete trial, or a study without its MLflow run."""

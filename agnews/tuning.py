@@ -1,0 +1,291 @@
+"""Hyperparameter search: an Optuna study over a model's recipe, shared by any number of worker processes.
+
+The study lives in an RDB (``tune.storage``): each worker joins it by name and takes the next trial. The process
+that creates the study opens its MLflow run, the parent; every trial, whichever worker runs it, is a child run of
+that parent. A trial fine-tunes with validation choosing the epoch (``training.fine_tune``) and never reads the test
+split. After the study, the best trial's parameters are written as a recipe (``recipe=<study>``), re-trained by the
+train step's own code and registered behind the gate, as the main pipeline does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import optuna
+import sqlalchemy
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.visualization import matplotlib as plots
+from transformers import TrainerCallback
+
+from agnews.config import redact
+from agnews.errors import ConfigError, TuneError
+from agnews.pipeline import child
+from agnews.promotion import register
+from agnews.registry import Outcome
+from agnews.tracking import connect, step_run
+from agnews.training import fine_tune, train
+
+log = logging.getLogger(__name__)
+
+# Optuna marks the heartbeat, fail_stale_trials and its matplotlib plots experimental: each use would warn.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute naming its MLflow parent run
+RUN_ATTR = "mlflow_run_id"  # each trial's user attribute naming its MLflow child run
+STATE_TAG = "trial.state"  # a trial run's Optuna state: COMPLETE, PRUNED or FAIL
+
+
+def storage_url(cfg: DictConfig) -> str:
+    """``tune.storage``, or, when null, ``optuna.db`` beside the SQLite tracking store."""
+    if cfg.tune.storage:
+        return str(cfg.tune.storage)
+    tracking = urlparse(str(cfg.tracking.uri))
+    if tracking.scheme != "sqlite":
+        raise ConfigError(
+            f"tune.storage=null puts the study beside a SQLite tracking store, but tracking.uri is "
+            f"{redact(str(cfg.tracking.uri))}: set tune.storage to an RDB URL that every worker reaches"
+        )
+    return f"sqlite:///{Path(tracking.path[1:]).resolve().parent / 'optuna.db'}"
+
+
+def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's callback for a trial that lost its heartbeat (its worker was killed): fail its MLflow run too."""
+    if run_id := trial.user_attrs.get(RUN_ATTR):
+        client = MlflowClient()
+        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+        client.set_tag(run_id, "error", "its worker stopped sending heartbeats (killed or lost)")
+        client.set_terminated(run_id, "FAILED")
+    log.warning("trial %d of study '%s' lost its worker: marked failed", trial.number, study.study_name)
+
+
+def study_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+    """The study's RDB storage, with heartbeats: a trial whose worker dies is failed (not re-queued) by the next
+    worker that asks for a trial, which also fails its MLflow run (``mark_lost``)."""
+    url = storage_url(cfg)
+
+    def connect_storage() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+            heartbeat_interval=cfg.tune.heartbeat_s,
+            heartbeat_stale_trial_callback=mark_lost,
+        )
+
+    try:
+        return connect_storage()
+    except sqlalchemy.exc.DBAPIError:  # two workers creating the tables at once: the second finds them made
+        return connect_storage()
+
+
+def open_study(cfg: DictConfig) -> tuple[optuna.Study, bool]:
+    """Create ``tune.study`` or join it; True when this process created it (creation is atomic in the RDB).
+
+    The creator seeds TPE with ``seed``; a joining worker draws its own seed, or it would propose the same points.
+    """
+    storage, name = study_storage(cfg), str(cfg.tune.study)
+
+    def sampler(seed: int | None) -> optuna.samplers.TPESampler:
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
+
+    pruner = optuna.pruners.MedianPruner(**cfg.tune.pruner)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", sampler=sampler(cfg.seed), pruner=pruner
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler(None), pruner=pruner), False
+
+
+def parent_of(study: optuna.Study, timeout_s: float) -> str:
+    """The parent run id that the study's creator records, waiting up to ``timeout_s`` for it."""
+    deadline = time.monotonic() + timeout_s
+    while (parent := study.user_attrs.get(PARENT_ATTR)) is None:
+        if time.monotonic() > deadline:
+            raise TuneError(
+                f"study '{study.study_name}' has no MLflow run after {timeout_s:.0f}s: the process that created it "
+                "failed before opening one; delete the study or choose another tune.study"
+            )
+        time.sleep(1)
+    return parent
+
+
+def recipe(cfg: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``train`` settings of a trial: its parameters, with the study's early stopping."""
+    return {"train": {**params, "early_stopping_patience": cfg.tune.early_stopping_patience}}
+
+
+class PruneOnValidation(TrainerCallback):
+    """Reports each epoch's validation accuracy to the trial, and stops a trial that the pruner rejects."""
+
+    def __init__(self, trial: Trial) -> None:
+        self.trial = trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.trial.report(metrics["eval_accuracy"], step=round(state.epoch))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation accuracy {metrics['eval_accuracy']:.4f} at epoch {state.epoch:.0f}")
+
+
+def suggest(trial: Trial, space: DictConfig) -> dict[str, Any]:
+    """One point of the search space: each key a ``train`` setting, with Optuna's ``suggest_<type>`` arguments."""
+    params = {}
+    for name, spec in OmegaConf.to_container(space).items():
+        kind = spec.pop("type")
+        params[name] = getattr(trial, f"suggest_{kind}")(name, **spec)
+    return params
+
+
+def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
+    """Fine-tune one point of the search space in a child run of ``parent``; returns the best validation accuracy.
+
+    The run ends FINISHED for a complete or pruned trial and FAILED for a crash, with ``trial.state`` as its tag.
+    """
+    tags = {"step": "tune-trial", "trial.number": str(trial.number), "tune.study": trial.study.study_name}
+    pruned = None
+    with mlflow.start_run(
+        run_name=f"trial-{trial.number}",
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=parent.info.run_id,
+        nested=True,
+        tags=tags,
+    ) as run:
+        trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        try:
+            params = suggest(trial, cfg.model.search)
+            mlflow.log_params({f"train.{name}": value for name, value in params.items()})
+            with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
+                settings = OmegaConf.merge(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
+                value = fine_tune(settings, [PruneOnValidation(trial)]).trainer.state.best_metric
+            mlflow.log_metric("best_val_accuracy", value)
+            mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
+        except optuna.TrialPruned as exc:
+            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
+            pruned = exc
+        except Exception as exc:
+            mlflow.set_tags({STATE_TAG: TrialState.FAIL.name, "error": f"{type(exc).__name__}: {exc}"})
+            log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+            raise
+    if pruned:
+        raise pruned
+    return value
+
+
+def search(cfg: DictConfig, study: optuna.Study, parent: Run) -> None:
+    """Run trials until the study's budget (``tune.trials``, over every worker) or this worker's ``tune.timeout_s``
+    is spent. A trial that crashes is recorded failed and the study goes on."""
+    budget = cfg.tune.trials
+    if len(study.trials) >= budget:
+        log.info("study '%s' has its %d trials already: running none", study.study_name, budget)
+        return
+    study.optimize(
+        lambda trial: run_trial(cfg, trial, parent),
+        n_trials=budget,
+        timeout=cfg.tune.timeout_s,
+        catch=(Exception,),
+        callbacks=[optuna.study.MaxTrialsCallback(budget, states=None)],
+    )
+
+
+def wait_for_workers(study: optuna.Study, poll_s: float) -> None:
+    """Wait until no trial is running; a trial whose worker died is failed on the way (heartbeat)."""
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        log.info("waiting for %d trials of other workers: %s", len(running), [t.number for t in running])
+        time.sleep(poll_s)
+        optuna.storages.fail_stale_trials(study)
+
+
+def recipe_text(cfg: DictConfig, study: optuna.Study) -> str:
+    """The best trial's settings as a config file that ``recipe=<study>`` applies over the model's own recipe."""
+    best = study.best_trial
+    return (
+        "# @package _global_\n"
+        f"# Study '{study.study_name}': trial {best.number} of {len(study.trials)}, validation accuracy "
+        f"{best.value:.4f}, on model {cfg.model.name} with data.sample_size={cfg.data.sample_size}, "
+        f"data.val_size={cfg.data.val_size}, seed={cfg.seed}.\n"
+        f"# python -m steps.train model=<the same model> recipe={study.study_name}\n"
+        + OmegaConf.to_yaml(recipe(cfg, best.params))
+    )
+
+
+def log_study(study: optuna.Study) -> None:
+    """The study into the active (parent) run: best trial, counts by state, and its plots."""
+    best = study.best_trial
+    mlflow.set_tag("tune.best_trial", str(best.number))
+    mlflow.log_metric("best_val_accuracy", best.value)
+    mlflow.log_metrics({f"trials_{s.name.lower()}": len(study.get_trials(states=(s,))) for s in TrialState})
+    mlflow.log_dict(best.params, "best_params.json")
+    figures: dict[str, Callable[[optuna.Study], Any]] = {"optimization_history": plots.plot_optimization_history}
+    if len(study.get_trials(states=(TrialState.COMPLETE,))) > 1:  # both need two points to compare
+        figures |= {
+            "param_importances": plots.plot_param_importances,
+            "parallel_coordinate": plots.plot_parallel_coordinate,
+        }
+    for name, plot in figures.items():
+        mlflow.log_figure(plot(study).figure, f"plots/{name}.png")
+
+
+def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Outcome:
+    """Wait for the other workers, record the study, write its recipe, re-train the winner and register it."""
+    wait_for_workers(study, cfg.tune.heartbeat_s)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise TuneError(
+            f"study '{study.study_name}' has no complete trial ({len(study.trials)} failed or pruned): "
+            "see the trial runs' error tags"
+        )
+    log_study(study)
+    path = Path(cfg.tune.recipe_dir) / f"{study.study_name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe_text(cfg, study))
+    mlflow.log_artifact(str(path))
+    log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, path)
+    winner = OmegaConf.merge(cfg, OmegaConf.load(path))
+    with child(winner, "train", parent) as trained:
+        train(winner)
+    register_cfg = OmegaConf.merge(winner, {"registry": {"run_id": trained.info.run_id}})
+    with child(register_cfg, "register", parent):
+        outcome = register(register_cfg)
+    mlflow.set_tags(outcome.tags())
+    return outcome
+
+
+def adopt_worker_run(parent_id: str) -> None:
+    """Under ``mlflow run``, MLflow has made a run for this joining worker: tag it as a worker of the parent, so
+    that the trials nest under the study's one parent, not under it."""
+    if run_id := os.environ.pop("MLFLOW_RUN_ID", None):
+        client = MlflowClient()
+        client.set_tag(run_id, "step", "tune-worker")
+        client.set_tag(run_id, "tune.parent_run_id", parent_id)
+
+
+def tune(cfg: DictConfig) -> Outcome | None:
+    """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
+    connect(cfg)
+    study, created = open_study(cfg)
+    if created:
+        with step_run(cfg, "tune") as parent:
+            study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+            mlflow.set_tags({"tune.study": study.study_name, "tune.storage": redact(storage_url(cfg))})
+            mlflow.log_dict(OmegaConf.to_container(cfg.model.search), "search_space.json")
+            search(cfg, study, parent)
+            return finish(cfg, study, parent) if cfg.tune.retrain else None
+    parent_id = parent_of(study, cfg.tune.join_timeout_s)
+    log.info("joined study '%s' (MLflow parent run %s)", study.study_name, parent_id)
+    adopt_worker_run(parent_id)
+    search(cfg, study, MlflowClient().get_run(parent_id))
+    if not cfg.tune.retrain:
+        return None
+    with mlflow.start_run(run_id=parent_id) as parent:
+        return finish(cfg, study, parent)
