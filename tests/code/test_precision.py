@@ -4,6 +4,9 @@ this CPU the Trainer, collator and tags that a real run gets."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback, TrainingArguments
 
 from agnews import hardware
-from agnews.config import compose
+from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError
 from agnews.ingest import upload
 from agnews.precision import CUDA_PAD_MULTIPLE, Device, detect, for_config, resolve
@@ -174,6 +177,19 @@ def test_the_cpu_is_read_from_cpuinfo(model: str, flags: str, bf16: bool) -> Non
     cpu = hardware.parse_cpuinfo(CPUINFO.format(vendor="GenuineIntel", model=model, flags=flags))
     assert cpu.model == model and cpu.bf16 is bf16
     assert cpu.flags == set(flags.split()) - {"avx", "fma"}  # only the flags that matter are kept
+
+
+def test_a_benchmark_records_the_cpu_it_ran_on() -> None:
+    """bench/machine.py, which every bench/ result embeds: the CPU read as training reads it, and the torch build."""
+    done = subprocess.run(
+        [sys.executable, "bench/machine.py"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    machine = json.loads(done.stdout)
+    cpu = hardware.cpu()
+    assert machine["cpu"] == cpu.model and machine["cpu_bf16"] == cpu.bf16 == detect().bf16
+    assert machine["cpu_flags"] == {flag: flag in cpu.flags for flag in hardware.FLAGS}
+    assert machine["torch"] == torch.__version__ and machine["torch_cpu_capability"]
+    assert 1 <= len(machine["cpus_usable"]) <= machine["cpu_count"] and len(machine["load_avg"]) == 3
 
 
 def test_this_machine_is_detected_as_it_is() -> None:
