@@ -34,7 +34,7 @@ from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import child
 from agnews.promotion import register
 from agnews.registry import Outcome
-from agnews.tracking import connect, step_run
+from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune, train
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
     The run ends FINISHED for a complete or pruned trial and FAILED for a crash, with ``trial.state`` as its tag.
     """
     tags = {"step": "tune-trial", "trial.number": str(trial.number), "tune.study": trial.study.study_name}
+    tags |= process_tags()  # `python -m steps.cleanup` closes the run if this worker dies
     pruned = None
     with mlflow.start_run(
         run_name=f"trial-{trial.number}",
