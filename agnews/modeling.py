@@ -54,6 +54,10 @@ def load_tokenizer(model: DictConfig) -> PreTrainedTokenizerFast:
     return _from_pretrained(AutoTokenizer, str(model.tokenizer), model.hub_timeout_s)
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A sequence classifier with a fresh head for ``labels``; random weights when ``model.init`` is set."""
     label_maps = {
@@ -72,10 +76,11 @@ def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokeni
         )
         return AutoModelForSequenceClassification.from_config(config)
     # transformers prints a LOAD REPORT table for the new head's missing weights, expected when fine-tuning: it is
-    # read here instead, and only what a user should act on (other missing weights) stays a warning.
+    # read here instead, and only what a user should act on (other missing weights) stays a warning. A filter drops
+    # the table, not a level: transformers takes a level of WARNING or above on this logger as its cue to check the
+    # model's tensor-parallel plan, and logs a one-line list of every layer "not sharded" (1,100 characters).
     report_logger = logging.getLogger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(logging.ERROR)
+    report_logger.addFilter(_errors_only)
     try:
         loaded, info = _from_pretrained(
             AutoModelForSequenceClassification,
@@ -85,7 +90,7 @@ def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokeni
             **label_maps,
         )
     finally:
-        report_logger.setLevel(level)
+        report_logger.removeFilter(_errors_only)
     head = [key for key in info["missing_keys"] if key.split(".")[0] in HEAD_MODULES]
     others = sorted(set(info["missing_keys"]) - set(head))
     if head:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
@@ -14,6 +15,7 @@ import mlflow
 import psutil
 import requests
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from omegaconf import DictConfig
 
 from agnews.config import code_version, flatten, redact, to_yaml
@@ -48,11 +50,19 @@ def without_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit(parts._replace(netloc=host)), (unquote(username), unquote(password))
 
 
+def quiet_artifact_bars() -> None:
+    """MLflow draws a tqdm bar for each artifact transfer; in a log file (stderr not a terminal) every redraw stays, a
+    line of hundreds of characters. Off there, unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR says otherwise."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")
+
+
 def connect(cfg: DictConfig) -> None:
     """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds.
 
     Under ``mlflow run``, which has started the run already, the run's own experiment stays.
     """
+    quiet_artifact_bars()
     # Credentials in an http(s) URI move to MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and MLflow gets the URI
     # without them: MLflow prints its tracking URI ("View run ... at http://...") and passes it on to subprocesses.
     uri, credentials = without_credentials(str(cfg.tracking.uri))
