@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
-ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history"]
-HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup"]  # `webhook` has a subcommand first
+ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history", "tune"]
+HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune"]  # `webhook` has a subcommand first
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
@@ -65,6 +65,8 @@ def test_named_parameters() -> None:
     assert (cfg.model.name, cfg.data.sample_size, cfg.train.epochs) == ("tiny-distilbert", 300, 2)
     cfg = compose(shlex.split(command("main", source="../x", overrides="seed=7 data.test_size=500"))[3:])
     assert (cfg.data.source, cfg.seed, cfg.data.test_size) == ("../x", 7, 500)
+    cfg = compose(shlex.split(command("tune", model="minilm", trials="12", overrides="tune.study=s"))[3:])
+    assert (cfg.model.search.epochs.high, cfg.tune.trials, cfg.tune.study) == (3, 12, "s")
 
 
 def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Path) -> None:
