@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
 ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history", "tune"]
-HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune"]  # `webhook` has a subcommand first
+# `webhook` has a subcommand first
+HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune"]
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
