@@ -122,31 +122,39 @@ class Predictor:
         last = next((w for w in reversed((encoding.overflowing or [encoding])[-1].word_ids) if w is not None), None)
         return last_read is not None and last is not None and last > last_read
 
-    def logits(self, texts: list[str]) -> np.ndarray:
-        """Logits, shape [len(texts), len(labels)], in the order of ``texts``.
-
-        Each text is first cut to what the model reads of it (``cut``). The texts run ``batch_size`` at a time in
-        order of length, so that each batch pads to texts of about its own length: on a CPU, padding costs far more
-        than batching saves.
-        """
-        texts = [self.cut(text) for text in texts]
-        logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+    def batches(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """The model's inputs for ``texts`` (already cut), ``batch_size`` texts at a time in order of length, each with
+        the rows of ``texts`` it holds: so that each batch pads to texts of about its own length (on a CPU, padding
+        costs far more than batching saves)."""
         order = np.argsort([len(text) for text in texts], kind="stable")
+        batches = []
         for start in range(0, len(texts), self.batch_size):
             rows = order[start : start + self.batch_size]
             encoded = self.tokenizer.encode_batch([texts[i] for i in rows])
             ids = np.array([e.ids for e in encoded], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            out = self.session.run([OUTPUT], dict(zip(INPUTS, (ids, mask), strict=True)))[0]
+            batches.append((rows, dict(zip(INPUTS, (ids, mask), strict=True))))
+        return batches
+
+    def run(self, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> np.ndarray:
+        """The logits of ``batches``, shape [texts, labels], each row where ``batches`` puts it."""
+        logits = np.empty((sum(len(rows) for rows, _ in batches), len(self.labels)), dtype=np.float32)
+        for rows, inputs in batches:
+            out = self.session.run([OUTPUT], inputs)[0]
             if out.shape[1] != len(self.labels):
                 raise ValueError(f"the model gives {out.shape[1]} logits for {len(self.labels)} labels")
             logits[rows] = out
         return logits
 
-    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """One ``{"predicted_class", "confidence", "probabilities"}`` per text."""
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Logits, shape [len(texts), len(labels)], in the order of ``texts``: each text cut to what the model reads
+        of it (``cut``), then run in ``batches``."""
+        return self.run(self.batches([self.cut(text) for text in texts]))
+
+    def results(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        """One ``{"predicted_class", "confidence", "probabilities"}`` per row of ``logits``."""
         results = []
-        for row in softmax(self.logits(texts)):
+        for row in softmax(logits):
             best = int(row.argmax())
             results.append(
                 {
@@ -156,3 +164,7 @@ class Predictor:
                 }
             )
         return results
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One ``{"predicted_class", "confidence", "probabilities"}`` per text."""
+        return self.results(self.logits(texts))

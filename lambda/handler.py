@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import random
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from aws_lambda_powertools.utilities.data_classes import (
 )
 from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
 from settings import LOGGER, ConfigError, ModelError, Settings
+from snapshot_restore_py import register_after_restore, register_before_snapshot
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -223,6 +225,12 @@ def _texts(payload: object, settings: Settings) -> tuple[list[str], bool]:
     return [_checked_text(text, f'"texts"[{i}]', settings) for i, text in enumerate(texts)], False
 
 
+def parse_texts(event: object, http: BaseProxyEvent | None, settings: Settings) -> tuple[list[str], bool]:
+    """The texts of a POST (``http``) or a direct invoke (``event``), and whether it was a single ``text``; a
+    BadRequest says what is wrong with them."""
+    return _texts(event if http is None else _json_body(http), settings)
+
+
 @dataclass
 class Outcome:
     """What the log and the metrics say of one request, beyond its status."""
@@ -262,7 +270,7 @@ class Service:
             if method is not None and method not in ALLOWED_METHODS:
                 error = "method not allowed: POST a JSON object to classify, GET to see the model version"
                 return 405, {"error": error}
-            texts, single = _texts(event if http is None else _json_body(http), settings)
+            texts, single = parse_texts(event, http, settings)
             model = self._model(outcome)
             predictions = model.predictor.predict(texts)
             outcome.texts = len(texts)
@@ -303,11 +311,19 @@ class Service:
 
     def _record(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
         """The request's log line, and its metrics."""
+        self.log_line(status, latency_ms, outcome)
+        self.measure(status, latency_ms, outcome, request_id)
+
+    def log_line(self, status: int, latency_ms: float, outcome: Outcome) -> None:
+        """The request's JSON log line."""
         fields: dict[str, Any] = {"status": status, "texts": outcome.texts, "latency_ms": round(latency_ms, 3)}
         if outcome.problem is not None:
             fields["problem"] = outcome.problem
         write = logger.error if status == 500 else logger.warning if status == 503 else logger.info
         write("answered", extra=fields)
+
+    def measure(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
+        """The request's metrics, printed in EMF."""
         with self._metrics_lock:
             metrics.add_metric(name="Latency", unit=MetricUnit.Milliseconds, value=latency_ms)
             metrics.add_metric(name="Texts", unit=MetricUnit.Count, value=outcome.texts)
@@ -347,10 +363,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if response["statusCode"] == 200 else 1
 
 
-# In Lambda, load the model during the init phase, which runs at full CPU, rather than in the first request.
-if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+@register_before_snapshot
+def load_before_snapshot() -> None:
+    """SnapStart, before the snapshot of a published version: the champion loaded and run once, so that an instance
+    restored from the snapshot answers at once."""
     with contextlib.suppress(ConfigError):
         model_store().refresh()
+
+
+@register_after_restore
+def recheck_after_restore() -> None:
+    """SnapStart, after a restore: every instance restored from one snapshot would draw the same random numbers, so
+    ``random`` is re-seeded (from the OS); and the snapshot may be hours old, so ``champion.json`` is read again now,
+    not when the refresh interval ends."""
+    random.seed()
+    with contextlib.suppress(ConfigError):
+        model_store().recheck()
+
+
+# In Lambda, load the model during the init phase, which runs at full CPU, rather than in the first request (with
+# SnapStart, the init phase runs when a version is published, before the snapshot).
+if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+    load_before_snapshot()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import posixpath
@@ -31,6 +32,7 @@ from bundle.predictor import Predictor
 
 CHUNK = 1024 * 1024
 WARMUP_TEXT = "warm-up"
+LOAD_PHASES = ("manifest", "fetch", "session", "first_run")  # LoadedModel.load_s
 # What a caller is told; the log says which file, where, and why.
 UNREADABLE = "the model store could not be read"
 UNVERIFIED = "the champion model failed verification"
@@ -154,16 +156,21 @@ def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A verified bundle, ready to answer: the version and the digest of the manifest it was verified against."""
+    """A verified bundle, ready to answer: the version and the digest of the manifest it was verified against, and
+    the seconds its load took, phase by phase (``load_version``)."""
 
     version: int
     manifest_sha256: str
     predictor: Predictor
     folder: Path
+    load_s: dict[str, float]
 
 
 def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedModel:
-    """Download (or keep) and verify the files of the version that ``pointer`` names, then load them."""
+    """Download (or keep) and verify the files of the version that ``pointer`` names, then load them. Its phases:
+    the manifest read and checked, the files fetched (downloaded and hashed as they stream), the onnxruntime
+    session and tokenizer created, and the first run."""
+    began = time.perf_counter()
     data = _read(source, pointer.manifest)
     if sha256(data) != pointer.manifest_sha256:
         detail = f"{source.url(pointer.manifest)}: sha256 {sha256(data)} does not match {POINTER}"
@@ -176,14 +183,19 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
     # again with other bytes is another model, and never overwrites the files of the one being served.
     folder = cache_dir / f"{pointer.version}-{pointer.manifest_sha256[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
+    manifest_read = time.perf_counter()
     for name, expected in manifest.files.items():  # names checked by parse_manifest: none leaves the folder
         _fetch(source, posixpath.join(posixpath.dirname(pointer.manifest), name), folder / name, expected)
+    fetched = time.perf_counter()
     try:
         predictor = Predictor(folder)
+        created = time.perf_counter()
         predictor.predict([WARMUP_TEXT])
     except Exception as exc:  # verified files that onnxruntime or tokenizers still refuse
         raise ModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
-    return LoadedModel(pointer.version, pointer.manifest_sha256, predictor, folder)
+    marks = (began, manifest_read, fetched, created, time.perf_counter())
+    load_s = {name: end - start for name, (start, end) in zip(LOAD_PHASES, itertools.pairwise(marks), strict=True)}
+    return LoadedModel(pointer.version, pointer.manifest_sha256, predictor, folder, load_s)
 
 
 class ModelStore:
@@ -240,6 +252,12 @@ class ModelStore:
         finally:
             self._lock.release()
 
+    def recheck(self) -> None:
+        """Re-read ``champion.json`` now, however recently it was read (SnapStart's restore: the snapshot may be
+        hours old); a refresh under way elsewhere is not waited for, as in ``refresh``."""
+        self._checked_at = float("-inf")
+        self.refresh()
+
     def _swap_to_champion(self) -> None:
         source = self._source = self._source or open_source(self.settings)
         pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
@@ -250,6 +268,6 @@ class ModelStore:
             return
         new = load_version(source, pointer, self.settings.cache_dir)
         self._current = new
-        log.info("serving version %s from %s", new.version, source.url(POINTER))
+        log.info("serving version %s from %s", new.version, source.url(POINTER), extra={"load_s": new.load_s})
         if old is not None and old.folder != new.folder:
             shutil.rmtree(old.folder, ignore_errors=True)

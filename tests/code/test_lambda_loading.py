@@ -39,6 +39,16 @@ def check_served_from_s3(invoke, cached: Path) -> None:
     assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.int8.onnx", "tokenizer.json"]
 
 
+def test_a_load_is_logged_with_the_seconds_of_each_phase(
+    serve, mirror_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="agnews"):
+        assert served_version(serve(mirror_root)) == 1
+    (load,) = [record for record in caplog.records if record.getMessage().startswith("serving version 1 from")]
+    assert list(load.load_s) == ["manifest", "fetch", "session", "first_run"]
+    assert all(seconds > 0 for seconds in load.load_s.values())
+
+
 def test_serves_from_s3_bucket_and_prefix(serve, mirror_root: Path, s3_env: str, bucket: str, tmp_path: Path) -> None:
     upload_tree(mirror_root, s3_env, bucket, PREFIX)
     cached = cache_folder(tmp_path / "cache", f"s3://{bucket}/{PREFIX}", mirror_root, 1)

@@ -28,6 +28,9 @@ CODE = {
     "bundle/layout.py": "bundle/layout.py",
     "bundle/predictor.py": "bundle/predictor.py",
 }
+UNUSED = re.compile(
+    r"onnxruntime/(capi/libonnxruntime\.so|transformers/|quantization/|tools/)|numpy/(.+/)?tests/|numpy/f2py/|.+\.pyi$"
+)
 NOT_IN_PACKAGE = ("torch", "transformers", "huggingface_hub", "steps", "agnews", "tests", "boto3", "sympy", "google")
 
 
@@ -39,7 +42,7 @@ def pins(path: Path) -> dict[str, str]:
 def test_requirements_pin_the_runtime_wheels_and_the_project_tokenizer() -> None:
     lambda_pins = pins(LAMBDA_DIR / "requirements.txt")
     powertools = {"aws-lambda-powertools", "jmespath", "typing_extensions"}  # Powertools and what it imports
-    assert set(lambda_pins) == {"numpy", "onnxruntime", "tokenizers"} | powertools
+    assert set(lambda_pins) == {"numpy", "onnxruntime", "snapshot-restore-py", "tokenizers"} | powertools
     # tokenizer.json is written by the project's tokenizers, and the bundle by its onnxruntime: the Lambda reads
     # them with the same releases
     project = pins(PROJECT_ROOT / "requirements.txt")
@@ -50,6 +53,8 @@ def test_requirements_pin_the_runtime_wheels_and_the_project_tokenizer() -> None
     assert lambda_pins["aws-lambda-powertools"] == dev["aws-lambda-powertools"] == version("aws-lambda-powertools")
     for name in powertools:
         assert lambda_pins[name] == version(name)
+    # the SnapStart hooks' registry, the same release here as in the zip
+    assert lambda_pins["snapshot-restore-py"] == dev["snapshot-restore-py"] == version("snapshot-restore-py")
 
 
 def test_sam_template_passes_cfn_lint_and_grants_only_reading_the_model() -> None:
@@ -81,6 +86,11 @@ def test_sam_template_passes_cfn_lint_and_grants_only_reading_the_model() -> Non
     assert template["Conditions"]["ReservesConcurrency"] == {
         "Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, -1]}]
     }
+    # SnapStart, off unless asked for, on the published versions that every deploy makes
+    snapstart = template["Parameters"]["SnapStart"]
+    assert (snapstart["Default"], snapstart["AllowedValues"]) == ("None", ["None", "PublishedVersions"])
+    assert function["SnapStart"] == {"ApplyOn": {"Ref": "SnapStart"}}
+    assert function["AutoPublishAlias"] == "live"
 
 
 def copied(dockerfile: str) -> dict[str, str]:
@@ -152,7 +162,7 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     assert f"{unzipped / 2**20:.1f} MiB unzipped (AWS limit 250 MiB)" in lambda_package.make_output
     assert shipped == {source: (PROJECT_ROOT / source).read_bytes() for source in CODE}
     top_level = {name for name in names if name.endswith(".py") and "/" not in name}
-    assert top_level - set(CODE.values()) == {"typing_extensions.py"}  # a wheel's one module
+    assert top_level - set(CODE.values()) == {"typing_extensions.py", "snapshot_restore_py.py"}  # wheels' modules
     # bytecode for the runtime's Python, valid whatever mtimes the unzip gives (PEP 552 flags: hash-based, unchecked)
     tag = f"cpython-{target.replace('.', '')}"
     pycs = {name for name in names if name.endswith(".pyc")}
@@ -162,6 +172,8 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     with zipfile.ZipFile(lambda_package.zip) as archive:
         assert {int.from_bytes(archive.read(name)[4:8], "little") for name in pycs} == {0b01}
     assert {n.split("/")[0] for n in names}.isdisjoint(NOT_IN_PACKAGE)
+    # what the wheels carry but the handler never imports or loads is left out (the unpacked zip answers: below)
+    assert not [name for name in names if UNUSED.match(name)]
     assert len(tags) >= len(pins(LAMBDA_DIR / "requirements.txt"))
     for tag in tags:
         python, abi, platform = tag.split("-")
