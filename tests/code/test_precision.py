@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback, TrainingArguments
 
-from agnews import hardware
+from agnews import hardware, precision
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError
 from agnews.ingest import upload
@@ -227,8 +227,8 @@ class Batches(TrainerCallback):
         self.weights = {parameter.dtype for parameter in model.parameters()}
 
 
-def test_a_run_records_its_precision_and_device_pads_as_asked_and_does_not_pin_on_a_cpu(
-    make_cfg, agnews_dir: Path
+def test_a_run_resolves_once_records_its_precision_and_device_pads_as_asked_and_does_not_pin_on_a_cpu(
+    make_cfg, agnews_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = make_cfg(
         f"data.source={agnews_dir}",
@@ -240,10 +240,18 @@ def test_a_run_records_its_precision_and_device_pads_as_asked_and_does_not_pin_o
     )
     upload(cfg)
     batches = Batches()
+    detections: list[Device] = []
+
+    def counted() -> Device:  # the real detect, counted: a run resolves its precision once and passes it down
+        detections.append(detect())
+        return detections[-1]
+
+    monkeypatch.setattr(precision, "detect", counted)
     with warnings.catch_warnings(record=True) as caught, step_run(cfg, "train") as run:
         warnings.simplefilter("always")
         train(cfg, callbacks=[batches])
-    resolved = for_config(cfg.train)
+    assert len(detections) == 1
+    resolved = for_config(cfg.train, detections[0])
     tags = MlflowClient(cfg.tracking.uri).get_run(run.info.run_id).data.tags
     assert {key: tags[key] for key in ("precision", "device")} == resolved.tags()
     assert len(batches.lengths) == 7 and all(length % 8 == 0 for length in batches.lengths), batches.lengths
