@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -293,3 +293,9 @@ def read_split(storage: Storage, prefix: str, split: str) -> pd.DataFrame:
     raise DataError(
         f"{storage.url(key)}: sha256 does not match {INFO} (corrupt or half-written); run the upload step again"
     )
+
+
+def rows_sha256(rows: Iterable[int]) -> str:
+    """The identity of a selection of a split's rows: the sha256 of their line numbers in the split's file (0-based,
+    ascending, comma-separated), whatever order they were drawn or evaluated in."""
+    return sha256(",".join(str(row) for row in sorted(rows)).encode())

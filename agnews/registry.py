@@ -4,9 +4,10 @@ Aliases, as MLflow 3 uses them (stages are deprecated): ``@champion`` is the ver
 champion it replaced, ``@challenger`` the newest version that failed the quality gate.
 
 The gate compares a candidate with the champion only when both were evaluated on the same test set (the same
-``dataset.test.sha256`` and ``dataset.test.rows``). Every promotion tags the version ``promoted_by`` (``gate`` or
-``manual``) and records the champion on the registered model (``recorded_champion``), so that a move made outside
-the pipeline (the MLflow UI) is recognised later and completed the same way (``record_champion``).
+``dataset.test.sha256``, ``dataset.test.rows`` and ``dataset.test.rows_sha256``: ``TestSet``). Every promotion
+tags the version ``promoted_by`` (``gate`` or ``manual``) and records the champion on the registered model
+(``recorded_champion``), so that a move made outside the pipeline (the MLflow UI) is recognised later and completed
+the same way (``record_champion``).
 
 Callers hold the model's lease (``agnews.lease``) around every change here, so concurrent calls end as if serial,
 and pass a ``FencedClient``, whose every write first checks that the lease is still held.
@@ -29,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from agnews.config import redact
+from agnews.data import rows_sha256
 from agnews.errors import ConfigError, RegistryError
 from agnews.pyfunc import LOGGED_MODEL
 
@@ -36,6 +38,7 @@ CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 PROMOTED_BY, BY_GATE, BY_HAND = "promoted_by", "gate", "manual"  # version tag: how it became @champion
 RECORDED_CHAMPION = "recorded_champion"  # registered model tag: the champion as the pipeline last saw it
 TEST_SET_TAGS = ("dataset.test.sha256", "dataset.test.rows")  # what the test set is; the train step tags both
+TEST_ROWS_TAG = "dataset.test.rows_sha256"  # which rows of the test file were scored (TestSet)
 WRITES = ("create_", "set_", "delete_", "update_", "rename_", "transition_", "copy_")  # MlflowClient's writes
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions, as the MLflow UI reads them
 TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
@@ -140,22 +143,43 @@ def logged_model(client: MlflowClient, run: Run) -> LoggedModel:
     return models[-1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TestSet:
-    """The identity of the test set a model was evaluated on: the test file's sha256 and the rows evaluated."""
+    """The identity of the test set a model was evaluated on: the test file's sha256, the number of rows evaluated
+    and which ones (``rows_sha256``, ``agnews.data.rows_sha256`` of their line numbers: with ``data.test_size`` the
+    sample depends on the seed).
+
+    A version tagged before ``rows_sha256`` existed has None there. Its rows are taken to be the whole file, which is
+    what the file's sha256 and the row count named then: it is the same test set as a run that scored every row of
+    that file (rows 0 to ``rows`` - 1), and not the same as any sample, whose rows it cannot be shown to share.
+    """
 
     __test__ = False  # a name that pytest would otherwise collect where tests import it
     sha256: str
     rows: int
+    rows_sha256: str | None = None
 
     @classmethod
     def of(cls, tags: dict[str, str]) -> TestSet | None:
-        """From run or version tags; None when either tag is missing or malformed."""
+        """From run or version tags; None when the file's sha256 or the row count is missing or malformed."""
         sha, rows = (tags.get(name, "") for name in TEST_SET_TAGS)
-        return cls(sha, int(rows)) if sha and rows.isdecimal() else None
+        return cls(sha, int(rows), tags.get(TEST_ROWS_TAG) or None) if sha and rows.isdecimal() else None
+
+    def _scored(self) -> str:
+        """The digest of the rows scored; for an old version without one, that of the whole file's rows."""
+        return self.rows_sha256 or rows_sha256(range(self.rows))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TestSet):
+            return NotImplemented
+        return (self.sha256, self.rows, self._scored()) == (other.sha256, other.rows, other._scored())
+
+    def __hash__(self) -> int:
+        return hash((self.sha256, self.rows))
 
     def __str__(self) -> str:
-        return f"test set sha256 {self.sha256[:12]}, {self.rows} rows"
+        rows = f" (rows sha256 {self.rows_sha256[:12]})" if self.rows_sha256 else ""
+        return f"test set sha256 {self.sha256[:12]}, {self.rows} rows{rows}"
 
 
 def version_tags(run: Run) -> dict[str, str]:

@@ -33,10 +33,11 @@ from transformers import (
 )
 
 from agnews import behaviour, checkpoints, export, metrics, precision, pyfunc
-from agnews.data import read_info, read_split
+from agnews.data import read_info, read_split, rows_sha256
 from agnews.errors import ConfigError, DataError
 from agnews.modeling import load_model, load_tokenizer
 from agnews.progress import phase
+from agnews.registry import TEST_ROWS_TAG
 from agnews.storage import open_storage
 from bundle import layout
 from bundle.predictor import Predictor, softmax
@@ -89,13 +90,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``size`` rows with the class balance of ``frame``, seeded, and the rows left; None or 0 draws every row."""
+    """``size`` rows with the class balance of ``frame``, seeded, and the rows left; None or 0 draws every row.
+    Rows keep their index: ``read_split``'s line numbers, which name the rows scored (``dataset.test.rows_sha256``)."""
     if not size or size == len(frame):
         return frame, frame.iloc[:0]
     if size > len(frame):
         raise DataError(f"{name}={size} is larger than the {len(frame)} rows available")
     sample, rest = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
-    return sample.reset_index(drop=True), rest.reset_index(drop=True)
+    return sample, rest
 
 
 def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
@@ -123,8 +125,8 @@ def split_train(frame: pd.DataFrame, sample_size: int | None, val_size: int, see
 
 
 def by_length(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows sorted by text length (stable): evaluation batches then pad little, in a known order."""
-    return frame.iloc[frame.text.str.len().argsort(kind="stable")].reset_index(drop=True)
+    """Rows sorted by text length (stable), with their index: evaluation batches then pad little, in a known order."""
+    return frame.iloc[frame.text.str.len().argsort(kind="stable")]
 
 
 def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: DictConfig) -> datasets.Dataset:
@@ -303,7 +305,13 @@ def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[s
         "test_rows": len(y_true),
         "best_val_accuracy": state.best_metric,
     }
-    mlflow.set_tags({"best_checkpoint": Path(state.best_model_checkpoint).name, "dataset.test.rows": str(len(y_true))})
+    mlflow.set_tags(
+        {
+            "best_checkpoint": Path(state.best_model_checkpoint).name,
+            "dataset.test.rows": str(len(y_true)),
+            TEST_ROWS_TAG: rows_sha256(fitted.test_frame.index),
+        }
+    )
     mlflow.log_metrics(final)
     mlflow.log_figure(metrics.confusion_figure(labels, y_true, y_pred), "confusion_matrix.png")
     mlflow.log_dict(metrics.report(labels, y_true, y_pred), "classification_report.json")

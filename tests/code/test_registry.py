@@ -33,6 +33,7 @@ from agnews.registry import (
     PREVIOUS,
     PROMOTED_BY,
     RECORDED_CHAMPION,
+    TEST_ROWS_TAG,
     Outcome,
     TestSet,
     aliases,
@@ -305,12 +306,12 @@ def test_a_candidate_from_another_test_set_becomes_challenger(
     before = objects(bucket)
     outcome = run_register(model_cfg(*gate_open, f"registry.run_id={other_test_set_run}"))
     client = MlflowClient(model_cfg().tracking.uri)
-    good = client.get_run(runs.good).data.tags
+    good, other = (client.get_run(run).data.tags for run in (runs.good, other_test_set_run))
     assert (outcome.version, outcome.alias) == (2, CHALLENGER)
     assert outcome.reason == (
         "rejected by the production gate: not comparable: it was evaluated on test set sha256 "
-        f"{good['dataset.test.sha256'][:12]}, 100 rows, champion v1 on test set sha256 "
-        f"{good['dataset.test.sha256'][:12]}, 200 rows"
+        f"{good['dataset.test.sha256'][:12]}, 100 rows (rows sha256 {other[TEST_ROWS_TAG][:12]}), champion v1 on "
+        f"test set sha256 {good['dataset.test.sha256'][:12]}, 200 rows (rows sha256 {good[TEST_ROWS_TAG][:12]})"
     )
     name = model_cfg().registry.model_name
     assert aliases(client, name) == {CHAMPION: 1, CHALLENGER: 2}

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from agnews.checkpoints import CheckpointError
 from agnews.config import PROJECT_ROOT, compose
-from agnews.data import read_split
+from agnews.data import read_split, rows_sha256
 from agnews.errors import ConfigError, DataError, ModelError, PipelineError
 from agnews.ingest import upload
 from agnews.storage import open_storage
@@ -97,6 +97,9 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
     assert run.data.tags["best_checkpoint"].startswith("checkpoint-")
     assert run.data.tags["dataset.test.rows"] == "200"
+    test_split = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test")
+    scored = stratified_sample(test_split, 200, cfg.seed, "data.test_size").index  # line numbers in test.jsonl
+    assert run.data.tags["dataset.test.rows_sha256"] == rows_sha256(scored)
     assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
     assert client.get_metric_history(run_id, "learning_rate")
     assert run.data.params["train.max_length"] == "128" and run.data.params["model.name"] == "tiny-distilbert"
