@@ -1,23 +1,33 @@
-"""UI promotion that reaches the Lambda by itself: a receiver for MLflow's model registry webhooks, and their
-registration.
+"""UI promotion that reaches the Lambda by itself: a receiver that keeps storage on the registry's @champion, woken
+early by MLflow's model registry webhooks, and the webhook's set-up.
+
+The receiver is level-triggered. Every ``webhook.reconcile_s`` seconds it compares the registry's @champion with
+the version that storage's ``champion.json`` names, and runs the mirror (``publishing.mirror``) when they differ;
+a delivery only makes it look sooner. A move made while the receiver was down, or one whose delivery the tracking
+server failed to make (MLflow's deliveries are fire-and-forget: 3 retries on 429/5xx, then only a log line on the
+server), is served within one interval. ``/health`` reports the last reconcile and its outcome, both versions, the
+deliveries received and the seconds since the two last agreed; whatever goes wrong is one log line with its cause.
 
 MLflow (3.17) POSTs each registry event as JSON, ``{"entity": "model_version_alias", "action": "created" or
 "deleted", "timestamp": ..., "data": {"name": ..., "alias": ..., "version": ...}}``, with the headers
 ``X-MLflow-Delivery-Id``, ``X-MLflow-Timestamp`` (Unix seconds) and ``X-MLflow-Signature``: ``v1,`` and the base64
 HMAC-SHA256, under the webhook's secret, of ``<delivery id>.<timestamp>.<body>`` (``mlflow/webhooks/delivery.py``).
-A retry resends the same delivery id, timestamp and signature.
+A retry resends the same delivery id, timestamp and signature. The receiver answers:
 
-The receiver answers:
-
+- 411 for a POST without ``Content-Length``, 400 for one that is not a number, 413 over ``MAX_BODY`` (waitress
+  refuses the last two before reading the body);
 - 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``tolerance_s`` away;
-- 200 ``ignored`` for other entities, other models and other aliases than @champion;
+- 400 for a signed body that is not a webhook payload (not JSON, or nested beyond what the parser takes);
+- 200 ``ignored`` for other entities, other models and other aliases than @champion (the test deliveries of
+  ``register`` name MLflow's ``example_model``, and so are answered this way once their signature checks out);
 - 200 ``noted`` when @champion was deleted: there is nothing new to serve, and storage keeps serving its version;
 - 200 ``duplicate`` for a delivery id it has accepted before;
-- 202 ``accepted`` otherwise, and its worker thread then runs the mirror (``publishing.mirror``), which completes
-  the move (@previous, ``promoted_by``) and copies the champion to storage under the model's lease. Events that
-  arrive while a mirror runs are coalesced into one more run: the mirror reads the registry as it is then.
+- 202 ``accepted`` otherwise, and the reconcile runs at once.
 
-A mirror that fails is retried with backoff (``RETRY_SECONDS``), then left to ``python -m steps.mirror``.
+``register`` refuses to leave a webhook that cannot deliver: after creating it, it has the tracking server deliver
+``webhook.test_deliveries`` test events, each on a new connection so that they reach several of the server's
+workers; one that fails (a worker that cannot decrypt the stored secret, the receiver unreachable or refusing the
+signature) removes the webhook again and names the cause. ``unregister`` removes it, retrying across workers.
 """
 
 from __future__ import annotations
@@ -27,35 +37,52 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import sqlalchemy
+import sqlalchemy.exc
+from google.protobuf.message import Message
 from mlflow import MlflowClient
-from mlflow.entities.webhook import Webhook
+from mlflow.entities.webhook import Webhook, WebhookEvent, WebhookStatus, WebhookTestResult
 from mlflow.exceptions import MlflowException
+from mlflow.protos.webhooks_pb2 import CreateWebhook, DeleteWebhook, ListWebhooks, TestWebhook, UpdateWebhook
+from mlflow.store.model_registry.dbmodels.models import SqlWebhook
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.rest_utils import call_endpoint
+from mlflow.utils.time import get_current_time_millis
 from omegaconf import DictConfig
+from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
+from agnews.config import redact
 from agnews.errors import ConfigError, PipelineError, TrackingError
-from agnews.publishing import Mirrored, mirror
-from agnews.registry import CHAMPION
+from agnews.publishing import How, Mirrored, mirror, served_version
+from agnews.registry import CHAMPION, aliases
+from agnews.storage import open_storage
+from agnews.tracking import without_credentials
 
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
 ENTITY = "model_version_alias"
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
 SECRET_ENV = "AGNEWS_WEBHOOK_SECRET"
+KEY_ENV = "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"  # the tracking server's key for the secrets it stores
 WEBHOOK_NAME = "agnews-promotion"
 TOLERANCE_SECONDS = 300  # a delivery whose timestamp is further from now is refused (replays)
+TIMESTAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds: a longer header is refused before it is parsed
 MAX_BODY = 1024 * 1024
 REMEMBERED = 10_000  # delivery ids kept for de-duplication
-RETRY_SECONDS = (2.0, 10.0, 30.0)  # pauses before the retries of a failed mirror
+WEBHOOKS_API = "/api/2.0/mlflow/webhooks"
+FRESH_CONNECTION = {"Connection": "close"}  # each call to a server with several workers may reach another one
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +108,8 @@ def verify(
     delivery_id, timestamp, signed = (lowered.get(name.lower(), "") for name in names)
     if not (delivery_id and timestamp and signed):
         raise Unauthorized(f"missing {DELIVERY_HEADER}, {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
-    if not timestamp.isdecimal():
-        raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp!r} is not Unix seconds")
+    if not TIMESTAMP.fullmatch(timestamp):
+        raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp[:20]!r} is not Unix seconds")
     if abs(now - int(timestamp)) > tolerance_s:
         raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp} is more than {tolerance_s:g}s from now ({now:.0f})")
     expected = signature(secret, delivery_id, timestamp, body)
@@ -104,7 +131,10 @@ class Event:
     @classmethod
     def parse(cls, body: bytes) -> Event:
         """The event in a delivery's body; ValueError when it is not one."""
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except RecursionError:
+            raise ValueError("the body is nested too deeply") from None
         data = doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(data, dict):
             raise ValueError("the body is not a webhook payload with a 'data' object")
@@ -118,10 +148,29 @@ class Event:
         )
 
 
-class Receiver:
-    """The webhook receiver for one registered model (``cfg.registry.model_name``) and its storage, as a WSGI app.
+def champions(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """The version that the registry's @champion names and the one that storage's ``champion.json`` names."""
+    client = MlflowClient(without_credentials(str(cfg.tracking.uri))[0])
+    registry = aliases(client, str(cfg.registry.model_name)).get(CHAMPION)
+    return registry, served_version(open_storage(cfg), cfg)
 
-    ``run_mirror`` defaults to ``publishing.mirror``; ``clock`` to ``time.time``.
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One reconcile: when it ran, what it found, and what became of it."""
+
+    at: str
+    outcome: str
+    ok: bool
+    registry: int | None
+    served: int | None
+
+
+class Receiver:
+    """The receiver for one registered model (``cfg.registry.model_name``) and its storage, as a WSGI app; its
+    worker thread reconciles every ``cfg.webhook.reconcile_s`` seconds, and at once after an accepted delivery.
+
+    ``run_mirror`` defaults to ``publishing.mirror``, ``look`` to ``champions``, ``clock`` to ``time.time``.
     """
 
     def __init__(
@@ -129,22 +178,24 @@ class Receiver:
         cfg: DictConfig,
         secret: str,
         tolerance_s: float = TOLERANCE_SECONDS,
-        run_mirror: Callable[[DictConfig], Mirrored] = mirror,
+        run_mirror: Callable[[DictConfig, How], Mirrored] = mirror,
+        look: Callable[[DictConfig], tuple[int | None, int | None]] = champions,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not secret:
             raise ConfigError(f"the webhook receiver needs a secret: set {SECRET_ENV}")
         self.cfg, self.secret, self.tolerance_s = cfg, secret, tolerance_s
         self.model_name = str(cfg.registry.model_name)
-        self.run_mirror, self.clock = run_mirror, clock
+        self.reconcile_s = float(cfg.webhook.reconcile_s)
+        self.run_mirror, self.look, self.clock = run_mirror, look, clock
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._seen_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._pending = threading.Event()
         self._closing = threading.Event()
-        self.accepted = 0  # deliveries accepted, for /health
-        self.mirrors = 0  # finished mirror runs, for /health
-        self.last: Mirrored | None = None
-        self._worker = threading.Thread(target=self._work, name="webhook-mirror", daemon=True)
+        self.deliveries: Counter[str] = Counter()  # the answers given to deliveries, for /health
+        self.last: Reconciled | None = None
+        self.agreed_at: float | None = None  # when a reconcile last found storage serving @champion
+        self._worker = threading.Thread(target=self._work, name="webhook-reconcile", daemon=True)
         self._worker.start()
 
     def close(self) -> None:
@@ -152,19 +203,31 @@ class Receiver:
         self._pending.set()
         self._worker.join()
 
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` answers."""
+        since = None if self.agreed_at is None else round(self.clock() - self.agreed_at, 1)
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "reconcile_s": self.reconcile_s,
+            "last_reconcile": asdict(self.last) if self.last else None,
+            "champion": {"registry": self.last.registry, "served": self.last.served} if self.last else None,
+            "seconds_since_agreed": since,
+            "deliveries": dict(self.deliveries),
+        }
+
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         """The status and JSON answer to one request."""
         if method == "GET" and path.rstrip("/") in ("", "/health"):
-            last = self.last.version if self.last else None
-            return 200, {
-                "status": "ok",
-                "model": self.model_name,
-                "accepted": self.accepted,
-                "mirrors": self.mirrors,
-                "last_version": last,
-            }
+            return 200, self.health()
         if method != "POST":
             return 405, {"error": f"{method} is not allowed: MLflow delivers webhooks with POST"}
+        status, answer = self._deliver(headers, body)
+        with self._lock:
+            self.deliveries[answer.get("status", "refused")] += 1
+        return status, answer
+
+    def _deliver(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         try:
             delivery_id = verify(self.secret, headers, body, self.clock(), self.tolerance_s)
         except Unauthorized as exc:
@@ -173,21 +236,21 @@ class Receiver:
         try:
             event = Event.parse(body)
         except ValueError as exc:
+            log.warning("refused delivery %s: not a webhook payload: %s", delivery_id, exc)
             return 400, {"error": f"not a webhook payload: {exc}"}
         ignored = self._ignored(event)
         if ignored:
             return 200, {"status": "ignored", "reason": ignored, "delivery": delivery_id}
-        with self._seen_lock:
+        with self._lock:
             if delivery_id in self._seen:
                 return 200, {"status": "duplicate", "delivery": delivery_id}
             self._seen[delivery_id] = None
             if len(self._seen) > REMEMBERED:
                 self._seen.popitem(last=False)
-            if event.action == "deleted":
-                note = f"@{CHAMPION} of {event.name} was deleted: storage keeps serving its version"
-                log.warning("delivery %s: %s", delivery_id, note)
-                return 200, {"status": "noted", "reason": note}
-            self.accepted += 1
+        if event.action == "deleted":
+            note = f"@{CHAMPION} of {event.name} was deleted: storage keeps serving its version"
+            log.warning("delivery %s: %s", delivery_id, note)
+            return 200, {"status": "noted", "reason": note}
         log.info("delivery %s: @%s of %s moved to v%s", delivery_id, CHAMPION, event.name, event.version)
         self._pending.set()
         return 202, {"status": "accepted", "delivery": delivery_id}
@@ -201,38 +264,51 @@ class Receiver:
             return f"alias @{event.alias}: only @{CHAMPION} is served"
         return None
 
+    def reconcile(self, how: How) -> Reconciled:
+        """Compare @champion with ``champion.json`` and mirror when they differ; never raises: a failure is its
+        outcome, and one log line."""
+        registry = served = None
+        try:
+            registry, served = self.look(self.cfg)
+            if registry is None:
+                outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
+            elif registry == served:
+                outcome = f"storage serves @{CHAMPION} v{served}"
+            else:
+                mirrored = self.run_mirror(self.cfg, how)
+                registry = served = mirrored.version
+                outcome = f"mirrored @{CHAMPION} v{mirrored.version} to {mirrored.pointer} (storage served {served})"
+                log.info("reconcile (%s): %s", how, outcome)
+            ok = True
+        except PipelineError as exc:
+            outcome, ok = f"failed: {exc}", False
+        except Exception as exc:  # the worker must outlive any one failure; the cause is the log line
+            outcome, ok = f"failed: {type(exc).__name__}: {exc}", False
+        if not ok:
+            log.error("reconcile (%s) %s", how, outcome)
+        elif registry is not None and registry == served:
+            self.agreed_at = self.clock()
+        at = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
+        self.last = Reconciled(at, outcome, ok, registry, served)
+        return self.last
+
     def _work(self) -> None:
-        while True:
-            self._pending.wait()
-            if self._closing.is_set():
-                return
+        how: How = "reconcile"  # the first look, at start-up, catches up on moves made while the receiver was down
+        while not self._closing.is_set():
+            self.reconcile(how)
+            woken = self._pending.wait(self.reconcile_s)
             self._pending.clear()
-            for pause in (*RETRY_SECONDS, None):
-                try:
-                    self.last = self.run_mirror(self.cfg)
-                except PipelineError as exc:
-                    log.error("mirror failed: %s", exc)
-                except Exception:  # the worker must outlive any one failure
-                    log.exception("mirror failed")
-                else:
-                    self.mirrors += 1
-                    log.info("storage serves %s v%s (%s)", self.model_name, self.last.version, self.last.pointer)
-                    break
-                if pause is None or self._closing.wait(pause):
-                    log.error("giving up until the next event: run `python -m steps.mirror` to catch up")
-                    break
+            how = "ui" if woken else "reconcile"
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > MAX_BODY:
-            status, answer = 413, {"error": f"the body is over {MAX_BODY} bytes"}
+        method, length = environ["REQUEST_METHOD"], environ.get("CONTENT_LENGTH", "")
+        if method == "POST" and not length:
+            status, answer = 411, {"error": "a delivery needs a Content-Length"}
         else:
-            body = environ["wsgi.input"].read(length) if length else b""
+            # waitress has refused a Content-Length that is not a number, or over MAX_BODY, before reading a byte
+            body = environ["wsgi.input"].read(int(length)) if length else b""
             headers = {key[5:].replace("_", "-"): value for key, value in environ.items() if key.startswith("HTTP_")}
-            status, answer = self.handle(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/"), headers, body)
+            status, answer = self.handle(method, environ.get("PATH_INFO", "/"), headers, body)
         data = json.dumps(answer).encode()
         start_response(
             f"{status} {HTTPStatus(status).phrase}",
@@ -241,53 +317,166 @@ class Receiver:
         return [data]
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+def make_receiver_server(
+    receiver: Receiver, sock: socket.socket, cfg: DictConfig
+) -> BaseWSGIServer | MultiSocketServer:
+    """A waitress server for ``receiver`` on ``sock``: requests are read without a thread, so a stalled client holds
+    none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open, a connection silent for
+    ``webhook.read_timeout_s`` is closed, and a body over MAX_BODY is refused before it is read."""
+    return create_server(
+        receiver,
+        sockets=[sock],
+        threads=int(cfg.webhook.threads),
+        connection_limit=int(cfg.webhook.connections),
+        channel_timeout=int(cfg.webhook.read_timeout_s),
+        cleanup_interval=1,
+        max_request_body_size=MAX_BODY,
+        ident="agnews-webhook",
+    )
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+def http_settings(cfg: DictConfig) -> dict[str, str]:
+    """MLflow's client settings for the webhook calls: no retries (it would retry a 500 for minutes) and a timeout
+    of ``webhook.http_timeout_s`` seconds per call."""
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(cfg.webhook.http_timeout_s)}
 
 
-def make_receiver_server(receiver: Receiver, host: str, port: int) -> WSGIServer:
-    """A threading WSGI server (the standard library's) serving ``receiver`` on ``host:port``."""
-    return make_server(host, port, receiver, server_class=_ThreadingServer, handler_class=_QuietHandler)
+def refused(exc: MlflowException, url: str) -> TrackingError:
+    """What a tracking server's refusal of a webhook call means, in one line."""
+    message = exc.message.splitlines()[0] if exc.message else ""
+    if "scheme" in message:
+        cause = "it delivers over http only with MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https"
+    elif "public" in message or "private" in message or "resolve" in message:
+        cause = "it delivers to a private address only with MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true"
+    elif exc.get_http_status_code() >= 500:
+        cause = (
+            f"it cannot decrypt the webhook secrets it stores (HTTP {exc.get_http_status_code()}): start every "
+            f"worker with the same {KEY_ENV}"
+        )
+    else:
+        cause = message
+    return TrackingError(f"the tracking server refused the webhook to {url}: {cause}")
 
 
-def register_webhook(client: MlflowClient, url: str, secret: str, name: str = WEBHOOK_NAME) -> Webhook:
-    """Create the webhook ``name`` for @champion moves, or point an existing one at ``url`` with ``secret``."""
+def _call(
+    cfg: DictConfig, endpoint: str, method: str, request: Message | None, response: Message, tries: int = 1
+) -> Any:
+    """One call to the tracking server's webhook API, on a connection of its own (MLflow's client keeps one open,
+    so all its calls reach the same worker): a 5xx is tried again, up to ``tries`` calls, each maybe on another
+    worker. MlflowException when every call fails, or one fails with a 4xx."""
+    # the URI without user info: connect() has moved those credentials to MLflow's variables, which creds read
+    creds = get_default_host_creds(without_credentials(str(cfg.tracking.uri))[0])
+    body = None if request is None else message_to_json(request)
+    for _ in range(tries - 1):
+        try:
+            return call_endpoint(creds, endpoint, method, body, response, FRESH_CONNECTION)
+        except MlflowException as exc:
+            if exc.get_http_status_code() < 500:
+                raise
+    return call_endpoint(creds, endpoint, method, body, response, FRESH_CONNECTION)
+
+
+def webhooks_named(cfg: DictConfig, name: str, tries: int) -> list[Webhook]:
+    """The tracking server's webhooks called ``name``."""
+    hooks: list[Webhook] = []
+    token = None
+    while True:
+        listing = ListWebhooks(max_results=100, page_token=token)
+        page = _call(cfg, WEBHOOKS_API, "GET", listing, ListWebhooks.Response(), tries)
+        hooks.extend(hook for hook in map(Webhook.from_proto, page.webhooks) if hook.name == name)
+        token = page.next_page_token
+        if not token:
+            return hooks
+
+
+def _put(cfg: DictConfig, name: str, url: str, secret: str, tries: int) -> Webhook:
+    """Create the webhook ``name``, or point the existing one at ``url`` with ``secret``."""
+    events = [WebhookEvent.from_str(event).to_proto() for event in EVENTS]
+    existing = webhooks_named(cfg, name, tries)
+    if existing:
+        update = UpdateWebhook(url=url, events=events, secret=secret, status=WebhookStatus.ACTIVE.to_proto())
+        answer = _call(
+            cfg, f"{WEBHOOKS_API}/{existing[0].webhook_id}", "PATCH", update, UpdateWebhook.Response(), tries
+        )
+    else:
+        description = "agnews: reconcile @champion with storage when it moves (python -m steps.webhook serve)"
+        create = CreateWebhook(name=name, url=url, events=events, description=description, secret=secret)
+        answer = _call(cfg, WEBHOOKS_API, "POST", create, CreateWebhook.Response())
+    return Webhook.from_proto(answer.webhook)
+
+
+def register_webhook(cfg: DictConfig, url: str, secret: str, name: str = WEBHOOK_NAME) -> Webhook:
+    """Create the webhook ``name`` for @champion moves, or point an existing one at ``url`` with ``secret``; then
+    have the server deliver ``webhook.test_deliveries`` test events, each on a connection of its own. One that
+    fails removes the webhook again and raises a TrackingError with the cause."""
     if not url:
         raise ConfigError("the webhook needs the receiver's URL (--url http://host:port/)")
     if not secret:
         raise ConfigError(f"the webhook needs a secret: set {SECRET_ENV}")
-    description = "agnews: mirror @champion to storage when it moves (python -m steps.webhook serve)"
+    tries = int(cfg.webhook.test_deliveries)
     try:
-        existing = [hook for hook in _all_webhooks(client) if hook.name == name]
-        if existing:
-            return client.update_webhook(
-                existing[0].webhook_id,
-                url=url,
-                events=list(EVENTS),
-                secret=secret,
-                status="ACTIVE",
-                description=description,
-            )
-        return client.create_webhook(name, url, list(EVENTS), description=description, secret=secret, status="ACTIVE")
+        hook = _put(cfg, name, url, secret, tries)
     except MlflowException as exc:
-        raise TrackingError(
-            f"the tracking server refused the webhook to {url}: {exc.message} (a server delivers to http:// and to "
-            "private addresses only with MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and "
-            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true)"
-        ) from None
+        raise refused(exc, url) from None
+    try:
+        for _ in range(tries):
+            test = _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}/test", "POST", TestWebhook(), TestWebhook.Response())
+            result = WebhookTestResult.from_proto(test.result)
+            if not result.success:
+                raise TrackingError(f"a test delivery to {url} failed: {_why(result)}")
+    except (MlflowException, TrackingError) as exc:
+        cause = refused(exc, url) if isinstance(exc, MlflowException) else exc
+        try:
+            _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}", "DELETE", None, DeleteWebhook.Response(), tries)
+        except MlflowException:
+            raise TrackingError(
+                f"{cause}; removing the webhook failed too: `python -m steps.webhook unregister`"
+            ) from None
+        raise TrackingError(f"{cause}; the webhook was removed") from None
+    return hook
 
 
-def _all_webhooks(client: MlflowClient) -> list[Webhook]:
-    hooks: list[Webhook] = []
-    token = None
-    while True:
-        page = client.list_webhooks(max_results=100, page_token=token)
-        hooks.extend(page)
-        token = page.token
-        if not token:
-            return hooks
+def _why(result: WebhookTestResult) -> str:
+    if result.response_status == 401:
+        return f"the receiver refused its signature: give `serve` and `register` the same {SECRET_ENV}"
+    if result.response_status:
+        return f"the receiver answered HTTP {result.response_status}: {(result.response_body or '')[:200]}"
+    error = result.error_message or "no answer"
+    if "not a public IP" in error:
+        return "the server delivers to a private address only with MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true"
+    return f"{error[:300]} (is `python -m steps.webhook serve` running at that address?)"
+
+
+def unregister_webhook(cfg: DictConfig, name: str = WEBHOOK_NAME) -> list[str]:
+    """Delete every webhook called ``name``, each call tried on up to ``webhook.test_deliveries`` connections (on a
+    server whose workers have different keys, one that can read the secret does it); returns their ids."""
+    tries = int(cfg.webhook.test_deliveries)
+    try:
+        hooks = webhooks_named(cfg, name, tries)
+        for hook in hooks:
+            _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}", "DELETE", None, DeleteWebhook.Response(), tries)
+    except MlflowException as exc:
+        raise refused(exc, "its receiver") from None
+    return [hook.webhook_id for hook in hooks]
+
+
+def unregister_in_database(backend_store_uri: str, name: str = WEBHOOK_NAME) -> list[str]:
+    """Delete the webhooks called ``name`` in the tracking server's database as MLflow's delete does (it sets
+    ``deleted_timestamp``), without reading their encrypted secrets, which every API call does: the way out when
+    no worker can decrypt them any more (a restart without MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, or with another
+    one). Returns their ids."""
+    live = (SqlWebhook.name == name) & SqlWebhook.deleted_timestamp.is_(None)
+    now = get_current_time_millis()
+    engine = sqlalchemy.create_engine(backend_store_uri)
+    try:
+        with engine.begin() as connection:
+            ids = list(connection.scalars(sqlalchemy.select(SqlWebhook.webhook_id).where(live)))
+            connection.execute(
+                sqlalchemy.update(SqlWebhook).where(live).values(deleted_timestamp=now, last_updated_timestamp=now)
+            )
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = str(exc).splitlines()[0]
+        raise TrackingError(f"cannot remove the webhook through {redact(backend_store_uri)}: {cause}") from None
+    finally:
+        engine.dispose()
+    return ids

@@ -127,8 +127,9 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return make
 
 
-# Seconds that `mlflow server` may take to create its SQLite schema and answer /health.
-MLFLOW_SERVER_START_S = 120
+# Seconds that `mlflow server` may take to create its SQLite schema and answer /health from every worker.
+MLFLOW_SERVER_START_S = 180
+DEFAULT_WORKERS = 4  # what `mlflow server` starts without --workers
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +228,12 @@ def running_mlflow_server(
         start_new_session=True,  # its own process group: the server and the workers it starts stop together
     )
     deadline = time.monotonic() + MLFLOW_SERVER_START_S
-    while not answers(f"{uri}/health"):
+
+    def started() -> bool:  # every worker up: /health may answer from the first while the others still load
+        log = (root / "server.log").read_text()
+        return answers(f"{uri}/health") and log.count("Application startup complete") >= (workers or DEFAULT_WORKERS)
+
+    while not started():
         if server.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):  # a server that exited has taken its group with it
                 os.killpg(server.pid, signal.SIGKILL)

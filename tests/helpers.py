@@ -38,6 +38,10 @@ def require_agnews() -> Path:
     return AGNEWS_DIR
 
 
+# Seconds that `python -m steps.webhook serve` may take to answer /health (it loads MLflow and the project first).
+WEBHOOK_START_S = 120
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

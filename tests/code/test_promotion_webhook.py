@@ -1,11 +1,13 @@
-"""UI promotion that reaches the Lambda by itself: MLflow's registry webhook delivers @champion moves, signed, to the
-receiver (`python -m steps.webhook serve`), which checks them and runs the mirror. Against a real `mlflow server`
-on SQLite and on PostgreSQL, with the receiver as its own process and storage on the moto server."""
+"""UI promotion that reaches the Lambda by itself: the receiver (`python -m steps.webhook serve`) reconciles storage
+with @champion on a timer, and MLflow's registry webhook, signed, makes it look sooner. Against real `mlflow server`s
+(SQLite and PostgreSQL with one worker; SQLite with the default 4 workers, with and without a shared encryption key),
+with the receiver as its own process and storage on the moto server; `register` and `unregister` as commands."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,13 +19,15 @@ import boto3
 import pytest
 import requests
 from mlflow import MlflowClient
+from mlflow.entities.webhook import WebhookEvent
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.promotion import register
 from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
 from agnews.tracking import step_run
-from agnews.webhooks import SECRET_ENV, signature
+from agnews.webhooks import EVENTS, KEY_ENV, SECRET_ENV, WEBHOOK_NAME, refused, signature
 from bundle.layout import POINTER
 from tests.helpers import SEED_TEXT
 
@@ -60,14 +64,40 @@ def pointer(bucket: str, name: str) -> dict | None:
     return json.loads(body)
 
 
-def wait_for_pointer(bucket: str, name: str, version: int, receiver: WebhookReceiver) -> dict:
-    """Poll champion.json until it names ``version``; fail after DEADLINE_S with the receiver's log."""
-    deadline = time.monotonic() + DEADLINE_S
+def wait_for_pointer(
+    bucket: str, name: str, version: int, receiver: WebhookReceiver, within_s: float = DEADLINE_S
+) -> dict:
+    """Poll champion.json until it names ``version``; fail after ``within_s`` with the receiver's log."""
+    deadline = time.monotonic() + within_s
     while (found := pointer(bucket, name)) is None or found["version"] != version:
         if time.monotonic() > deadline:
-            pytest.fail(f"champion.json still names {found} after {DEADLINE_S}s:\n{receiver.output()[-3000:]}")
+            pytest.fail(f"champion.json still names {found} after {within_s}s:\n{receiver.output()[-3000:]}")
         time.sleep(0.2)
     return found
+
+
+def health(receiver: WebhookReceiver) -> dict:
+    return requests.get(f"{receiver.url}health", timeout=10).json()
+
+
+def move_champion(tracking_uri: str, name: str, version: int) -> None:
+    """Set @champion as the UI does when an alias is saved (its own REST call)."""
+    moved = requests.post(
+        f"{tracking_uri}/ajax-api/2.0/mlflow/registered-models/alias",
+        json={"name": name, "alias": CHAMPION, "version": str(version)},
+        timeout=30,
+    )
+    moved.raise_for_status()
+
+
+def champion_and_challenger(runs: TrainRuns, bucket: str, name: str) -> None:
+    """v1 @champion by the gate (and mirrored), v2 @challenger (rejected by a strict gate)."""
+    promoted = run_register(model_config(runs.tracking_uri, bucket, name, *GATE_OPEN, f"registry.run_id={runs.good}"))
+    assert promoted.version == 1 and promoted.promoted
+    strict = ["registry.min_accuracy=0.99", f"registry.run_id={runs.worse}"]
+    rejected = run_register(model_config(runs.tracking_uri, bucket, name, *strict))
+    assert (rejected.version, rejected.alias) == (2, CHALLENGER)
+    assert pointer(bucket, name)["version"] == 1
 
 
 def delivery(secret: str, body: dict, *, timestamp: int | None = None, delivery_id: str | None = None) -> dict:
@@ -102,21 +132,11 @@ def test_champion_moved_through_the_rest_api_reaches_storage_and_the_lambda(
     runs = registry_backend
     name = f"hooked-{uuid.uuid4().hex[:8]}"
     receiver = webhook_receiver(model_config(runs.tracking_uri, bucket, name, *GATE_OPEN))
-    promoted = run_register(model_config(runs.tracking_uri, bucket, name, *GATE_OPEN, f"registry.run_id={runs.good}"))
-    assert promoted.version == 1 and promoted.promoted
-    strict = ["registry.min_accuracy=0.99", f"registry.run_id={runs.worse}"]
-    rejected = run_register(model_config(runs.tracking_uri, bucket, name, *strict))
-    assert (rejected.version, rejected.alias) == (2, CHALLENGER)
-    assert wait_for_pointer(bucket, name, 1, receiver)["version"] == 1
+    champion_and_challenger(runs, bucket, name)
     invoke = serve(f"s3://{bucket}/models/{name}", MODEL_REFRESH_SECONDS="0")
     assert invoke({"text": SEED_TEXT})["body"]["model_version"] == 1
 
-    moved = requests.post(  # what the UI sends when an alias is saved
-        f"{runs.tracking_uri}/ajax-api/2.0/mlflow/registered-models/alias",
-        json={"name": name, "alias": CHAMPION, "version": "2"},
-        timeout=30,
-    )
-    moved.raise_for_status()
+    move_champion(runs.tracking_uri, name, 2)
     wait_for_pointer(bucket, name, 2, receiver)
 
     client = MlflowClient(runs.tracking_uri)
@@ -132,7 +152,8 @@ def test_champion_moved_through_the_rest_api_reaches_storage_and_the_lambda(
     assert pointer(bucket, name)["version"] == 1
     assert invoke({"text": SEED_TEXT})["body"]["model_version"] == 1
     log = receiver.output()
-    assert "@champion of" in log and "moved to v2" in log
+    assert "@champion of" in log and "moved to v2" in log and "reconcile (ui): mirrored @champion v2" in log
+    assert health(receiver)["deliveries"]["accepted"] >= 1
 
 
 def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_events(
@@ -141,13 +162,11 @@ def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_even
     name = f"guarded-{uuid.uuid4().hex[:8]}"
     receiver = webhook_receiver(model_config(mlflow_server, bucket, name))
 
-    def health() -> dict:
-        return requests.get(f"{receiver.url}health", timeout=10).json()
-
     def post(**kwargs) -> requests.Response:
         return requests.post(receiver.url, timeout=10, **kwargs)
 
-    assert health() | {"accepted": 0, "mirrors": 0} == health()
+    tested = health(receiver)["deliveries"]  # the set-up's test deliveries, answered "ignored"
+    assert set(tested) == {"ignored"}
     event = alias_event(name)
     unsigned = post(json=event)
     assert unsigned.status_code == 401 and "missing" in unsigned.json()["error"]
@@ -158,7 +177,7 @@ def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_even
     assert post(**tampered).status_code == 401
     stale = post(**delivery(receiver.secret, event, timestamp=int(time.time()) - 3600))
     assert stale.status_code == 401 and "more than 300s from now" in stale.json()["error"]
-    assert health()["accepted"] == 0, "nothing scheduled"
+    assert health(receiver)["deliveries"] == tested | {"refused": 4}, "nothing accepted"
     assert pointer(bucket, name) is None, "nothing mirrored"
 
     for other, why in [
@@ -170,51 +189,192 @@ def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_even
         assert (answer.status_code, answer.json()["status"]) == (200, "ignored") and why in answer.json()["reason"]
     deleted = post(**delivery(receiver.secret, alias_event(name, action="deleted")))
     assert (deleted.status_code, deleted.json()["status"]) == (200, "noted")
-    assert health()["accepted"] == 0
+    assert "accepted" not in health(receiver)["deliveries"]
 
     first = delivery(receiver.secret, event)
     assert post(**first).status_code == 202
     again = post(**first)  # MLflow retries with the same delivery id
     assert (again.status_code, again.json()["status"]) == (200, "duplicate")
-    assert health()["accepted"] == 1
+    assert health(receiver)["deliveries"]["accepted"] == 1
     assert post(data=b"{}", headers={"X-MLflow-Delivery-Id": "x"}).status_code == 401
     assert requests.put(receiver.url, timeout=10).status_code == 405
 
 
-def test_the_webhook_command_registers_and_updates_the_webhook(mlflow_server: str, s3_env: str) -> None:
-    """`python -m steps.webhook register`: one webhook of that name, created then pointed elsewhere; no secret, no
-    webhook."""
-    client = MlflowClient(mlflow_server)
-    settings = [f"tracking.uri={mlflow_server}", "tracking.experiment=registry-tests"]
+# ---- Level-triggered: a server with its default workers, sharing the encryption key ----
 
-    def command(*args: str, secret: str | None = "s3cret") -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k != SECRET_ENV} | ({SECRET_ENV: secret} if secret else {})
-        return subprocess.run(
-            [sys.executable, "-m", "steps.webhook", *args, *settings],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+INTERVAL_S = 10  # the receivers' reconcile interval in these tests (30 s by default)
 
-    missing = command("register", "--url", "http://127.0.0.1:9/", secret=None)
+
+def test_a_move_made_while_the_receiver_was_down_is_served_within_one_interval(
+    keyed_runs: TrainRuns, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """@champion moved to v2 through the UI's REST call with no receiver running: nothing delivers it, storage keeps
+    v1. The receiver, started afterwards, serves v2 within one interval and says so on /health."""
+    name = f"down-{uuid.uuid4().hex[:8]}"
+    champion_and_challenger(keyed_runs, bucket, name)
+    move_champion(keyed_runs.tracking_uri, name, 2)
+    assert pointer(bucket, name)["version"] == 1, "no receiver: nothing moved storage"
+
+    receiver = webhook_receiver(
+        model_config(keyed_runs.tracking_uri, bucket, name, f"webhook.reconcile_s={INTERVAL_S}")
+    )
+    wait_for_pointer(bucket, name, 2, receiver, within_s=INTERVAL_S)
+    client = MlflowClient(keyed_runs.tracking_uri)
+    assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
+    assert client.get_model_version(name, "2").tags[PROMOTED_BY] == "manual"
+    report = health(receiver)
+    assert report["champion"] == {"registry": 2, "served": 2}
+    assert report["last_reconcile"]["ok"] and "mirrored @champion v2" in report["last_reconcile"]["outcome"]
+    assert report["seconds_since_agreed"] is not None and report["reconcile_s"] == INTERVAL_S
+
+
+def test_a_move_whose_deliveries_fail_is_served_by_the_timer(
+    keyed_runs: TrainRuns, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """A webhook with the wrong secret (a set-up made by hand): the server's every delivery is refused with a 401,
+    which MLflow does not retry. The receiver's timer serves the move all the same, and /health counts the refusals."""
+    name = f"deaf-{uuid.uuid4().hex[:8]}"
+    champion_and_challenger(keyed_runs, bucket, name)
+    cfg = model_config(keyed_runs.tracking_uri, bucket, name, f"webhook.reconcile_s={INTERVAL_S}")
+    receiver = webhook_receiver(cfg, register=False)
+    client = MlflowClient(keyed_runs.tracking_uri)
+    hook = client.create_webhook(f"wrong-{name}", receiver.url, list(EVENTS), secret="not-the-receiver-secret")
+    try:
+        move_champion(keyed_runs.tracking_uri, name, 2)
+        wait_for_pointer(bucket, name, 2, receiver, within_s=2 * INTERVAL_S + DEADLINE_S)
+        deadline = time.monotonic() + DEADLINE_S
+        while "refused" not in health(receiver)["deliveries"]:
+            assert time.monotonic() < deadline, f"the delivery never came: {health(receiver)}"
+            time.sleep(0.2)
+    finally:
+        client.delete_webhook(hook.webhook_id)
+    log = receiver.output()
+    assert "refused a delivery: the signature does not match" in log
+    assert "reconcile (reconcile): mirrored @champion v2" in log
+    assert "accepted" not in health(receiver)["deliveries"]
+
+
+# ---- Set-up that can't half-work: `register` and `unregister` against 4-worker servers ----
+
+
+def webhook_command(tracking_uri: str, *args: str, secret: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m steps.webhook <args>` against ``tracking_uri``. Its timeout is also the bound on "fails in
+    seconds": MLflow's client, retrying a 500, would take minutes."""
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, "MLFLOW_TRACKING_URI")}
+    settings = [f"tracking.uri={tracking_uri}", "tracking.experiment=registry-tests"]
+    return subprocess.run(
+        [sys.executable, "-m", "steps.webhook", *args, *settings],
+        cwd=PROJECT_ROOT,
+        env=env | ({SECRET_ENV: secret} if secret else {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def named(tracking_uri: str) -> list:
+    return [hook for hook in MlflowClient(tracking_uri).list_webhooks() if hook.name == WEBHOOK_NAME]
+
+
+def test_register_tests_the_webhook_on_every_worker_and_unregister_removes_it(
+    keyed_mlflow_server: str, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """With the key shared: register succeeds and its test deliveries reach the receiver; a second register with
+    another secret fails on the receiver's 401 and leaves no webhook; unregister removes one, then finds none."""
+    uri = keyed_mlflow_server
+    receiver = webhook_receiver(model_config(uri, bucket, f"setup-{uuid.uuid4().hex[:8]}"), register=False)
+    missing = webhook_command(uri, "register", "--url", receiver.url)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == f"error: the webhook needs a secret: set {SECRET_ENV}"
-    for url in ("http://127.0.0.1:9/a", "http://127.0.0.1:9/b"):
-        done = command("register", "--url", url)
-        assert done.returncode == 0, done.stderr
-        assert f"delivers model_version_alias.created, model_version_alias.deleted to {url}" in done.stdout
-    hooks = [hook for hook in client.list_webhooks() if hook.name == "agnews-promotion"]
-    try:
-        assert [hook.url for hook in hooks] == ["http://127.0.0.1:9/b"]
-        assert sorted(str(e) for e in hooks[0].events) == [
-            "model_version_alias.created",
-            "model_version_alias.deleted",
-        ]
-    finally:
-        for hook in hooks:
-            client.delete_webhook(hook.webhook_id)
-    serve = command("serve", "--port", "9", secret=None)
-    assert serve.returncode == 1
-    assert serve.stderr.strip().splitlines()[-1] == f"error: the webhook receiver needs a secret: set {SECRET_ENV}"
+
+    done = webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret)
+    assert done.returncode == 0, done.stderr
+    assert f"delivers model_version_alias.created, model_version_alias.deleted to {receiver.url}" in done.stdout
+    assert health(receiver)["deliveries"]["ignored"] == 8, "every test delivery reached the receiver, signed"
+    assert [hook.url for hook in named(uri)] == [receiver.url]
+
+    wrong = webhook_command(uri, "register", "--url", receiver.url, secret="another-secret")
+    assert wrong.returncode == 1
+    assert "the receiver refused its signature" in wrong.stderr.strip().splitlines()[-1]
+    assert named(uri) == [], "a webhook that can't deliver is not left behind"
+
+    assert webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret).returncode == 0
+    removed = webhook_command(uri, "unregister")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith("removed 1 webhook(s)")
+    assert named(uri) == []
+    assert "none was registered" in webhook_command(uri, "unregister").stdout
+
+
+def test_register_refuses_a_server_whose_workers_do_not_share_the_key_and_unregister_still_works(
+    keyless_mlflow_server: str, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """No MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY on a 4-worker server: register fails in seconds naming the key, and
+    removes its webhook; one made by hand on such a server (the state that used to need SQL) unregisters."""
+    uri = keyless_mlflow_server
+    receiver = webhook_receiver(model_config(uri, bucket, f"keyless-{uuid.uuid4().hex[:8]}"), register=False)
+    refused = webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret)
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "cannot decrypt the webhook secrets it stores" in last and f"the same {KEY_ENV}" in last, last
+    assert named(uri) == [], "the half-working webhook was removed"
+
+    MlflowClient(uri).create_webhook(WEBHOOK_NAME, receiver.url, list(EVENTS), secret=receiver.secret)
+    removed = webhook_command(uri, "unregister")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith("removed 1 webhook(s)") and named(uri) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "setting"),
+    [
+        ("http://127.0.0.1:9/", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https"),
+        ("https://127.0.0.1:9/", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true"),
+    ],
+)
+def test_a_refused_url_names_the_server_setting_that_allows_it(
+    url: str, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own check of a webhook URL, as a server with its defaults runs it; the error names the one setting."""
+    from mlflow.utils.validation import _validate_webhook_url
+
+    for name in ("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(MlflowException) as refusal:
+        _validate_webhook_url(url)
+    message = str(refused(refusal.value, url))
+    assert message.endswith(setting) and message.startswith(f"the tracking server refused the webhook to {url}")
+
+
+def test_unregister_through_the_database_when_no_worker_can_decrypt_the_secret(
+    mlflow_db, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state after a restart with another key (or none): every webhook call, delete included, decrypts the
+    secret and fails. `unregister --backend-store-uri` removes the webhook without reading it."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    store = SqlAlchemyStore(uri)  # encrypts with this process's key: another process has another one
+    hook = store.create_webhook(WEBHOOK_NAME, "https://127.0.0.1:9/", [WebhookEvent.from_str(EVENTS[0])], secret="s")
+    other_process = (
+        "from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as S; "
+        f"S({uri!r}).delete_webhook({hook.webhook_id!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    stuck = subprocess.run([sys.executable, "-c", other_process], env=env, capture_output=True, text=True, timeout=300)
+    assert stuck.returncode != 0 and "InvalidToken" in stuck.stderr, "MLflow's own delete needs the key"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.webhook", "unregister", "--backend-store-uri", uri],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"removed 1 webhook(s) from {uri}: {hook.webhook_id}"
+    assert list(store.list_webhooks()) == []

@@ -1,0 +1,170 @@
+"""The webhook receiver's HTTP side, against hostile clients: bodies bounded before they are read, headers parsed
+defensively, deep nesting, stalled clients. The receiver runs as its own process (`python -m steps.webhook serve`,
+on waitress), with local storage and a SQLite tracking store; it prints its address before it loads anything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import pytest
+import requests
+
+from agnews.config import PROJECT_ROOT
+from agnews.webhooks import MAX_BODY, SECRET_ENV, signature
+from tests.helpers import WEBHOOK_START_S, answers, free_port
+
+SECRET = "receiver-tests"
+READ_TIMEOUT_S = 1
+STALLED = 50
+CLOSED_WITHIN_S = 30  # a deadline for the stalled sockets to be closed, far beyond the 1s read timeout
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running `python -m steps.webhook serve`: its port and process."""
+
+    port: int
+    process: subprocess.Popen
+
+    def health(self) -> dict:
+        return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The receiver as its own process (read timeout 1 s), on local storage and a SQLite tracking store."""
+    root = tmp_path_factory.mktemp("receiver")
+    port = free_port()
+    overrides = [
+        f"storage.uri={root / 'store'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        f"webhook.read_timeout_s={READ_TIMEOUT_S}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
+    with (root / "receiver.log").open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
+            cwd=root,  # MLflow's default experiment keeps its artifacts under ./mlruns
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + WEBHOOK_START_S
+    while not answers(f"http://127.0.0.1:{port}/health"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the receiver did not start: {(root / 'receiver.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield Served(port, process)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def raw(port: int, request: bytes) -> bytes:
+    """The status line that the receiver answers ``request`` with (b'' when it closes the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        return conn.recv(4096).split(b"\r\n")[0]
+
+
+def signed(body: bytes, timestamp: str | None = None) -> dict[str, str]:
+    delivery_id, stamp = str(uuid.uuid4()), timestamp or str(int(time.time()))
+    return {
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": signature(SECRET, delivery_id, stamp, body),
+    }
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [
+        (None, b"411"),  # no length: nothing to bound the read by
+        ("-1", b"400"),  # read(-1) would read to the end of the stream
+        ("-100000000000000000000", b"400"),
+        ("1e3", b"400"),
+        (str(MAX_BODY + 1), b"413"),  # refused before the body is sent
+        (str(10**30), b"413"),
+    ],
+)
+def test_a_body_is_bounded_before_it_is_read(served: Served, length: str | None, status: bytes) -> None:
+    header = f"Content-Length: {length}\r\n" if length is not None else ""
+    answer = raw(served.port, f"POST / HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+    assert answer.split()[1] == status, answer
+    assert "accepted" not in served.health()["deliveries"]
+
+
+def test_malformed_headers_and_deep_nesting_get_a_4xx_not_a_500(served: Served) -> None:
+    refused = served.health()["deliveries"].get("refused", 0)
+    url = f"http://127.0.0.1:{served.port}/"
+    body = b"{}"
+    long_stamp = requests.post(url, data=body, headers=signed(body, "9" * 4400), timeout=30)
+    assert long_stamp.status_code == 401 and "is not Unix seconds" in long_stamp.json()["error"]
+    nested = b"[" * 100_000 + b"]" * 100_000
+    deep = requests.post(url, data=nested, headers=signed(nested), timeout=30)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
+    unicode_digits = requests.post(
+        url, data=body, headers={**signed(body), "X-MLflow-Timestamp": "١٢٣".encode()}, timeout=30
+    )
+    assert unicode_digits.status_code == 401
+    assert served.health()["deliveries"]["refused"] == refused + 3
+
+
+def test_stalled_clients_hold_no_thread_and_are_closed_after_the_read_timeout(served: Served) -> None:
+    """50 clients that send half a request and stop: no thread each, a normal request still answers, and each
+    stalled connection is closed once it has been silent for the read timeout."""
+    port, process = served.port, psutil.Process(served.process.pid)
+    threads = process.num_threads()
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=CLOSED_WITHIN_S) for _ in range(STALLED)]
+    try:
+        for conn in stalled:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes never come
+        assert served.health()["status"] == "ok"
+        assert process.num_threads() <= threads, "no thread per stalled client"
+        for conn in stalled:
+            assert conn.recv(4096) == b"", "closed by the receiver, with nothing sent"
+    finally:
+        for conn in stalled:
+            conn.close()
+
+
+def test_serve_prints_its_address_before_it_loads_anything(tmp_path) -> None:
+    """The address comes first, before the tracking server is even contacted: here there is none, and the command
+    then fails with that cause."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.webhook", "serve", "--port", "0", "tracking.uri=http://127.0.0.1:9"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("webhook receiver listening on http://127.0.0.1:") and first.endswith("/ (starting)")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no MLflow tracking server at http://127.0.0.1:9")
+
+
+def test_health_reports_the_reconcile(served: Served) -> None:
+    """With nothing registered: the reconcile ran, found no @champion, and says so; no agreement yet."""
+    deadline = time.monotonic() + WEBHOOK_START_S
+    while (health := served.health())["last_reconcile"] is None:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+    assert health["last_reconcile"]["ok"] is True
+    assert "has no @champion" in health["last_reconcile"]["outcome"]
+    assert health["champion"] == {"registry": None, "served": None}
+    assert health["seconds_since_agreed"] is None
