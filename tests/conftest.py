@@ -26,14 +26,15 @@ import requests
 from moto.server import ThreadedMotoServer
 from omegaconf import DictConfig
 
-from agnews.config import PROJECT_ROOT, compose
+from agnews.config import compose
 from tests.helpers import (
-    WEBHOOK_START_S,
     answers,
     free_port,
     moto_environ,
     require_agnews,
     s3_environment,
+    start_receiver,
+    stop_receiver,
     unavailable,
 )
 
@@ -508,8 +509,8 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
     started: list[tuple[WebhookReceiver, MlflowClient]] = []
 
     def start(cfg: DictConfig, register: bool = True) -> WebhookReceiver:
-        secret, port = uuid.uuid4().hex, free_port()
-        log = tmp_path / f"receiver-{port}.log"
+        secret = uuid.uuid4().hex
+        log = tmp_path / f"receiver-{secret[:8]}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
         env |= moto_environ(moto_server) | {SECRET_ENV: secret}
         overrides = [
@@ -519,21 +520,7 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
             f"registry.model_name={cfg.registry.model_name}",
             f"webhook.reconcile_s={cfg.webhook.reconcile_s}",
         ]
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + WEBHOOK_START_S
-        while not answers(f"{url}health"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the webhook receiver did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        process, url = start_receiver(overrides, env, log)
         hook = register_webhook(cfg, url, secret, name=f"test-{cfg.registry.model_name}") if register else None
         receiver = WebhookReceiver(url, secret, hook.webhook_id if hook else "", process, log)
         started.append((receiver, MlflowClient(str(cfg.tracking.uri))))
@@ -543,8 +530,4 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
     for receiver, client in started:
         if receiver.webhook_id:
             client.delete_webhook(receiver.webhook_id)
-        receiver.process.send_signal(signal.SIGINT)
-        try:
-            receiver.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            receiver.process.kill()
+        stop_receiver(receiver.process)

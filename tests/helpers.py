@@ -8,8 +8,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +23,9 @@ import pytest
 import requests
 
 from agnews.config import AGNEWS_DIR, PROJECT_ROOT
-from bundle.layout import MANIFEST, POINTER, manifest_bytes, manifest_key, pointer_bytes
+from agnews.publishing import point_to, put_verified
+from agnews.storage import LocalStorage
+from bundle.layout import MANIFEST, POINTER, manifest_bytes, sha256, version_folder
 
 
 def unavailable(message: str) -> NoReturn:
@@ -40,6 +45,39 @@ def require_agnews() -> Path:
 
 # Seconds that `python -m steps.webhook serve` may take to answer /health (it loads MLflow and the project first).
 WEBHOOK_START_S = 120
+
+
+def start_receiver(
+    overrides: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT_ROOT
+) -> tuple[subprocess.Popen, str]:
+    """`python -m steps.webhook serve` on a free port of 127.0.0.1 with ``overrides`` and ``env``, its output in
+    ``log``: its process and URL once its /health answers; the test fails if it does not start."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + WEBHOOK_START_S
+    while not answers(f"{url}health"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the webhook receiver did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return process, url
+
+
+def stop_receiver(process: subprocess.Popen) -> None:
+    """Stop a receiver as Ctrl-C does, or kill it after 30 s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def free_port() -> int:
@@ -115,7 +153,7 @@ def cache_folder(cache_root: Path, model_uri: str | Path, layout_root: Path, ver
     a local path made absolute; the manifest is read from ``layout_root``, a local copy of the store."""
     uri = str(model_uri)
     canonical = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
-    digest = hashlib.sha256((layout_root / manifest_key(version)).read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256((stored_folder(layout_root, version) / MANIFEST).read_bytes()).hexdigest()[:12]
     return cache_root / hashlib.sha256(canonical.encode()).hexdigest()[:12] / f"{version}-{digest}"
 
 
@@ -163,24 +201,35 @@ def invoke_packaged(package: Path, model_root: Path, cache: Path, events: list[o
 
 
 def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True) -> Path:
-    """Lay ``bundle`` out as ``root/v<version>/`` with its manifest, as the mirror step does; then, if asked, point
-    champion.json at it."""
-    folder = (root / manifest_key(version)).parent
-    folder.mkdir(parents=True)
+    """Lay ``bundle`` out as ``root/v<version>-<digest>/`` with its manifest, through the mirror step's own
+    ``put_verified`` (the manifest last); then, if asked, point champion.json at it with its ``point_to``. Returns
+    the folder."""
+    storage = LocalStorage(root)
     files = {path.name: path.read_bytes() for path in sorted(bundle.iterdir())}
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    created = datetime.now(UTC).isoformat()
-    (folder / MANIFEST).write_bytes(manifest_bytes(MODEL_NAME, version, "test", {}, files, created))
+    manifest = manifest_bytes(MODEL_NAME, version, "test", {}, files, datetime.now(UTC).isoformat())
+    folder = version_folder(version, sha256(manifest))
+    for name, data in (files | {MANIFEST: manifest}).items():
+        put_verified(storage, f"{folder}/{name}", data)
     if champion:
-        point_champion(root, version)
+        point_to(storage, POINTER, MODEL_NAME, version, manifest)
+    return root / folder
+
+
+def stored_folder(root: Path, version: int) -> Path:
+    """The one folder of ``version`` below ``root``: ``v<version>-<digest>``."""
+    (folder,) = root.glob(f"v{version}-*")
     return folder
 
 
-def point_champion(root: Path, version: int) -> None:
-    """Write ``champion.json`` naming ``v<version>``, as the mirror step does."""
-    manifest = (root / manifest_key(version)).read_bytes()
-    (root / POINTER).write_bytes(pointer_bytes(MODEL_NAME, version, manifest, datetime.now(UTC).isoformat()))
+def point_champion(folder: Path) -> Path:
+    """Point the champion.json beside ``folder`` at its manifest with the mirror step's ``point_to``, for the version
+    that the folder's name gives. A manifest changed since it was laid out first moves its folder to the name its
+    digest gives, where the mirror would have written it. Returns the folder."""
+    version = int(re.fullmatch(r"v(\d+)-[0-9a-f]+", folder.name).group(1))
+    manifest = (folder / MANIFEST).read_bytes()
+    named = folder.rename(folder.with_name(version_folder(version, sha256(manifest))))
+    point_to(LocalStorage(folder.parent), POINTER, MODEL_NAME, version, manifest)
+    return named
 
 
 def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:

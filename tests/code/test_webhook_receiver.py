@@ -5,7 +5,6 @@ on waitress), with local storage and a SQLite tracking store; it prints its addr
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -20,7 +20,7 @@ import requests
 
 from agnews.config import PROJECT_ROOT
 from agnews.webhooks import MAX_BODY, SECRET_ENV, signature
-from tests.helpers import WEBHOOK_START_S, answers, free_port
+from tests.helpers import WEBHOOK_START_S, start_receiver, stop_receiver
 
 SECRET = "receiver-tests"
 READ_TIMEOUT_S = 1
@@ -43,33 +43,16 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The receiver as its own process (read timeout 1 s), on local storage and a SQLite tracking store."""
     root = tmp_path_factory.mktemp("receiver")
-    port = free_port()
     overrides = [
         f"storage.uri={root / 'store'}",
         f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         f"webhook.read_timeout_s={READ_TIMEOUT_S}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
-    with (root / "receiver.log").open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
-            cwd=root,  # MLflow's default experiment keeps its artifacts under ./mlruns
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + WEBHOOK_START_S
-    while not answers(f"http://127.0.0.1:{port}/health"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the receiver did not start: {(root / 'receiver.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-    yield Served(port, process)
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    # in its own folder: MLflow's default experiment keeps its artifacts under ./mlruns
+    process, url = start_receiver(overrides, env, root / "receiver.log", cwd=root)
+    yield Served(urlsplit(url).port, process)
+    stop_receiver(process)
 
 
 def raw(port: int, request: bytes) -> bytes:
