@@ -143,7 +143,7 @@ def point_to(storage: Storage, key: str, name: str, version: int, manifest: byte
         log.info("%s already names %s v%s: nothing to do", storage.url(key), name, version)
         return False
     updated = datetime.now(UTC).isoformat(timespec="seconds")
-    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated, content_addressed=True))
+    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated))
     log.info("%s now names %s v%s (it named %s)", storage.url(key), name, version, pointer.get("version", "nothing"))
     return True
 

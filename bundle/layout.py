@@ -50,17 +50,14 @@ def to_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-def version_folder(version: int, manifest_sha256: str | None = None) -> str:
-    """``v<N>-<first DIGEST_CHARS hex digits of the manifest's sha256>``, the folder the mirror writes; without the
-    digest, ``v<N>``, the layout before content-addressed folders (still readable)."""
-    if manifest_sha256 is None:
-        return f"v{version}"
+def version_folder(version: int, manifest_sha256: str) -> str:
+    """``v<N>-<first DIGEST_CHARS hex digits of the manifest's sha256>``, the folder the mirror writes."""
     if not SHA256.fullmatch(manifest_sha256):
         raise ContractError(f"{manifest_sha256!r} is not a sha256 hex digest")
     return f"v{version}-{manifest_sha256[:DIGEST_CHARS]}"
 
 
-def manifest_key(version: int, manifest_sha256: str | None = None) -> str:
+def manifest_key(version: int, manifest_sha256: str) -> str:
     """The manifest's key below the model's root (see ``version_folder``)."""
     return f"{version_folder(version, manifest_sha256)}/{MANIFEST}"
 
@@ -136,7 +133,7 @@ def parse_config(data: bytes, where: str = CONFIG_FILE) -> BundleConfig:
 
 @dataclass(frozen=True)
 class Manifest:
-    """``v<N>/manifest.json``: the version and the sha256 of each file beside it."""
+    """``v<N>-<digest>/manifest.json``: the version and the sha256 of each file beside it."""
 
     version: int
     files: dict[str, str]
@@ -186,15 +183,12 @@ class Pointer:
     manifest_sha256: str
 
 
-def pointer_bytes(
-    model_name: str, version: int, manifest: bytes, updated_at: str, content_addressed: bool = False
-) -> bytes:
-    """``champion.json`` naming ``manifest``: in ``v<N>-<digest>/`` when ``content_addressed`` (what the mirror
-    writes), else in ``v<N>/``."""
+def pointer_bytes(model_name: str, version: int, manifest: bytes, updated_at: str) -> bytes:
+    """``champion.json`` naming ``manifest`` in its folder, ``v<N>-<digest>/``."""
     doc = {
         "model_name": model_name,
         "version": version,
-        "manifest": manifest_key(version, sha256(manifest) if content_addressed else None),
+        "manifest": manifest_key(version, sha256(manifest)),
         "manifest_sha256": sha256(manifest),
         "updated_at": updated_at,
     }

@@ -1,8 +1,9 @@
 """The champion model, loaded from the mirror layout in S3 or a folder, verified, cached and swapped when promoted.
 
-Layout under the model's root (``bundle.layout`` owns it): ``champion.json`` names ``v<N>/manifest.json`` and its
-sha256; the manifest lists the sha256 of every bundle file beside it. Each version is downloaded to its own folder
-of the store's cache (``Settings.cache_dir``), and every file is checked against the manifest before it is loaded.
+Layout under the model's root (``bundle.layout`` owns it): ``champion.json`` names ``v<N>-<digest>/manifest.json``
+and its sha256 (``<digest>`` is the start of that sha256); the manifest lists the sha256 of every bundle file beside
+it. Each version is downloaded to its own folder of the store's cache (``Settings.cache_dir``), and every file is
+checked against the manifest before it is loaded.
 
 A failure is a ``ModelError`` with a short reason for callers (one of the constants below) and the details, which
 name buckets, keys, paths and digests, for the log only.

@@ -18,7 +18,15 @@ from typing import IO
 import boto3
 import pytest
 
-from tests.helpers import MODEL_NAME, SEED_TEXT, cache_folder, mirror_version, point_champion, upload_tree
+from tests.helpers import (
+    MODEL_NAME,
+    SEED_TEXT,
+    cache_folder,
+    mirror_version,
+    point_champion,
+    stored_folder,
+    upload_tree,
+)
 
 PREFIX = f"models/{MODEL_NAME}"
 UNREADABLE = "no model available: the model store could not be read"
@@ -118,7 +126,7 @@ def test_verified_files_in_the_cache_are_kept_and_bad_ones_replaced(serve, mirro
     now = {p.name: p.stat().st_ino for p in cached.iterdir()}
     assert now["model.int8.onnx"] == kept["model.int8.onnx"]
     assert now["tokenizer.json"] != kept["tokenizer.json"]
-    assert (cached / "tokenizer.json").read_bytes() == (mirror_root / "v1" / "tokenizer.json").read_bytes()
+    assert (cached / "tokenizer.json").read_bytes() == (stored_folder(mirror_root, 1) / "tokenizer.json").read_bytes()
 
 
 def test_promotion_is_picked_up_and_the_old_version_cleaned(serve, mirror_root: Path, tiny_bundle, tmp_path) -> None:
@@ -127,7 +135,7 @@ def test_promotion_is_picked_up_and_the_old_version_cleaned(serve, mirror_root: 
     mirror_version(tiny_bundle, mirror_root, 2)
     assert served_version(invoke) == 2
     assert not cache_folder(tmp_path / "cache", mirror_root, mirror_root, 1).exists()
-    point_champion(mirror_root, 1)  # a rollback is a promotion too
+    point_champion(stored_folder(mirror_root, 1))  # a rollback is a promotion too
     assert served_version(invoke) == 1
 
 
@@ -158,27 +166,27 @@ def drop_from_manifest(folder: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["files"]["model.int8.onnx"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    point_champion(folder.parent, int(folder.name[1:]))
+    point_champion(folder)
 
 
 def escape_folder(folder: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["../../escape"] = manifest["files"]["config.json"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    point_champion(folder.parent, int(folder.name[1:]))
+    point_champion(folder)
 
 
 def mislabel_version(folder: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["version"] = 99
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    point_champion(folder.parent, int(folder.name[1:]))
+    point_champion(folder)
 
 
 def change_manifest(folder: Path, **fields: object) -> None:
     manifest = json.loads((folder / "manifest.json").read_text()) | fields
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    point_champion(folder.parent, int(folder.name[1:]))
+    point_champion(folder)
 
 
 def boolean_manifest_version(folder: Path) -> None:
@@ -255,7 +263,7 @@ def test_a_symlink_within_the_store_is_followed(serve, mirror_root: Path, tiny_b
     """A store may link a file to another in it, say v2's model to v1's: only links that leave it are refused."""
     folder = mirror_version(tiny_bundle, mirror_root, 2)
     (folder / "model.int8.onnx").unlink()
-    (folder / "model.int8.onnx").symlink_to(mirror_root / "v1" / "model.int8.onnx")
+    (folder / "model.int8.onnx").symlink_to(stored_folder(mirror_root, 1) / "model.int8.onnx")
     assert served_version(serve(mirror_root)) == 2
 
 
@@ -370,7 +378,8 @@ def test_without_a_model_the_store_tries_once_per_interval_and_answers_from_memo
     import model_store
 
     root = tmp_path / "root"
-    corrupt(mirror_version(tiny_bundle, root, 1))
+    v1 = mirror_version(tiny_bundle, root, 1)
+    corrupt(v1)
     env = {"MODEL_URI": str(root), "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MODEL_RETRY_SECONDS": "30"}
     source, clock = CountingSource(root), Clock()
     store = model_store.ModelStore(lambda_module.Settings.from_env(env), source=source, clock=clock)
@@ -380,7 +389,9 @@ def test_without_a_model_the_store_tries_once_per_interval_and_answers_from_memo
         responses = [service.handle({"text": SEED_TEXT}, None) for _ in range(requests)]
         return {(response["statusCode"], response["body"].get("error")) for response in responses}
 
-    one_attempt = {"champion.json": 1, "v1/manifest.json": 1, "v1/config.json": 1, "v1/model.int8.onnx": 1}
+    one_attempt = {"champion.json": 1} | {
+        f"{v1.name}/{name}": 1 for name in ("manifest.json", "config.json", "model.int8.onnx")
+    }
     assert answers(200) == {(503, UNVERIFIED)}
     assert source.reads == one_attempt  # one download, not 200
     clock.now += 29.9
@@ -388,7 +399,9 @@ def test_without_a_model_the_store_tries_once_per_interval_and_answers_from_memo
     assert source.reads == one_attempt
     clock.now += 0.1  # the interval is up: one more attempt (config.json, verified in the cache, is kept)
     assert answers(50) == {(503, UNVERIFIED)}
-    assert source.reads == one_attempt | {"champion.json": 2, "v1/manifest.json": 2, "v1/model.int8.onnx": 2}
+    assert source.reads == one_attempt | {"champion.json": 2} | {
+        f"{v1.name}/{name}": 2 for name in ("manifest.json", "model.int8.onnx")
+    }
     mirror_version(tiny_bundle, root, 2)  # fixed in the store: the 503s go on until the next attempt
     assert answers(10) == {(503, UNVERIFIED)}
     assert source.reads["champion.json"] == 2

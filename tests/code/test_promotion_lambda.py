@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -26,9 +25,9 @@ from agnews.publishing import mirror
 from agnews.registry import CHAMPION, aliases
 from agnews.storage import S3Storage
 from agnews.tracking import connect, step_run
-from bundle.layout import MANIFEST, POINTER, manifest_bytes, pointer_bytes, sha256
+from bundle.layout import MANIFEST, POINTER, sha256
 from bundle.predictor import Predictor
-from tests.helpers import LAMBDA_DIR, MODEL_NAME, SEED_TEXT
+from tests.helpers import LAMBDA_DIR, SEED_TEXT, mirror_version
 
 if TYPE_CHECKING:
     from tests.conftest import TrainRuns
@@ -167,15 +166,10 @@ def test_the_lambda_swaps_when_the_digest_changes_and_not_otherwise(
         (other / path.name).write_bytes(path.read_bytes())
     config = json.loads((other / "config.json").read_text()) | {"batch_size": 3}
     (other / "config.json").write_text(json.dumps(config))
-    files = {path.name: path.read_bytes() for path in sorted(other.iterdir())}
-    manifest = manifest_bytes(MODEL_NAME, 1, "other", {}, files, datetime.now(UTC).isoformat())
-    folder = mirror_root / f"v1-{sha256(manifest)[:12]}"
-    folder.mkdir()
-    for file, data in files.items():
-        (folder / file).write_bytes(data)
-    (folder / MANIFEST).write_bytes(manifest)
-    pointer = pointer_bytes(MODEL_NAME, 1, manifest, datetime.now(UTC).isoformat(), content_addressed=True)
-    (mirror_root / POINTER).write_bytes(pointer)
+    folder = mirror_version(other, mirror_root, 1)
+    assert len(list(mirror_root.glob("v1-*"))) == 2, "another manifest, another folder"
+    pointer = (mirror_root / POINTER).read_bytes()
+    assert json.loads(pointer)["manifest"] == f"{folder.name}/{MANIFEST}"
 
     assert answer(invoke)["model_version"] == 1
     swapped = lambda_module.model_store().get()
@@ -186,13 +180,12 @@ def test_the_lambda_swaps_when_the_digest_changes_and_not_otherwise(
     assert lambda_module.model_store().get() is swapped, "the same manifest is not loaded again"
 
 
-def test_the_content_addressed_folder_name() -> None:
+def test_a_version_folder_is_named_by_its_manifest_digest() -> None:
     from bundle.layout import ContractError, manifest_key, version_folder
 
     digest = sha256(b"manifest")
     assert version_folder(7, digest) == f"v7-{digest[:12]}"
     assert manifest_key(7, digest) == f"v7-{digest[:12]}/{MANIFEST}"
-    assert version_folder(7) == "v7"
     with pytest.raises(ContractError, match="is not a sha256 hex digest"):
         version_folder(7, "../../etc")
 
@@ -208,9 +201,3 @@ def test_a_mirrored_file_is_never_replaced_by_other_bytes(mirror_root: Path, tmp
     with pytest.raises(StorageError, match=r"refusing to replace .* a mirrored file is never replaced"):
         put_verified(storage, key, b"other bytes")
     assert storage.read_bytes(key) == b"model bytes"
-
-
-def test_legacy_folders_still_serve(serve, mirror_root: Path) -> None:
-    """A pointer to ``v<N>/`` (mirrored before folders carried their digest) still loads."""
-    assert json.loads((mirror_root / POINTER).read_text())["manifest"] == f"v1/{MANIFEST}"
-    assert answer(serve(mirror_root))["model_version"] == 1
