@@ -27,6 +27,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import EvaluationResult, MetricThreshold
+from mlflow.models.evaluation.validation import ModelValidationFailedException
 from omegaconf import DictConfig
 
 from agnews.config import redact
@@ -51,6 +53,9 @@ MODEL_DESCRIPTION = (
 )
 
 log = logging.getLogger(__name__)
+# MLflow's model validation logs two INFO lines for each of the gate's checks ("Validating candidate model metrics
+# against baseline", "Model validation passed!"): the gate logs its verdict instead.
+logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
 
 
 class FencedClient(MlflowClient):
@@ -260,6 +265,17 @@ def behaviour_pass_rate(run: Run) -> float:
     return min(run.data.metrics.get(name, 0.0) for name in BEHAVIOUR_METRICS)
 
 
+def meets(metric: str, value: float, floor: float) -> bool:
+    """Whether ``value`` of ``metric`` is at least ``floor``, as MLflow's model validation judges it
+    (``mlflow.validate_evaluation_results`` with a ``MetricThreshold``)."""
+    threshold = MetricThreshold(threshold=floor, greater_is_better=True)
+    try:
+        mlflow.validate_evaluation_results({metric: threshold}, EvaluationResult({metric: value}, {}))
+    except ModelValidationFailedException:
+        return False
+    return True
+
+
 def gate(
     registry: DictConfig,
     accuracy: float,
@@ -272,15 +288,23 @@ def gate(
     """Whether the candidate passes the quality gate, and why: test accuracy at least ``min_accuracy`` and a
     behavioural pass rate at least ``min_behaviour_pass_rate``; with a champion, the same test set as the champion's
     (``test_set``: a candidate or champion without one is not comparable) and test accuracy at least the champion's
-    minus ``tolerance``. A candidate with no test set identity is rejected with or without a champion."""
-    checks = [
+    minus ``tolerance``. A candidate with no test set identity is rejected with or without a champion.
+
+    MLflow's model validation judges each number (``meets``); the test set's identity, which it lacks, comes first.
+    Its change thresholds ask for an improvement on the baseline, and the tolerance allows a drop, so the champion's
+    accuracy minus the tolerance is a floor like the others."""
+    checks = [  # (metric, value, floor, what, bound)
         (
-            accuracy >= registry.min_accuracy,
+            "test_accuracy",
+            accuracy,
+            registry.min_accuracy,
             f"test accuracy {accuracy:.4f}",
             f"registry.min_accuracy {registry.min_accuracy}",
         ),
         (
-            behaviour >= registry.min_behaviour_pass_rate,
+            "behaviour_pass_rate",
+            behaviour,
+            registry.min_behaviour_pass_rate,
             f"behavioural pass rate {behaviour:.4f}",
             f"registry.min_behaviour_pass_rate {registry.min_behaviour_pass_rate}",
         ),
@@ -295,16 +319,19 @@ def gate(
     if champion is not None and champion_accuracy is not None and not comparable:
         checks.append(
             (
-                accuracy >= champion_accuracy - registry.tolerance,
+                "test_accuracy",
+                accuracy,
+                champion_accuracy - registry.tolerance,
                 f"test accuracy {accuracy:.4f}",
                 f"champion v{champion}'s {champion_accuracy:.4f} minus registry.tolerance {registry.tolerance}",
             )
         )
+    judged = [(meets(metric, value, floor), what, bound) for metric, value, floor, what, bound in checks]
     failed = [f"not comparable: {why}" for why in comparable]
-    failed += [f"{what} is below {bound}" for ok, what, bound in checks if not ok]
+    failed += [f"{what} is below {bound}" for ok, what, bound in judged if not ok]
     if failed:
         return False, f"rejected by the {registry.gate} gate: {'; '.join(failed)}"
-    passed = "; ".join(f"{what} is at least {bound}" for _, what, bound in checks)
+    passed = "; ".join(f"{what} is at least {bound}" for _, what, bound in judged)
     same = f"; the same {test_set} as champion v{champion}" if champion is not None else ""
     return True, f"promoted by the {registry.gate} gate: {passed}{same}"
 

@@ -185,6 +185,29 @@ def test_gate_needs_min_accuracy_behaviour_and_tolerance_against_the_champion() 
     )
 
 
+def test_the_gate_judges_each_number_with_mlflows_model_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each floor goes through the real ``mlflow.validate_evaluation_results``, watched here: the accuracy and
+    behaviour floors, and with a comparable champion its accuracy minus the tolerance; with a champion on another test
+    set only the floors."""
+    judged: list[tuple[str, float, float]] = []
+    validate = mlflow.validate_evaluation_results
+
+    def watched(thresholds, candidate, baseline=None):
+        judged.extend((name, candidate.metrics[name], bound.threshold) for name, bound in thresholds.items())
+        return validate(thresholds, candidate, baseline)
+
+    monkeypatch.setattr(mlflow, "validate_evaluation_results", watched)
+    registry = compose(
+        ["registry.min_accuracy=0.5", "registry.tolerance=0.01", "registry.min_behaviour_pass_rate=0.7"]
+    ).registry
+    assert not gate(registry, 0.58, 0.9, 2, 0.6, TEST_SET, TEST_SET)[0]
+    floors = [("test_accuracy", 0.58, 0.5), ("behaviour_pass_rate", 0.9, 0.7)]
+    assert judged == [*floors, ("test_accuracy", 0.58, 0.6 - 0.01)]
+    judged.clear()
+    assert not gate(registry, 0.58, 0.9, 2, 0.6, TestSet("b" * 64, 200), TEST_SET)[0]
+    assert judged == floors
+
+
 def test_gate_compares_with_the_champion_only_on_the_same_test_set() -> None:
     """The issue's attack: a model evaluated on a test split of one class scores 1.0; it is not comparable with a
     champion evaluated on the full split, however the numbers compare. The minimums still apply."""
