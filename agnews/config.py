@@ -7,7 +7,6 @@ import functools
 import importlib.resources
 import json
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -25,8 +24,6 @@ from agnews.errors import ConfigError, PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
-# The local AG News copy that the tests and benchmarks read (see ../shared/data/ag_news/SOURCES.md).
-AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
 
 log = logging.getLogger(__name__)
 

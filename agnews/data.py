@@ -243,7 +243,9 @@ def _staged(prefix: str, name: str, digest: str) -> str:
     return f"{prefix}/{STAGING}/{digest}/{name}"
 
 
-def publish(storage: Storage, prefix: str, files: dict[str, bytes], info: dict, fence: Callable[[], None]) -> bool:
+def store_dataset(
+    storage: Storage, prefix: str, files: dict[str, bytes], info: dict, fence: Callable[[], None]
+) -> bool:
     """Stage the data files, commit them with info.json, then move them into place; the caller holds the dataset's
     lease, and ``fence`` (``Lease.check``) raises before any write once it is lost.
 

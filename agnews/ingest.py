@@ -11,7 +11,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from agnews.config import code_version
-from agnews.data import INFO, build_info, load_source, publish, read_info, to_jsonl
+from agnews.data import INFO, build_info, load_source, read_info, store_dataset, to_jsonl
 from agnews.lease import held, lock_key
 from agnews.storage import open_storage
 
@@ -27,7 +27,7 @@ def upload(cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], dict, bool]:
     source = " + ".join(str(cfg.data[f"{s}_file"]) for s in splits) if cfg.data.train_file else str(cfg.data.source)
     info = build_info(splits, files, list(cfg.data.labels), source, code_version())
     with held(storage, lock_key(prefix), f"upload {prefix}", cfg.storage) as lease:
-        changed = publish(storage, prefix, files, info, lease.check)
+        changed = store_dataset(storage, prefix, files, info, lease.check)
         if not changed:
             info = read_info(storage, prefix)
     if changed:

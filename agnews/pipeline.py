@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from agnews.errors import ConfigError
 from agnews.ingest import upload_and_log
 from agnews.promotion import register
-from agnews.registry import Outcome
+from agnews.registry import Verdict
 from agnews.tracking import step_run
 from agnews.training import train
 
@@ -43,7 +43,7 @@ def child(cfg: DictConfig, step: str, parent: Run) -> Iterator[Run]:
             raise
 
 
-def pipeline(cfg: DictConfig) -> Outcome:
+def pipeline(cfg: DictConfig) -> Verdict:
     """Upload (skipped when storage holds the identical dataset), train, and register the run just trained."""
     if cfg.registry.rollback or cfg.registry.version is not None or cfg.registry.run_id:
         raise ConfigError(

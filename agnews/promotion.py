@@ -25,7 +25,7 @@ def how_promoted(cfg: DictConfig) -> How:
     return "gate" if cfg.registry.version is None else "manual"
 
 
-def register(cfg: DictConfig) -> registry.Outcome:
+def register(cfg: DictConfig) -> registry.Verdict:
     """Bring storage in line with the registry (``publishing.reconcile``), update the registry (``registry.update``),
     mirror a new @champion to storage, tag the active run.
 

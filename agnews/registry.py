@@ -82,7 +82,7 @@ class FencedClient(MlflowClient):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Verdict:
     """Where a register call left the model: ``version`` holds ``alias``, for ``reason``."""
 
     model_name: str
@@ -398,7 +398,7 @@ def version_exists(client: MlflowClient, name: str, version: int) -> bool:
     return True
 
 
-def register_run(client: MlflowClient, registry: DictConfig, experiment: str) -> Outcome:
+def register_run(client: MlflowClient, registry: DictConfig, experiment: str) -> Verdict:
     """Register a train run's model and pass it through the quality gate: @champion or @challenger."""
     name = registry.model_name
     run = find_train_run(client, experiment, registry.run_id)
@@ -422,10 +422,10 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "gate", reason)
-    return Outcome(name, version, CHAMPION if passed else CHALLENGER, reason)
+    return Verdict(name, version, CHAMPION if passed else CHALLENGER, reason)
 
 
-def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> Outcome:
+def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> Verdict:
     """Make an existing version @champion, whatever the gate says (a manual promotion or a rollback)."""
     try:
         client.get_model_version(name, version)
@@ -435,10 +435,10 @@ def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> 
         raise
     old = promote(client, name, version, BY_HAND)
     replaced = f"; v{old} is now @{PREVIOUS}" if old is not None else ""
-    return Outcome(name, version, CHAMPION, f"{reason}{replaced}")
+    return Verdict(name, version, CHAMPION, f"{reason}{replaced}")
 
 
-def rollback(client: MlflowClient, name: str) -> Outcome:
+def rollback(client: MlflowClient, name: str) -> Verdict:
     """Move @champion back to @previous; the champion it replaces becomes @previous, so a second rollback undoes it."""
     previous = aliases(client, name).get(PREVIOUS)
     if previous is None:
@@ -448,7 +448,7 @@ def rollback(client: MlflowClient, name: str) -> Outcome:
     return set_champion(client, name, previous, f"rolled back to v{previous}")
 
 
-def update(cfg: DictConfig, client: MlflowClient) -> Outcome:
+def update(cfg: DictConfig, client: MlflowClient) -> Verdict:
     """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. The
     caller has completed any move of @champion made outside the pipeline (``record_champion``), so that this call sees
     the registry as if that move had gone through the pipeline too."""

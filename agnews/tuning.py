@@ -33,7 +33,7 @@ from agnews.config import redact
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import child
 from agnews.promotion import register
-from agnews.registry import Outcome
+from agnews.registry import Verdict
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune, train
 
@@ -238,7 +238,7 @@ def log_study(study: optuna.Study) -> None:
         mlflow.log_figure(plot(study).figure, f"plots/{name}.png")
 
 
-def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Outcome:
+def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
     """Wait for the other workers, record the study, write its recipe, re-train the winner and register it."""
     wait_for_workers(study, cfg.tune.heartbeat_s)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -271,7 +271,7 @@ def adopt_worker_run(parent_id: str) -> None:
         client.set_tag(run_id, "tune.parent_run_id", parent_id)
 
 
-def tune(cfg: DictConfig) -> Outcome | None:
+def tune(cfg: DictConfig) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
     connect(cfg)
     study, created = open_study(cfg)

@@ -69,9 +69,9 @@ from lambda_phases import function_url_event
 from machine import machine
 from moto.server import ThreadedMotoServer
 from packaging.requirements import Requirement
-from train_bench import RESULTS
+from train_bench import AGNEWS_DIR, RESULTS
 
-from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
+from agnews.config import PROJECT_ROOT, compose
 from agnews.data import parse_csv
 from agnews.publishing import mirror
 from agnews.pyfunc import BUNDLE_PATH

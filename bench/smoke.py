@@ -17,9 +17,9 @@ import tempfile
 import time
 
 from mlflow import MlflowClient
-from train_bench import RESULTS, machine
+from train_bench import AGNEWS_DIR, RESULTS, machine
 
-from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
+from agnews.config import PROJECT_ROOT, compose
 
 
 def main() -> None:

@@ -24,12 +24,14 @@ from pathlib import Path
 from machine import machine
 
 from agnews import precision
-from agnews.config import AGNEWS_DIR, PROJECT_ROOT, compose
+from agnews.config import PROJECT_ROOT, compose
 from agnews.ingest import upload
 from agnews.tracking import step_run
 from agnews.training import train
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
+# The local AG News copy that the benchmarks read (see ../shared/data/ag_news/SOURCES.md).
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
 
 # The benchmark settings: the issues' protocols, written once here.
 THROUGHPUT = ["model=minilm", "data.sample_size=512", "train.epochs=1", "data.val_size=200", "data.test_size=500"]

@@ -22,7 +22,7 @@ import boto3
 import pytest
 import requests
 
-from agnews.config import AGNEWS_DIR, PROJECT_ROOT
+from agnews.config import PROJECT_ROOT
 from agnews.publishing import point_to, put_verified
 from agnews.storage import LocalStorage
 from bundle.layout import MANIFEST, POINTER, manifest_bytes, sha256, version_folder
@@ -33,6 +33,10 @@ def unavailable(message: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# The local AG News copy that the tests read (see ../shared/data/ag_news/SOURCES.md).
+AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ag_news"))
 
 
 def require_agnews() -> Path:

@@ -34,8 +34,8 @@ from agnews.registry import (
     PROMOTED_BY,
     RECORDED_CHAMPION,
     TEST_ROWS_TAG,
-    Outcome,
     TestSet,
+    Verdict,
     aliases,
     gate,
 )
@@ -97,7 +97,7 @@ def model_cfg(server_cfg, bucket: str, request: pytest.FixtureRequest):
     return make
 
 
-def run_register(cfg: DictConfig) -> Outcome:
+def run_register(cfg: DictConfig) -> Verdict:
     with step_run(cfg, "register"):
         return register(cfg)
 
