@@ -1,7 +1,8 @@
 """Fixtures for the Lambda tests: a real tiny serving bundle, the mirror layout, and the handler module.
 
-The layout is the mirror step's (``tests.helpers.mirror_version`` writes it with ``bundle.layout``), laid out
-straight from a bundle folder, with no registry; the parity test runs the mirror step itself.
+The layout is the mirror step's (``tests.helpers.mirror_version`` writes ``v<N>-<digest>/`` and ``champion.json``
+with the mirror's own ``put_verified`` and ``point_to``), laid out straight from a bundle folder, with no registry;
+the parity test runs the mirror step itself.
 """
 
 from __future__ import annotations
