@@ -93,7 +93,8 @@ POWERTOOLS = ("aws_lambda_powertools", "jmespath", "typing_extensions")  # top-l
 PAYLOAD_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous request payload
 MAX_BATCH, MAX_TEXT_CHARS = 64, 200_000  # lambda/settings.py's defaults
 
-# A fresh process's first answer: the import, then the first request, which loads the model (LoadedModel.load_s:
+# A fresh process's first answer: the handler's import, the model's dependencies and boto3 (imported here, in the
+# order the first request would import them), then the first request, which loads the model (LoadedModel.load_s:
 # manifest, fetch, session, first run); the fetch's sha256 is timed again on the cached files, after the answer.
 LAMBDA_COLD = """
 import hashlib, json, sys, time
@@ -103,6 +104,10 @@ import aws_lambda_powertools
 powertools = time.perf_counter()
 import handler
 imported = time.perf_counter()
+import model_store  # numpy, onnxruntime, tokenizers: the first request would import them
+model_imported = time.perf_counter()
+import boto3  # the S3 source's, which the first request would import
+boto3_imported = time.perf_counter()
 response = handler.lambda_handler({"text": sys.argv[2]}, None)
 assert response["statusCode"] == 200, response
 answered = time.perf_counter()
@@ -116,7 +121,9 @@ print(json.dumps({
     "answered_at": answered_at,
     "powertools_import_s": powertools - start,
     "import_s": imported - start,
-    "first_answer_s": answered - imported,
+    "model_imports_s": model_imported - imported,
+    "boto3_import_s": boto3_imported - model_imported,
+    "first_answer_s": answered - boto3_imported,
     "load_s": model.load_s,
     "sha256_s": time.perf_counter() - hashing,
 }))
@@ -260,8 +267,8 @@ def lambda_python() -> str:
 
 
 def runtime_packages(python: str, folder: Path) -> Path:
-    """What the Lambda runtime ships beside the zip, installed for its Python into ``folder``: boto3, at the version
-    that requirements.txt pins (pure Python, so any platform's wheels do)."""
+    """What the Lambda runtime ships beside the zip, installed and compiled for its Python into ``folder``: boto3, at
+    the version that requirements.txt pins (pure Python, so any platform's wheels do)."""
     requirements = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
     boto3_pin = next(line.strip() for line in requirements if line.startswith("boto3=="))
     version = subprocess.run(
@@ -273,6 +280,8 @@ def runtime_packages(python: str, folder: Path) -> Path:
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--only-binary=:all:", "--implementation", "cp"]
     target = ["--python-version", version, "--platform", "manylinux2014_x86_64", "--target", str(folder)]
     subprocess.run([*pip, *target, boto3_pin], check=True)
+    # compiled for the runtime's Python, as the runtime ships it (pip compiled it for this one)
+    subprocess.run([python, "-m", "compileall", "-q", "-j", "0", str(folder)], check=True)
     return folder
 
 
