@@ -30,10 +30,12 @@ from optuna.visualization import matplotlib as plots
 from transformers import TrainerCallback
 
 from agnews.config import redact
+from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import child
 from agnews.promotion import register
 from agnews.registry import Verdict
+from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune, train
 
@@ -84,9 +86,13 @@ def study_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
         )
 
     try:
-        return connect_storage()
-    except sqlalchemy.exc.DBAPIError:  # two workers creating the tables at once: the second finds them made
-        return connect_storage()
+        try:
+            return connect_storage()
+        except sqlalchemy.exc.DBAPIError:  # two workers creating the tables at once: the second finds them made
+            return connect_storage()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # unreachable, refused, or no driver installed
+        reason = redact(str(exc).strip().splitlines()[0])
+        raise TuneError(f"tune.storage={redact(url)} cannot be opened: {type(exc).__name__}: {reason}") from None
 
 
 def open_study(cfg: DictConfig) -> tuple[optuna.Study, bool]:
@@ -169,7 +175,8 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
                 settings = OmegaConf.merge(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
-                value = fine_tune(settings, [PruneOnValidation(trial)]).trainer.state.best_metric
+                dataset = StoredDataset.open(open_storage(settings), settings.storage.dataset_prefix)
+                value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).trainer.state.best_metric
             mlflow.log_metric("best_val_accuracy", value)
             mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
         except optuna.TrialPruned as exc:
