@@ -16,7 +16,8 @@ A retry resends the same delivery id, timestamp and signature. The receiver answ
 
 - 411 for a POST without ``Content-Length``, 400 for one that is not a number, 413 over ``MAX_BODY`` (waitress
   refuses the last two before reading the body);
-- 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``tolerance_s`` away;
+- 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``TOLERANCE_SECONDS``
+  (300) from now;
 - 400 for a signed body that is not a webhook payload (not JSON, or nested beyond what the parser takes);
 - 200 ``ignored`` for other entities, other models and other aliases than @champion (the test deliveries of
   ``register`` name MLflow's ``example_model``, and so are answered this way once their signature checks out);
@@ -65,7 +66,7 @@ from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
 from agnews.config import redact
 from agnews.errors import ConfigError, PipelineError, TrackingError
-from agnews.publishing import How, Mirrored, mirror, served_version
+from agnews.publishing import How, mirror, served_version
 from agnews.registry import CHAMPION, aliases
 from agnews.storage import open_storage
 from agnews.tracking import without_credentials
@@ -98,9 +99,7 @@ def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str
     return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
 
 
-def verify(
-    secret: str, headers: Mapping[str, str], body: bytes, now: float, tolerance_s: float = TOLERANCE_SECONDS
-) -> str:
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float) -> str:
     """The delivery id of a delivery whose signature and timestamp check out; Unauthorized otherwise. The signature
     header may carry several space-separated signatures (as Standard Webhooks allows); one match is enough."""
     lowered = {key.lower(): value for key, value in headers.items()}  # HTTP header names are case-insensitive
@@ -110,8 +109,8 @@ def verify(
         raise Unauthorized(f"missing {DELIVERY_HEADER}, {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
     if not TIMESTAMP.fullmatch(timestamp):
         raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp[:20]!r} is not Unix seconds")
-    if abs(now - int(timestamp)) > tolerance_s:
-        raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp} is more than {tolerance_s:g}s from now ({now:.0f})")
+    if abs(now - int(timestamp)) > TOLERANCE_SECONDS:
+        raise Unauthorized(f"{TIMESTAMP_HEADER} {timestamp} is more than {TOLERANCE_SECONDS}s from now ({now:.0f})")
     expected = signature(secret, delivery_id, timestamp, body)
     if not any(hmac.compare_digest(expected, candidate) for candidate in signed.split()):
         raise Unauthorized("the signature does not match the body under the webhook's secret")
@@ -169,25 +168,14 @@ class Reconciled:
 class Receiver:
     """The receiver for one registered model (``cfg.registry.model_name``) and its storage, as a WSGI app; its
     worker thread reconciles every ``cfg.webhook.reconcile_s`` seconds, and at once after an accepted delivery.
-
-    ``run_mirror`` defaults to ``publishing.mirror``, ``look`` to ``champions``, ``clock`` to ``time.time``.
     """
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        secret: str,
-        tolerance_s: float = TOLERANCE_SECONDS,
-        run_mirror: Callable[[DictConfig, How], Mirrored] = mirror,
-        look: Callable[[DictConfig], tuple[int | None, int | None]] = champions,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, cfg: DictConfig, secret: str) -> None:
         if not secret:
             raise ConfigError(f"the webhook receiver needs a secret: set {SECRET_ENV}")
-        self.cfg, self.secret, self.tolerance_s = cfg, secret, tolerance_s
+        self.cfg, self.secret = cfg, secret
         self.model_name = str(cfg.registry.model_name)
         self.reconcile_s = float(cfg.webhook.reconcile_s)
-        self.run_mirror, self.look, self.clock = run_mirror, look, clock
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._pending = threading.Event()
@@ -205,7 +193,7 @@ class Receiver:
 
     def health(self) -> dict[str, Any]:
         """What ``GET /health`` answers."""
-        since = None if self.agreed_at is None else round(self.clock() - self.agreed_at, 1)
+        since = None if self.agreed_at is None else round(time.time() - self.agreed_at, 1)
         return {
             "status": "ok",
             "model": self.model_name,
@@ -229,7 +217,7 @@ class Receiver:
 
     def _deliver(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         try:
-            delivery_id = verify(self.secret, headers, body, self.clock(), self.tolerance_s)
+            delivery_id = verify(self.secret, headers, body, time.time())
         except Unauthorized as exc:
             log.warning("refused a delivery: %s", exc)
             return 401, {"error": str(exc)}
@@ -269,15 +257,15 @@ class Receiver:
         outcome, and one log line."""
         registry = served = None
         try:
-            registry, served = self.look(self.cfg)
+            registry, served = champions(self.cfg)
             if registry is None:
                 outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
             elif registry == served:
                 outcome = f"storage serves @{CHAMPION} v{served}"
             else:
-                mirrored = self.run_mirror(self.cfg, how)
+                mirrored = mirror(self.cfg, how)
+                outcome = f"mirrored @{CHAMPION} v{mirrored.version} to {mirrored.pointer} (it served {served})"
                 registry = served = mirrored.version
-                outcome = f"mirrored @{CHAMPION} v{mirrored.version} to {mirrored.pointer} (storage served {served})"
                 log.info("reconcile (%s): %s", how, outcome)
             ok = True
         except PipelineError as exc:
@@ -287,8 +275,8 @@ class Receiver:
         if not ok:
             log.error("reconcile (%s) %s", how, outcome)
         elif registry is not None and registry == served:
-            self.agreed_at = self.clock()
-        at = datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
+            self.agreed_at = time.time()
+        at = datetime.now(UTC).isoformat(timespec="seconds")
         self.last = Reconciled(at, outcome, ok, registry, served)
         return self.last
 
