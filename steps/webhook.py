@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     sock = None
     if args.command == "serve":
-        sock = socket.create_server((args.host, args.port), backlog=1024)
+        try:
+            sock = socket.create_server((args.host, args.port), backlog=1024)
+        except OSError as exc:
+            print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+            sys.exit(1)
         host, port = sock.getsockname()[:2]
         # at once: loading MLflow and the project takes seconds; requests wait in the backlog meanwhile
         print(f"webhook receiver listening on http://{host}:{port}/ (starting)", flush=True)

@@ -151,3 +151,16 @@ def test_health_reports_the_reconcile(served: Served) -> None:
     assert "has no @champion" in health["last_reconcile"]["outcome"]
     assert health["champion"] == {"registry": None, "served": None}
     assert health["seconds_since_agreed"] is None
+
+
+def test_serve_on_a_port_in_use_fails_with_one_line(served: Served) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.webhook", "serve", "--port", str(served.port)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{served.port}: Address already in use")
+    assert len(done.stderr.strip().splitlines()) == 1
