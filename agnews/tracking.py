@@ -102,7 +102,11 @@ def connect(cfg: DictConfig) -> None:
                 log.warning("logging into experiment '%s', not '%s': pass `--experiment-name %s`", joined, name, name)
             return
         if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=artifact_location)
+            try:
+                mlflow.create_experiment(name, artifact_location=artifact_location)
+            except mlflow.exceptions.MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else a process that started with this one made it
+                    raise
         mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(f"MLflow at {shown} refused experiment '{name}': {redact(exc.message)}") from None

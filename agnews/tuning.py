@@ -9,6 +9,7 @@ train step's own code and registered behind the gate, as the main pipeline does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -47,6 +48,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute naming its MLflow parent run
 RUN_ATTR = "mlflow_run_id"  # each trial's user attribute naming its MLflow child run
 STATE_TAG = "trial.state"  # a trial run's Optuna state: COMPLETE, PRUNED or FAIL
+# Workers that start together race to create the study's tables: the losers try again, and find them made.
+SCHEMA_ATTEMPTS = 5
 
 
 def storage_url(cfg: DictConfig) -> str:
@@ -86,10 +89,11 @@ def study_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
         )
 
     try:
-        try:
-            return connect_storage()
-        except sqlalchemy.exc.DBAPIError:  # two workers creating the tables at once: the second finds them made
-            return connect_storage()
+        for _ in range(SCHEMA_ATTEMPTS - 1):
+            with contextlib.suppress(sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                return connect_storage()
+            time.sleep(1)
+        return connect_storage()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # unreachable, refused, or no driver installed
         reason = redact(str(exc).strip().splitlines()[0])
         raise TuneError(f"tune.storage={redact(url)} cannot be opened: {type(exc).__name__}: {reason}") from None

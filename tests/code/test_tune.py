@@ -146,10 +146,11 @@ def test_an_unreachable_study_storage_fails_in_one_line_without_its_password(mak
 def worker(cfg: DictConfig, moto_server: str, log: Path, *overrides: str) -> subprocess.Popen:
     """``python -m steps.tune`` as its own process group, on ``cfg``'s tracking server, storage and study."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "MLFLOW_RUN_ID")}
-    settings = [f"{key}={OmegaConf.select(cfg, key)}" for key in ("tracking.uri", "storage.uri", "tune.storage")]
+    keys = ("tracking.uri", "storage.uri", "train.output_dir", "tune.storage", "tune.study", "tune.recipe_dir")
+    settings = [f"{key}={OmegaConf.select(cfg, key)}" for key in keys]
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "steps.tune", *settings, f"tune.study={cfg.tune.study}", *QUICK, *overrides],
+            [sys.executable, "-m", "steps.tune", *settings, *QUICK, *overrides],
             cwd=PROJECT_ROOT,
             env=env | moto_environ(moto_server),
             stdout=out,
@@ -159,10 +160,15 @@ def worker(cfg: DictConfig, moto_server: str, log: Path, *overrides: str) -> sub
 
 
 @pytest.fixture
-def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database: str) -> DictConfig:
+def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database: str, tmp_path: Path) -> DictConfig:
     """A study on PostgreSQL, tracked by a real `mlflow server`, with the data in a local store."""
     study = f"shared-{uuid.uuid4().hex[:8]}"
-    overrides = (f"tracking.uri={mlflow_server}", f"tune.storage={optuna_database}", f"tune.study={study}")
+    overrides = (
+        f"tracking.uri={mlflow_server}",
+        f"tune.storage={optuna_database}",
+        f"tune.study={study}",
+        f"tune.recipe_dir={tmp_path / 'recipe'}",
+    )
     cfg = make_cfg(f"data.source={agnews_dir}", *overrides)
     upload(cfg)
     return cfg
@@ -188,7 +194,7 @@ def test_two_workers_share_one_study_on_postgresql(shared_study: DictConfig, mot
     assert set(states.values()) <= {"COMPLETE", "PRUNED"}  # the median pruner may stop the fourth
 
 
-def test_a_worker_killed_with_sigkill_leaves_its_trial_failed(
+def test_a_worker_killed_with_sigkill_leaves_its_trial_failed_and_another_finishes_the_study(
     shared_study: DictConfig, moto_server: str, tmp_path: Path
 ) -> None:
     cfg = shared_study
@@ -203,7 +209,8 @@ def test_a_worker_killed_with_sigkill_leaves_its_trial_failed(
         doomed.wait()
     time.sleep(3)  # past the grace period (twice the heartbeat) since its last heartbeat
 
-    survivor = worker(cfg, moto_server, tmp_path / "survivor.log", "tune.trials=2", "tune.heartbeat_s=1", NO_RETRAIN)
+    # it joins the study, runs the one trial left, then re-trains the winner and registers it under the same parent
+    survivor = worker(cfg, moto_server, tmp_path / "survivor.log", "tune.trials=2", "tune.heartbeat_s=1")
     assert survivor.wait(timeout=1200) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
 
     killed, after = study_trials(cfg)
@@ -213,6 +220,11 @@ def test_a_worker_killed_with_sigkill_leaves_its_trial_failed(
     lost = client.get_run(killed.user_attrs[RUN_ATTR])
     assert (lost.info.status, lost.data.tags[STATE_TAG]) == ("FAILED", "FAIL")
     assert "heartbeats" in lost.data.tags["error"]
+    (parent,) = runs(cfg.tracking.uri, "tune")
+    assert parent.info.status == "FINISHED"  # the killed creator left it RUNNING; the survivor's finish closed it
+    retrained = client.get_run(parent.data.tags["child.train"])
+    assert float(retrained.data.params["train.learning_rate"]) == after.params["learning_rate"]
+    assert client.get_model_version(cfg.registry.model_name, "1").run_id == retrained.info.run_id
 
 
 def study_trials(cfg: DictConfig) -> list[optuna.trial.FrozenTrial]:
