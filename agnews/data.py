@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -276,12 +277,31 @@ def store_dataset(
     return True
 
 
-def read_split(storage: Storage, prefix: str, split: str) -> pd.DataFrame:
-    """Load a split from storage after checking its sha256 against info.json; rows are indexed by their line number.
+class StoredDataset(NamedTuple):
+    """The dataset in storage with its info.json, read once: what a train run takes its splits from."""
+
+    storage: Storage
+    prefix: str
+    info: dict
+
+    @classmethod
+    def open(cls, storage: Storage, prefix: str) -> StoredDataset:
+        return cls(storage, prefix, read_info(storage, prefix))
+
+    def url(self, split: str) -> str:
+        return self.storage.url(f"{self.prefix}/{split}.jsonl")
+
+    def split(self, split: str) -> pd.DataFrame:
+        return read_split(self.storage, self.prefix, split, self.info)
+
+
+def read_split(storage: Storage, prefix: str, split: str, info: dict | None = None) -> pd.DataFrame:
+    """Load a split from storage after checking its sha256 against info.json (read here unless given); rows are
+    indexed by their line number.
 
     A file that an interrupted upload committed but did not move into place is read from its staged copy.
     """
-    info = read_info(storage, prefix)
+    info = info or read_info(storage, prefix)
     name = f"{split}.jsonl"
     if name not in info["files"]:
         raise DataError(f"{storage.url(prefix)}/{INFO} lists no {name}")

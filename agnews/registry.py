@@ -197,7 +197,7 @@ def version_tags(run: Run) -> dict[str, str]:
 def describe(run: Run) -> str:
     metrics, tags = run.data.metrics, run.data.tags
     return (
-        f"{run.data.params.get('model.name', 'model')} from train run {run.info.run_id} at git "
+        f"{run.data.params.get('model.display_name', 'model')} from train run {run.info.run_id} at git "
         f"{tags.get('git_commit', 'unknown')}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 "
         f"{metrics.get('test_f1_macro', float('nan')):.4f}; "
         f"train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
 from torch.utils.data import SequentialSampler
 from transformers import (
@@ -33,8 +33,9 @@ from transformers import (
 )
 
 from agnews import behaviour, checkpoints, export, metrics, precision, pyfunc
-from agnews.data import read_info, read_split, rows_sha256
-from agnews.errors import ConfigError, DataError
+from agnews.data import StoredDataset, rows_sha256
+from agnews.errors import DataError
+from agnews.ingest import log_frame
 from agnews.modeling import load_model, load_tokenizer
 from agnews.progress import phase
 from agnews.registry import TEST_ROWS_TAG
@@ -60,33 +61,6 @@ TRAIN_FIGURES = ("train_samples_per_second", "train_loop_samples_per_second", "t
 def is_main_process() -> bool:
     """Rank 0, or a single process: torchrun and accelerate launch set RANK before any process group exists."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def validate(cfg: DictConfig) -> None:
-    """Reject override values that would fail late or silently (epochs=0, a negative lr, ...)."""
-    t = cfg.train
-    for key in ("data.sample_size", "data.val_size", "data.test_size"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{key}={value!r} is not a whole number")
-    # each key: whether its value is allowed, and what is
-    checks = {
-        "train.epochs": (t.epochs > 0, "> 0"),
-        "train.learning_rate": (t.learning_rate > 0, "> 0"),
-        "train.batch_size": (t.batch_size > 0, "> 0"),
-        "train.eval_batch_size": (t.eval_batch_size > 0, "> 0"),
-        "train.serving_batch_size": (t.serving_batch_size > 0, "> 0"),
-        "train.max_length": (t.max_length > 0, "> 0"),
-        "train.weight_decay": (t.weight_decay >= 0, ">= 0"),
-        "train.warmup_ratio": (0 <= t.warmup_ratio < 1, "in [0, 1)"),
-        "train.label_smoothing": (0 <= t.label_smoothing < 1, "in [0, 1)"),
-        "data.sample_size": ((cfg.data.sample_size or 0) >= 0, ">= 0 (0 or null: every row)"),
-        "data.val_size": ((cfg.data.val_size or 0) > 0, "> 0"),
-        "data.test_size": ((cfg.data.test_size or 0) >= 0, ">= 0 (0 or null: every row)"),
-    }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is out of range: it must be {allowed}")
 
 
 def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -215,6 +189,8 @@ class FineTuned:
     tokenizer: PreTrainedTokenizerFast
     train_metrics: dict[str, float]
     resolved: precision.Resolved  # the precision and device settings the run trained with
+    train_frame: pd.DataFrame
+    val_frame: pd.DataFrame
 
 
 @dataclass
@@ -225,20 +201,15 @@ class Fitted(FineTuned):
     probs: np.ndarray  # test rows x classes, from the kept checkpoint
 
 
-def fine_tune(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
+def fine_tune(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
     """Load the training and validation rows and the model, and fine-tune with validation choosing the checkpoint.
 
     The test split is neither read nor predicted: a hyperparameter search trial (agnews/tuning.py) stops here.
     """
-    validate(cfg)
     # Once per run, before any data or model is loaded: a precision this device cannot run fails here.
     resolved = precision.for_config(cfg.train)
-    storage = open_storage(cfg)
-    prefix = cfg.storage.dataset_prefix
-    labels = read_info(storage, prefix)["labels"]
-    train_frame, val_frame = split_train(
-        read_split(storage, prefix, "train"), cfg.data.sample_size, cfg.data.val_size, cfg.seed
-    )
+    labels = dataset.info["labels"]
+    train_frame, val_frame = split_train(dataset.split("train"), cfg.data.sample_size, cfg.data.val_size, cfg.seed)
     val_frame = by_length(val_frame)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -271,18 +242,16 @@ def fine_tune(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fin
         "train_wall_time_s": time.perf_counter() - started,
         "train_loop_samples_per_second": samples / clock.seconds if clock.seconds else 0.0,
     }
-    return FineTuned(trainer, tokenizer, train_metrics, resolved)
+    return FineTuned(trainer, tokenizer, train_metrics, resolved, train_frame, val_frame)
 
 
-def fit(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
+def fit(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     """Fine-tune (``fine_tune``), then predict the test split once with the kept (best) checkpoint.
 
     The test rows are drawn first, so that a bad ``data.test_size`` fails before any training.
     """
-    validate(cfg)
-    test_split = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test")
-    test_frame = by_length(stratified_sample(test_split, cfg.data.test_size, cfg.seed, "data.test_size"))
-    tuned = fine_tune(cfg, callbacks)
+    test_frame = by_length(stratified_sample(dataset.split("test"), cfg.data.test_size, cfg.seed, "data.test_size"))
+    tuned = fine_tune(cfg, dataset, callbacks)
     log.info("predicting the %d test rows with the kept checkpoint", len(test_frame))
     test_set = tokenize(test_frame, tuned.tokenizer, cfg.train)
     logits = tuned.trainer.predict(test_set, metric_key_prefix="test").predictions
@@ -378,15 +347,25 @@ def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path)
     return checks
 
 
+def log_inputs(dataset: StoredDataset, fitted: Fitted) -> None:
+    """The rows the run trained, validated and was tested on, as ``mlflow.data`` inputs (the UI's "Datasets used")."""
+    for split, frame, context in (
+        ("train", fitted.train_frame, "training"),
+        ("train", fitted.val_frame, "validation"),
+        ("test", fitted.test_frame, "test"),
+    ):
+        log_frame(frame[["text", "label"]], dataset.url(split), f"ag_news-{context}", context)
+
+
 def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
     """Fine-tune and, on the main process, log metrics, artifacts and the model into the active run."""
-    fitted = fit(cfg, callbacks)
+    dataset = StoredDataset.open(open_storage(cfg), cfg.storage.dataset_prefix)
+    fitted = fit(cfg, dataset, callbacks)
     if not fitted.trainer.is_world_process_zero():
         return {}
     labels = list(fitted.trainer.model.config.id2label.values())
-    storage = open_storage(cfg)
-    info = read_info(storage, cfg.storage.dataset_prefix)
-    mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in info["files"].items()})
+    mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in dataset.info["files"].items()})
+    log_inputs(dataset, fitted)
     mlflow.set_tags(fitted.resolved.tags())
     final = log_evaluation(cfg, fitted, labels)
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,6 +36,14 @@ def test_a_model_brings_its_recipe_and_the_seed_recipe_keeps_the_seeds() -> None
     assert compose(["model=minilm", "train.learning_rate=1e-4"]).train.learning_rate == 1e-4  # still overridable
 
 
+def test_a_model_is_named_in_descriptions_by_its_name_not_a_folder_of_the_training_machine() -> None:
+    for model in ("distilbert", "minilm", "tiny"):
+        cfg = compose([f"model={model}"])
+        assert not Path(cfg.model.display_name).is_absolute(), cfg.model.display_name
+    assert compose(["model=minilm"]).model.display_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert compose(["model=distilbert", "model.name=org/other"]).model.display_name == "org/other"
+
+
 def test_smoke_preset_has_its_own_model_experiment_and_gate() -> None:
     default, smoke = compose([]), compose(["preset=smoke"])
     assert smoke.registry.model_name != default.registry.model_name

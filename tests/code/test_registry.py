@@ -260,7 +260,8 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     assert version.tags["gate"].startswith("promoted by the production gate: test accuracy")
     assert version.tags[PROMOTED_BY] == "gate"
     assert client.get_registered_model(name).tags[RECORDED_CHAMPION] == "1"
-    assert runs.good in version.description and "test accuracy" in version.description
+    assert version.description.startswith(f"tiny-distilbert from train run {runs.good}")
+    assert "test accuracy" in version.description
     assert client.get_registered_model(name).description
     assert version.current_stage in (None, "None"), "aliases only: stages are deprecated"
 

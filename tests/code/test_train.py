@@ -100,6 +100,20 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     test_split = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test")
     scored = stratified_sample(test_split, 200, cfg.seed, "data.test_size").index  # line numbers in test.jsonl
     assert run.data.tags["dataset.test.rows_sha256"] == rows_sha256(scored)
+    # the rows it trained, validated and was tested on are the run's dataset inputs ("Datasets used" in the UI)
+    inputs = {
+        next(tag.value for tag in entry.tags if tag.key == "mlflow.data.context"): entry.dataset
+        for entry in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["test", "training", "validation"]
+    assert {context: json.loads(d.profile)["num_rows"] for context, d in inputs.items()} == {
+        "training": 1200,
+        "validation": 200,
+        "test": 200,
+    }
+    sources = {context: json.loads(d.source)["uri"] for context, d in inputs.items()}
+    train_url, test_url = (open_storage(cfg).url(f"{cfg.storage.dataset_prefix}/{s}.jsonl") for s in ("train", "test"))
+    assert sources == {"training": train_url, "validation": train_url, "test": test_url}
     assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
     assert client.get_metric_history(run_id, "learning_rate")
     assert run.data.params["train.max_length"] == "128" and run.data.params["model.name"] == "tiny-distilbert"
