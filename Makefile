@@ -77,7 +77,7 @@ LAMBDA_PY ?= $(shell for p in python$(LAMBDA_PYTHON) \
 LAMBDA_BUILD ?= build/lambda
 LAMBDA_ZIP ?= build/lambda.zip
 LAMBDA_LIMIT := 262144000
-LAMBDA_CODE := lambda/handler.py lambda/model_store.py lambda/settings.py
+LAMBDA_CODE := lambda/handler.py lambda/events.py lambda/model_store.py lambda/settings.py
 LAMBDA_BUNDLE := bundle/__init__.py bundle/layout.py bundle/predictor.py
 # What the wheels carry but the handler never imports or loads, left out of the zip (with every type stub; the tests
 # run the unpacked zip): onnxruntime's C API library (its Python module has the runtime linked in) and its model

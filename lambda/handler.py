@@ -1,31 +1,22 @@
 """AWS Lambda entry point: classify news text with the champion ONNX int8 model (no torch, no transformers).
 
 Events: a direct invoke ``{"text": "..."}`` or ``{"texts": [...]}``, and API Gateway REST (v1), HTTP API (v2)
-and Function URL events, whose JSON body may be base64-encoded. POST classifies; GET tells which model answers.
-Configuration: environment variables, see settings.py. Locally: ``python lambda/handler.py "some text"``.
+and Function URL events (events.py reads them). POST classifies; GET tells which model answers. Configuration:
+environment variables, see settings.py. Locally: ``python lambda/handler.py "some text"``.
 
 ``Service`` is the adapter: events in, responses out, over any ``Store``. ``lambda_handler`` is a ``Service`` over
 the container's ``ModelStore``, built from the environment on first use; until then this module imports the
-standard library, settings and Powertools only (no onnxruntime, numpy or tokenizers).
+standard library, settings, events and Powertools only (no onnxruntime, numpy or tokenizers).
 
 Observability is Powertools for AWS Lambda's: one JSON log line per request (and per model load), with the request
 id and the model version, and CloudWatch metrics in the embedded metric format (EMF), printed to stdout, where
 Lambda sends them to CloudWatch Logs and CloudWatch extracts them: ``Latency``, ``Texts``, ``Predictions`` by
 ``predicted_class``, ``4XXError``, ``5XXError`` and ``ModelSwaps``.
-
-The events are read with Powertools' event classes (``APIGatewayProxyEvent``, ``APIGatewayProxyEventV2``,
-``LambdaFunctionUrlEvent``), not with its resolvers (``APIGatewayRestResolver`` and the like), which don't fit the
-rules here: a resolver serves one event source, where this function takes all three and direct invokes; it answers a
-method it has no route for with 404, where this answers 405 with an Allow header; and its ``json_body`` decodes
-base64 leniently (``b64decode`` without validation) and lets a body that is not JSON or not UTF-8 escape as an
-exception (a failed invocation, a 502 at API Gateway), where this answers each with a 400 that says what was wrong.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import contextlib
 import functools
 import json
@@ -41,13 +32,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
-from aws_lambda_powertools.utilities.data_classes import (
-    APIGatewayProxyEvent,
-    APIGatewayProxyEventV2,
-    LambdaFunctionUrlEvent,
-)
 from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
-from settings import LOGGER, ConfigError, ModelError, Settings
+from events import BadRequest, http_event, http_method, parse_texts
+from settings import LOGGER, NoModelError, Settings, SettingsError
 from snapshot_restore_py import register_after_restore, register_before_snapshot
 
 if TYPE_CHECKING:
@@ -55,7 +42,6 @@ if TYPE_CHECKING:
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
-JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
 METRICS_NAMESPACE = "agnews"  # POWERTOOLS_METRICS_NAMESPACE overrides it
 
 
@@ -78,10 +64,6 @@ logger = Logger(service=LOGGER, logger_handler=StdoutHandler())
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or METRICS_NAMESPACE, service=LOGGER)
 
 
-class BadRequest(Exception):
-    """Input the handler cannot use; the message says what was wrong (and never repeats the input)."""
-
-
 class Classifier(Protocol):
     """What the handler asks of a model: its labels, and one result dict per text."""
 
@@ -100,8 +82,8 @@ class Model(Protocol):
 
 
 class Store(Protocol):
-    """Where the handler gets its limits and its model. ``settings`` may raise ConfigError (a 500), ``get()``
-    ModelError (a 503)."""
+    """Where the handler gets its limits and its model. ``settings`` may raise SettingsError (a 500), ``get()``
+    NoModelError (a 503)."""
 
     @property
     def settings(self) -> Settings: ...
@@ -119,16 +101,10 @@ def _build_store() -> ModelStore:
 
 
 def model_store() -> ModelStore:
-    """The container's one store, built on first use; a bad setting raises ConfigError, and is retried next call.
+    """The container's one store, built on first use; a bad setting raises SettingsError, and is retried next call.
     One store even when the first requests come at once (lambda/local.py's threads)."""
     with _store_lock:
         return _build_store()
-
-
-def forget_model_store() -> None:
-    """Drop the container's store: the next request builds one from the environment as it is then (the tests)."""
-    with _store_lock:
-        _build_store.cache_clear()
 
 
 class ContainerStore:
@@ -140,95 +116,6 @@ class ContainerStore:
 
     def get(self) -> Model:
         return model_store().get()
-
-
-def _kind(value: object) -> str:
-    return JSON_KINDS.get(type(value)) or ("an array" if isinstance(value, list) else "an object")
-
-
-def http_event(event: object) -> BaseProxyEvent | None:
-    """An API Gateway REST (v1), HTTP API (v2) or Function URL event as its Powertools class; None for a direct
-    invoke."""
-    if not isinstance(event, dict):
-        return None
-    if "httpMethod" in event:
-        return APIGatewayProxyEvent(event)
-    context = event.get("requestContext")
-    if not isinstance(context, dict) or not isinstance(context.get("http"), dict):
-        return None
-    function_url = ".lambda-url." in str(context.get("domainName", ""))
-    return LambdaFunctionUrlEvent(event) if function_url else APIGatewayProxyEventV2(event)
-
-
-def _http_method(event: BaseProxyEvent) -> str:
-    try:
-        return str(event.http_method).upper()
-    except KeyError:  # a v2 event without requestContext.http.method
-        return ""
-
-
-def _json_body(event: BaseProxyEvent) -> object:
-    """The decoded JSON body of an HTTP event."""
-    body = event.body
-    if body is None or body == "":
-        raise BadRequest('the request body is empty; send a JSON object such as {"text": "..."}')
-    if not isinstance(body, str):
-        raise BadRequest(f"the event's body must be a string, not {_kind(body)}")
-    if event.is_base64_encoded:
-        try:
-            body = base64.b64decode(body, validate=True).decode("utf-8")
-        except binascii.Error:
-            raise BadRequest("the body is marked base64 but is not valid base64") from None
-        except UnicodeDecodeError as exc:
-            raise BadRequest(f"the body is not valid UTF-8 (bad byte at offset {exc.start})") from None
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits(), 4,300)
-        raise BadRequest("the body's JSON has a number with too many digits") from None
-    except RecursionError:
-        raise BadRequest("the body's JSON is nested too deeply") from None
-
-
-def _checked_text(value: object, what: str, settings: Settings) -> str:
-    if not isinstance(value, str):
-        raise BadRequest(f"{what} must be a string, not {_kind(value)}")
-    if not value.strip():
-        raise BadRequest(f"{what} is only whitespace" if value else f"{what} is empty")
-    if len(value) > settings.max_text_chars:
-        raise BadRequest(f"{what} has {len(value)} characters; the most is {settings.max_text_chars} (MAX_TEXT_CHARS)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise BadRequest(f"{what} is not valid Unicode: an unpaired surrogate at character {exc.start}") from None
-    return value
-
-
-def _texts(payload: object, settings: Settings) -> tuple[list[str], bool]:
-    """The texts to classify, and whether the request was a single ``text``."""
-    if not isinstance(payload, dict):
-        raise BadRequest(f'the request must be a JSON object with "text" or "texts", not {_kind(payload)}')
-    if "text" in payload and "texts" in payload:
-        raise BadRequest('send either "text" or "texts", not both')
-    if "text" in payload:
-        return [_checked_text(payload["text"], '"text"', settings)], True
-    if "texts" not in payload:
-        raise BadRequest('missing "text" (a string) or "texts" (a list of strings)')
-    texts = payload["texts"]
-    if not isinstance(texts, list):
-        raise BadRequest(f'"texts" must be a list of strings, not {_kind(texts)}')
-    if not texts:
-        raise BadRequest('"texts" is empty')
-    if len(texts) > settings.max_batch:
-        raise BadRequest(f'"texts" has {len(texts)} items; the most is {settings.max_batch} (MAX_BATCH)')
-    return [_checked_text(text, f'"texts"[{i}]', settings) for i, text in enumerate(texts)], False
-
-
-def parse_texts(event: object, http: BaseProxyEvent | None, settings: Settings) -> tuple[list[str], bool]:
-    """The texts of a POST (``http``) or a direct invoke (``event``), and whether it was a single ``text``; a
-    BadRequest says what is wrong with them."""
-    return _texts(event if http is None else _json_body(http), settings)
 
 
 @dataclass
@@ -263,7 +150,7 @@ class Service:
         """Status code and body for one event."""
         try:
             settings = self.store.settings  # a configuration error comes first, whatever the event
-            method = None if http is None else _http_method(http)
+            method = None if http is None else http_method(http)
             if method == "GET":
                 model = self._model(outcome)
                 return 200, {"model_version": model.version, "labels": model.predictor.labels}
@@ -280,10 +167,10 @@ class Service:
         except BadRequest as exc:
             outcome.problem = str(exc)
             return 400, {"error": str(exc)}
-        except ModelError as exc:
+        except NoModelError as exc:
             outcome.problem = exc.detail
             return 503, {"error": f"no model available: {exc.reason}"}
-        except ConfigError as exc:
+        except SettingsError as exc:
             outcome.problem = str(exc)
             return 500, {"error": f"configuration error: {exc}"}
 
@@ -367,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 def load_before_snapshot() -> None:
     """SnapStart, before the snapshot of a published version: the champion loaded and run once, so that an instance
     restored from the snapshot answers at once."""
-    with contextlib.suppress(ConfigError):
+    with contextlib.suppress(SettingsError):
         model_store().refresh()
 
 
@@ -377,7 +264,7 @@ def recheck_after_restore() -> None:
     ``random`` is re-seeded (from the OS); and the snapshot may be hours old, so ``champion.json`` is read again now,
     not when the refresh interval ends."""
     random.seed()
-    with contextlib.suppress(ConfigError):
+    with contextlib.suppress(SettingsError):
         model_store().recheck()
 
 

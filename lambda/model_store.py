@@ -5,7 +5,7 @@ and its sha256 (``<digest>`` is the start of that sha256); the manifest lists th
 it. Each version is downloaded to its own folder of the store's cache (``Settings.cache_dir``), and every file is
 checked against the manifest before it is loaded.
 
-A failure is a ``ModelError`` with a short reason for callers (one of the constants below) and the details, which
+A failure is a ``NoModelError`` with a short reason for callers (one of the constants below) and the details, which
 name buckets, keys, paths and digests, for the log only.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
-from settings import LOGGER, NO_MODEL, ModelError, Settings
+from settings import LOGGER, NO_MODEL, NoModelError, Settings
 
 from bundle.layout import POINTER, ContractError, Pointer, parse_manifest, parse_pointer, sha256
 from bundle.predictor import Predictor
@@ -65,10 +65,10 @@ class LocalSource:
         path = self.root / key
         try:
             if not path.resolve().is_relative_to(self.root.resolve()):
-                raise ModelError(UNVERIFIED, f"{self.url(key)} resolves to {path.resolve()}, outside {self.root}")
+                raise NoModelError(UNVERIFIED, f"{self.url(key)} resolves to {path.resolve()}, outside {self.root}")
             stream = path.open("rb")
         except OSError as exc:
-            raise ModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc.strerror}") from None
+            raise NoModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc.strerror}") from None
         with stream:
             yield stream
 
@@ -94,17 +94,17 @@ class S3Source:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
             detail = f"cannot read {self.url(key)}: {code} (missing, or not readable by this role)"
-            raise ModelError(UNREADABLE, detail) from None
+            raise NoModelError(UNREADABLE, detail) from None
         except BotoCoreError as exc:
-            raise ModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc}") from None
+            raise NoModelError(UNREADABLE, f"cannot read {self.url(key)}: {exc}") from None
         with contextlib.closing(body):
             yield body
 
 
 def open_source(settings: Settings) -> Source:
-    """The source named by the settings, or a ModelError when none is configured."""
+    """The source named by the settings, or a NoModelError when none is configured."""
     if not settings.model_uri:
-        raise ModelError(NO_MODEL)
+        raise NoModelError(NO_MODEL)
     if settings.model_uri.startswith("s3://"):
         bucket, _, prefix = settings.model_uri.removeprefix("s3://").partition("/")
         return S3Source(bucket, prefix, settings)
@@ -117,14 +117,14 @@ def _read(source: Source, key: str) -> bytes:
 
 
 def _parse(source: Source, key: str, data: bytes, parse: Callable[[bytes, str], Document]) -> Document:
-    """``data``, read from ``key``, parsed by a ``bundle.layout`` reader; a broken contract is a ModelError whose
+    """``data``, read from ``key``, parsed by a ``bundle.layout`` reader; a broken contract is a NoModelError whose
     detail names the document's URL."""
     url = source.url(key)
     try:
         return parse(data, url)
     except ContractError as exc:
         message = str(exc)
-        raise ModelError(UNVERIFIED, message if message.startswith(url) else f"{url}: {message}") from None
+        raise NoModelError(UNVERIFIED, message if message.startswith(url) else f"{url}: {message}") from None
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -135,7 +135,7 @@ def _file_sha256(path: Path) -> str | None:
 
 
 def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
-    """Copy ``key`` to ``target`` unless a file with that sha256 is there; a mismatch raises ModelError."""
+    """Copy ``key`` to ``target`` unless a file with that sha256 is there; a mismatch raises NoModelError."""
     if _file_sha256(target) == expected:
         return
     digest = hashlib.sha256()
@@ -149,7 +149,7 @@ def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
                 out.write(chunk)
         if digest.hexdigest() != expected:
             detail = f"{source.url(key)}: sha256 {digest.hexdigest()} does not match the manifest's {expected}"
-            raise ModelError(UNVERIFIED, detail)
+            raise NoModelError(UNVERIFIED, detail)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -175,11 +175,11 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
     data = _read(source, pointer.manifest)
     if sha256(data) != pointer.manifest_sha256:
         detail = f"{source.url(pointer.manifest)}: sha256 {sha256(data)} does not match {POINTER}"
-        raise ModelError(UNVERIFIED, detail)
+        raise NoModelError(UNVERIFIED, detail)
     manifest = _parse(source, pointer.manifest, data, parse_manifest)
     if manifest.version != pointer.version:
         detail = f"{source.url(pointer.manifest)} is for version {manifest.version}, not {pointer.version}"
-        raise ModelError(UNVERIFIED, detail)
+        raise NoModelError(UNVERIFIED, detail)
     # A folder per version and manifest digest (both checked by parse_pointer): the same version number mirrored
     # again with other bytes is another model, and never overwrites the files of the one being served.
     folder = cache_dir / f"{pointer.version}-{pointer.manifest_sha256[:12]}"
@@ -193,7 +193,7 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
         created = time.perf_counter()
         predictor.predict([WARMUP_TEXT])
     except Exception as exc:  # verified files that onnxruntime or tokenizers still refuse
-        raise ModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
+        raise NoModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
     marks = (began, manifest_read, fetched, created, time.perf_counter())
     load_s = {name: end - start for name, (start, end) in zip(LOAD_PHASES, itertools.pairwise(marks), strict=True)}
     return LoadedModel(pointer.version, pointer.manifest_sha256, predictor, folder, load_s)
@@ -214,7 +214,7 @@ class ModelStore:
         self._source = source
         self._clock = clock
         self._current: LoadedModel | None = None
-        self._problem = ModelError(UNLOADABLE, "no model loaded yet")
+        self._problem = NoModelError(UNLOADABLE, "no model loaded yet")
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
 
@@ -223,14 +223,14 @@ class ModelStore:
         return self._clock() - self._checked_at >= interval
 
     def get(self) -> LoadedModel:
-        """The model to answer with, refreshed when due; ModelError with the reason when there is none. Without a
+        """The model to answer with, refreshed when due; NoModelError with the reason when there is none. Without a
         model, a request waits for a load under way, and answers with its outcome."""
         if self._current is None or self._due():
             self.refresh()
         current = self._current
         if current is None:
             problem = self._problem
-            raise ModelError(problem.reason, problem.detail)  # a new one: a re-raised one would grow its traceback
+            raise NoModelError(problem.reason, problem.detail)  # a new one: a re-raised one would grow its traceback
         return current
 
     def refresh(self) -> None:
@@ -244,7 +244,7 @@ class ModelStore:
             self._checked_at = self._clock()
             self._swap_to_champion()
         except Exception as exc:  # the handler must keep answering, whatever went wrong
-            problem = exc if isinstance(exc, ModelError) else ModelError(UNLOADABLE, f"{type(exc).__name__}: {exc}")
+            problem = exc if isinstance(exc, NoModelError) else NoModelError(UNLOADABLE, f"{type(exc).__name__}: {exc}")
             self._problem = problem
             if self._current is None:
                 log.error("no model to serve: %s", problem.detail)

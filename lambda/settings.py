@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 DEFAULTS = {
     "MODEL_REFRESH_SECONDS": "60",
@@ -47,14 +48,17 @@ NO_MODEL = (
 )
 LOGGER = "agnews"
 CACHE_KEY_DIGITS = 12
+Number = TypeVar("Number", int, float)
 
 
-class ConfigError(ValueError):
-    """An environment variable with a value the Lambda cannot use (a 500)."""
+class SettingsError(ValueError):
+    """An environment variable with a value the Lambda cannot use (a 500). The pipeline's ``ConfigError``
+    (agnews/errors.py) is another thing: a Hydra key, reported by a step's command line."""
 
 
-class ModelError(Exception):
-    """No servable model (a 503).
+class NoModelError(Exception):
+    """No servable model (a 503). The pipeline's ``ModelError`` (agnews/errors.py) is another thing: a base model
+    that training cannot load.
 
     ``reason`` is what callers get: short, and never a bucket, key, path or digest. ``detail`` is what the log gets:
     exactly what failed, and where.
@@ -66,14 +70,14 @@ class ModelError(Exception):
         self.detail = detail or reason
 
 
-def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float], minimum: float) -> int | float:
+def _number(env: Mapping[str, str], name: str, kind: type[Number], minimum: float) -> Number:
     raw = env.get(name) or DEFAULTS[name]
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
     if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
     return value
 
 
@@ -110,7 +114,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
-        """Read the variables above; a bad value raises ConfigError naming it."""
+        """Read the variables above; a bad value raises SettingsError naming it."""
         bucket = env.get("S3_BUCKET")
         prefix = (env.get("MODEL_PREFIX") or "").strip("/")
         return cls(

@@ -14,9 +14,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import boto3
 import pytest
@@ -159,6 +160,20 @@ def cache_folder(cache_root: Path, model_uri: str | Path, layout_root: Path, ver
     canonical = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).resolve())
     digest = hashlib.sha256((stored_folder(layout_root, version) / MANIFEST).read_bytes()).hexdigest()[:12]
     return cache_root / hashlib.sha256(canonical.encode()).hexdigest()[:12] / f"{version}-{digest}"
+
+
+@dataclass(frozen=True)
+class Invoker:
+    """A handler ``Service`` (lambda/handler.py) over a store of its own: ``invoke(event)`` is its answer."""
+
+    service: Any
+
+    @property
+    def store(self) -> Any:
+        return self.service.store
+
+    def __call__(self, event: object, context: object = None) -> dict:
+        return self.service.handle(event, context)
 
 
 class LambdaPackage(NamedTuple):

@@ -7,17 +7,26 @@ the parity test runs the mirror step itself.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from agnews.config import PROJECT_ROOT, compose
-from tests.helpers import LAMBDA_DIR, LAMBDA_ENV, MODEL_NAME, LambdaPackage, lambda_interpreter, mirror_version
+from tests.helpers import (
+    LAMBDA_DIR,
+    LAMBDA_ENV,
+    MODEL_NAME,
+    Invoker,
+    LambdaPackage,
+    lambda_interpreter,
+    mirror_version,
+)
 
 
 @pytest.fixture(scope="session")
@@ -74,29 +83,26 @@ def mirror_root(tmp_path: Path, tiny_bundle: Path) -> Path:
 
 
 @pytest.fixture
-def lambda_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The handler module with no Lambda variables set and a fresh model store."""
+def lambda_module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The handler module (lambda/ on the path), with no Lambda variables set. The tests serve through Services over
+    stores of their own (``serve``), never through the container's store, which a process builds only once."""
     for name in LAMBDA_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.syspath_prepend(str(LAMBDA_DIR))
     import handler
 
-    handler.forget_model_store()
-    yield handler
-    handler.forget_model_store()
+    return handler
 
 
 @pytest.fixture
-def serve(
-    lambda_module: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Callable[..., Callable[[object], dict]]:
-    """``serve(model_uri, NAME=value, ...)`` configures the handler and returns ``invoke(event)``."""
+def serve(lambda_module: ModuleType, tmp_path: Path) -> Callable[..., Invoker]:
+    """``serve(model_uri, NAME=value, ...)``: a Service over a ModelStore of its own (a new container) configured by
+    those variables and the environment, its cache in tmp_path; call it with an event."""
+    import model_store  # lambda/'s, imported with the handler
 
-    def configure(model_uri: str | Path, **env: str) -> Callable[[object], dict]:
+    def configure(model_uri: str | Path, **env: str) -> Invoker:
         settings = {"MODEL_URI": str(model_uri), "MODEL_CACHE_DIR": str(tmp_path / "cache")} | env
-        for name, value in settings.items():
-            monkeypatch.setenv(name, value)
-        lambda_module.forget_model_store()
-        return lambda event: lambda_module.lambda_handler(event, None)
+        store = model_store.ModelStore(lambda_module.Settings.from_env(os.environ | settings))
+        return Invoker(lambda_module.Service(store))
 
     return configure

@@ -305,7 +305,7 @@ def test_html_is_never_echoed(handle) -> None:
 
 
 def test_a_store_without_a_model_gives_503_after_checking_the_input(lambda_module) -> None:
-    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.ModelError("champion.json is gone"))
+    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.NoModelError("champion.json is gone"))
     service = lambda_module.Service(store)
     response = service.handle(v2_event(json.dumps({"text": SEED_TEXT})), None)
     assert response["statusCode"] == 503
@@ -438,13 +438,13 @@ def metrics_of(blobs: list[dict]) -> dict[str, float]:
 
 
 def test_each_request_logs_json_with_its_request_id_and_model_version_and_prints_emf_metrics(
-    serve, lambda_module, mirror_root: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+    serve, mirror_root: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serve(mirror_root, MODEL_REFRESH_SECONDS="0")
+    invoke = serve(mirror_root, MODEL_REFRESH_SECONDS="0")
 
     def handle(event: object, request_id: str) -> tuple[dict, list[dict], dict[str, float]]:
         capsys.readouterr()
-        response = lambda_module.lambda_handler(event, SimpleNamespace(aws_request_id=request_id))
+        response = invoke(event, SimpleNamespace(aws_request_id=request_id))
         logs, blobs = printed(capsys.readouterr().out)
         assert all(log["function_request_id"] == request_id for log in logs)
         for blob in blobs[:1]:  # the request's blob; the predictions' follow it
@@ -482,7 +482,7 @@ def test_each_request_logs_json_with_its_request_id_and_model_version_and_prints
 
 
 def test_a_503_counts_as_a_5xx_error(lambda_module, capsys: pytest.CaptureFixture[str]) -> None:
-    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.ModelError("gone", "s3://secret/champion"))
+    store = FakeStore(lambda_module.Settings.from_env({}), lambda_module.NoModelError("gone", "s3://secret/champion"))
     capsys.readouterr()
     response = lambda_module.Service(store).handle({"text": SEED_TEXT}, SimpleNamespace(aws_request_id="r"))
     assert response == {"statusCode": 503, "body": {"error": "no model available: gone"}}
@@ -568,10 +568,11 @@ NO_MODEL = (
     [{}, {"S3_BUCKET": "models-bucket"}, {"MODEL_PREFIX": "models/distilbert-agnews"}, {"MODEL_URI": ""}],
     ids=["nothing", "bucket-without-prefix", "prefix-without-bucket", "empty-uri"],
 )
-def test_no_model_configured_gives_503_saying_what_to_set(lambda_module, monkeypatch, env: dict[str, str]) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    response = lambda_module.lambda_handler({"text": SEED_TEXT}, None)
+def test_no_model_configured_gives_503_saying_what_to_set(lambda_module, env: dict[str, str]) -> None:
+    import model_store  # lambda/'s, imported with the handler
+
+    store = model_store.ModelStore(lambda_module.Settings.from_env(env))
+    response = lambda_module.Service(store).handle({"text": SEED_TEXT}, None)
     assert response == {"statusCode": 503, "body": {"error": NO_MODEL}}
 
 
@@ -583,11 +584,17 @@ def test_no_model_configured_gives_503_saying_what_to_set(lambda_module, monkeyp
         ("MODEL_REFRESH_SECONDS", "-1", "MODEL_REFRESH_SECONDS='-1' must be at least 0"),
     ],
 )
-def test_bad_settings_give_500_naming_the_variable(serve, tmp_path: Path, name: str, value: str, message) -> None:
-    invoke = serve(tmp_path / "model", **{name: value})
+def test_bad_settings_give_500_naming_the_variable(
+    lambda_module, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str, message
+) -> None:
+    """The container's own handler, configured by the environment: its store cannot be built (so none is kept), and
+    each request answers 500."""
+    for variable, setting in {"MODEL_URI": str(tmp_path / "model"), name: value}.items():
+        monkeypatch.setenv(variable, setting)
     expected = {"error": f"configuration error: {message}"}
-    assert invoke({"text": SEED_TEXT}) == {"statusCode": 500, "body": expected}
-    response = invoke(v2_event(None, method="DELETE"))  # a configuration error comes first, whatever the event
+    assert lambda_module.lambda_handler({"text": SEED_TEXT}, None) == {"statusCode": 500, "body": expected}
+    # a configuration error comes first, whatever the event
+    response = lambda_module.lambda_handler(v2_event(None, method="DELETE"), None)
     assert (response["statusCode"], json.loads(response["body"])) == (500, expected)
 
 

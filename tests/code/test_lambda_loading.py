@@ -310,9 +310,9 @@ def test_a_pointer_that_breaks_the_contract_leaves_the_good_model_serving(
     assert problem in caplog.messages
 
 
-def test_swap_under_load_fails_no_request(serve, lambda_module, mirror_root: Path, tiny_bundle: Path) -> None:
+def test_swap_under_load_fails_no_request(serve, mirror_root: Path, tiny_bundle: Path) -> None:
     invoke = serve(mirror_root, MODEL_REFRESH_SECONDS="0")
-    held = lambda_module.model_store().get()  # a request in flight on v1
+    held = invoke.store.get()  # a request in flight on v1
     statuses: list[int] = []
 
     def client() -> None:

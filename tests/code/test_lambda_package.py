@@ -22,6 +22,7 @@ RUNTIME_GLIBC = (2, 34)  # Amazon Linux 2023, under the python3.12 and python3.1
 # root (/var/task), the serving contract as the package bundle/.
 CODE = {
     "lambda/handler.py": "handler.py",
+    "lambda/events.py": "events.py",
     "lambda/model_store.py": "model_store.py",
     "lambda/settings.py": "settings.py",
     "bundle/__init__.py": "bundle/__init__.py",

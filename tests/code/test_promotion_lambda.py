@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import boto3
@@ -150,14 +149,14 @@ def test_a_second_registry_cannot_change_what_the_lambda_serves(
 
 
 def test_the_lambda_swaps_when_the_digest_changes_and_not_otherwise(
-    serve, lambda_module: ModuleType, mirror_root: Path, tiny_bundle: Path, tmp_path: Path
+    serve, mirror_root: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:
     """Version 1 mirrored again with other bytes (here another serving batch size in config.json) into its own
     content-addressed folder: the running Lambda loads it though the version number is the same; the same pointer
     written again (a re-run of the mirror) loads nothing."""
     invoke = serve(mirror_root, MODEL_REFRESH_SECONDS="0")
     assert answer(invoke)["model_version"] == 1
-    loaded = lambda_module.model_store().get()
+    loaded = invoke.store.get()
     assert json.loads((loaded.folder / "config.json").read_text())["batch_size"] != 3
 
     other = tmp_path / "other-bundle"
@@ -172,12 +171,12 @@ def test_the_lambda_swaps_when_the_digest_changes_and_not_otherwise(
     assert json.loads(pointer)["manifest"] == f"{folder.name}/{MANIFEST}"
 
     assert answer(invoke)["model_version"] == 1
-    swapped = lambda_module.model_store().get()
+    swapped = invoke.store.get()
     assert swapped is not loaded
     assert json.loads((swapped.folder / "config.json").read_text())["batch_size"] == 3
     (mirror_root / POINTER).write_bytes(pointer)  # the same pointer again
     assert answer(invoke)["model_version"] == 1
-    assert lambda_module.model_store().get() is swapped, "the same manifest is not loaded again"
+    assert invoke.store.get() is swapped, "the same manifest is not loaded again"
 
 
 def test_a_version_folder_is_named_by_its_manifest_digest() -> None:
