@@ -19,8 +19,10 @@ import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from agnews.errors import ConfigError, PipelineError
+from agnews.settings import one_line, validate
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -73,8 +75,14 @@ def split_overrides(args: list[str]) -> list[str]:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
+    """Hydra's compose; a value of the wrong type for its key (``train.epochs=abc``) is one ConfigError line."""
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra.compose(config_name="config", overrides=overrides)
+        try:
+            return hydra.compose(config_name="config", overrides=overrides)
+        except HydraException as exc:
+            if isinstance(exc.__cause__, OmegaConfBaseException):
+                raise ConfigError(one_line(exc.__cause__)) from None
+            raise
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -120,10 +128,13 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the config as the entry points do (for tests and library use); unknown keys fail in one line."""
+    """Compose the config as the entry points do (for tests and library use); an unknown key, or a value out of its
+    key's type or range (agnews/settings.py), fails in one line."""
     overrides = split_overrides(overrides or [])
     check_overrides(overrides)
-    return _compose(overrides)
+    cfg = _compose(overrides)
+    validate(cfg)
+    return cfg
 
 
 # The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials. After
@@ -190,7 +201,10 @@ def code_version() -> str:
 
 
 def entrypoint(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """Wrap ``task(cfg)`` as a Hydra command line that reports PipelineErrors as one line."""
+    """Wrap ``task(cfg)`` as a Hydra command line that reports PipelineErrors as one line.
+
+    The overrides are checked, and the config composed and validated, before Hydra runs the task: Hydra itself would
+    report a bad key or value in several lines."""
 
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> None:
@@ -205,7 +219,7 @@ def entrypoint(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
     def main() -> None:
         sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
         try:
-            check_overrides([arg for arg in sys.argv[1:] if _OVERRIDE.fullmatch(arg)])
+            compose([arg for arg in sys.argv[1:] if _OVERRIDE.fullmatch(arg)])
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from agnews.config import redact
 from agnews.data import rows_sha256
-from agnews.errors import ConfigError, RegistryError
+from agnews.errors import RegistryError
 from agnews.pyfunc import LOGGED_MODEL
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
@@ -452,17 +452,11 @@ def update(cfg: DictConfig, client: MlflowClient) -> Verdict:
     """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. The
     caller has completed any move of @champion made outside the pipeline (``record_champion``), so that this call sees
     the registry as if that move had gone through the pipeline too."""
-    registry = cfg.registry
-    if registry.rollback and registry.version is not None:
-        raise ConfigError("registry.rollback=true and registry.version are exclusive: set one")
-    if (registry.rollback or registry.version is not None) and registry.run_id:
-        raise ConfigError("registry.run_id registers a new version: do not combine it with a rollback or version")
+    registry = cfg.registry  # its combinations are checked by its schema (agnews/settings.py)
     if registry.rollback:
         outcome = rollback(client, registry.model_name)
     elif registry.version is not None:
-        if not str(registry.version).isdecimal():
-            raise ConfigError(f"registry.version={registry.version} is not a version number")
-        outcome = set_champion(client, registry.model_name, int(registry.version), "set by registry.version")
+        outcome = set_champion(client, registry.model_name, registry.version, "set by registry.version")
     else:
         outcome = register_run(client, registry, cfg.tracking.experiment)
     level = logging.INFO if outcome.promoted else logging.WARNING

@@ -36,6 +36,7 @@ from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import child
 from agnews.promotion import register
 from agnews.registry import Verdict
+from agnews.settings import validate
 from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune, train
@@ -179,6 +180,7 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
                 settings = OmegaConf.merge(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
+                validate(settings)  # the point's values against the schema's ranges, before anything loads
                 dataset = StoredDataset.open(open_storage(settings), settings.storage.dataset_prefix)
                 value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).trainer.state.best_metric
             mlflow.log_metric("best_val_accuracy", value)

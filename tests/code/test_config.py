@@ -110,3 +110,79 @@ def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["error: trian.epochs=1: no such key; did you mean 'train.epochs'?"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epochs=0"], "train.epochs=0 is out of range: it must be > 0"),
+        (["train.learning_rate=-1e-5"], "train.learning_rate=-1e-05 is out of range: it must be > 0"),
+        (["train.warmup_ratio=1"], "train.warmup_ratio=1 is out of range: it must be in [0, 1)"),
+        (["train.label_smoothing=1.0"], "train.label_smoothing=1.0 is out of range: it must be in [0, 1)"),
+        (["train.serving_batch_size=0"], "train.serving_batch_size=0 is out of range: it must be > 0"),
+        (["train.precision=fp8"], "train.precision=fp8 is out of range: it must be one of auto, bf16, fp16, fp32"),
+        (["train.precision=BF16"], "train.precision=BF16 is out of range: it must be one of auto, bf16, fp16, fp32"),
+        (["train.dataloader_workers=-1"], "train.dataloader_workers=-1 is out of range: it must be >= 0"),
+        (["train.pad_to_multiple_of=-8"], "train.pad_to_multiple_of=-8 is out of range: it must be auto, null or >= 0"),
+        (["train.pad_to_multiple_of=eight"], "train.pad_to_multiple_of=eight is out of range: it must be auto, null"),
+        (["train.epochs=abc"], "train.epochs=abc: Value 'abc' of type 'str' is incompatible with type hint"),
+        (["train.tf32=maybe"], "train.tf32=maybe: Value 'maybe' is not a valid bool"),
+        (["data.sample_size=1.5"], "data.sample_size=1.5: Value '1.5' of type 'float' could not be converted to Int"),
+        (["data.sample_size=-1"], "data.sample_size=-1 is out of range: it must be >= 0 (0 or null: every row)"),
+        (["data.val_size=0"], "data.val_size=0 is out of range: it must be > 0"),
+        (["registry.min_accuracy=2"], "registry.min_accuracy=2 is out of range: it must be in [0, 1]"),
+        (["registry.min_behaviour_pass_rate=-0.1"], "registry.min_behaviour_pass_rate=-0.1 is out of range"),
+        (["registry.version=abc"], "registry.version=abc: Value 'abc' of type 'str' could not be converted to Int"),
+        (["registry.version=0"], "registry.version=0 is out of range: it must be > 0 or null"),
+        (["registry.version=1", "registry.rollback=true"], "registry.rollback=true and registry.version are exclusive"),
+        (["registry.run_id=abc", "registry.version=1"], "registry.run_id registers a new version: do not combine"),
+        (["storage.lease_s=0"], "storage.lease_s=0 is out of range: it must be > 0"),
+        (["tracking.cleanup.stale_after_minutes=-1"], "tracking.cleanup.stale_after_minutes=-1 is out of range"),
+        (["tune.trials=0"], "tune.trials=0 is out of range: it must be > 0"),
+        (["tune.pruner.n_warmup_steps=-1"], "tune.pruner.n_warmup_steps=-1 is out of range: it must be >= 0"),
+        (["webhook.threads=0"], "webhook.threads=0 is out of range: it must be > 0"),
+    ],
+)
+def test_a_bad_value_fails_at_composition_in_one_line_naming_its_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        compose(overrides)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_an_environment_variable_is_checked_against_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAMPLE_SIZE", "0")
+    assert compose([]).data.sample_size == 0
+    monkeypatch.setenv("SAMPLE_SIZE", "many")
+    with pytest.raises(ConfigError, match=r"^data.sample_size=.*: .*'many'"):
+        compose([])
+
+
+def test_a_number_keeps_the_type_it_was_written_in() -> None:
+    """``int | float`` keys: ``train.epochs=1`` is still 1 in the run's parameters, and a fraction of an epoch runs."""
+    assert repr(compose(["train.epochs=1"]).train.epochs) == "1"
+    assert repr(compose(["train.epochs=0.3"]).train.epochs) == "0.3"
+    assert repr(compose(["registry=open"]).registry.min_accuracy) == "0"
+
+
+@pytest.mark.parametrize(
+    ("step", "override", "message"),
+    [
+        ("train", "train.epochs=0", "error: train.epochs=0 is out of range: it must be > 0"),
+        ("register", "registry.min_accuracy=2", "error: registry.min_accuracy=2 is out of range: it must be in [0, 1]"),
+        (
+            "train",
+            "train.epochs=abc",
+            "error: train.epochs=abc: Value 'abc' of type 'str' is incompatible with type hint 'Union[int, float]'",
+        ),
+    ],
+)
+def test_the_command_line_answers_a_bad_value_in_one_line(step: str, override: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", f"steps.{step}", override],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr.splitlines()) == (1, [message])
