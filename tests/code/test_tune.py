@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from agnews import config, training
+from agnews import config, data
 from agnews.config import CONF_DIR, PROJECT_ROOT, compose
 from agnews.errors import TuneError
 from agnews.ingest import upload
@@ -73,12 +73,12 @@ def test_a_study_lands_as_a_parent_with_trial_children_and_registers_its_retrain
     upload(cfg)
     reads: list[str] = []
 
-    def read_split(storage, prefix: str, split: str):
+    def read_split(storage, prefix: str, split: str, info: dict | None = None):
         reads.append(split)
-        return real_read_split(storage, prefix, split)
+        return real_read_split(storage, prefix, split, info)
 
-    real_read_split = training.read_split
-    monkeypatch.setattr(training, "read_split", read_split)
+    real_read_split = data.read_split
+    monkeypatch.setattr(data, "read_split", read_split)
 
     outcome = tune(cfg)
 
