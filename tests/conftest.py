@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -28,6 +27,8 @@ from omegaconf import DictConfig
 
 from agnews.config import compose
 from tests.helpers import (
+    TrainRuns,
+    WebhookReceiver,
     answers,
     free_port,
     moto_environ,
@@ -60,6 +61,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=float,
         help="tests/model: the pass rate each kind of behavioural check needs (default: the gate's)",
     )
+
+
+# A test that uses one of these fixtures (or a fixture built on one) serves or builds something: it is marked
+# integration, and `make test-fast` leaves it out. Tests that train or call make without them mark themselves.
+INTEGRATION_FIXTURES = {"moto_server", "postgres", "lambda_package", "train_runs", "webhook_receiver"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -351,17 +363,6 @@ def keyless_mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFac
         yield uri
 
 
-@dataclass(frozen=True)
-class TrainRuns:
-    """Finished train runs on one tracking server, and where they came from."""
-
-    tracking_uri: str
-    data_bucket: str  # the dataset the runs trained on (the upload step's storage)
-    upload: str
-    worse: str
-    good: str
-
-
 def server_config(
     tracking_uri: str, storage_uri: str, *overrides: str, experiment: str = REGISTRY_EXPERIMENT
 ) -> DictConfig:
@@ -481,20 +482,6 @@ def keyed_runs(train_runs: TrainRuns, keyed_mlflow_server: str, moto_server: str
 def registry_backend(request: pytest.FixtureRequest) -> TrainRuns:
     """The train runs on a `mlflow server` with SQLite, then on one with PostgreSQL (the same two runs)."""
     return request.getfixturevalue("train_runs" if request.param == "sqlite" else "postgres_runs")
-
-
-@dataclass
-class WebhookReceiver:
-    """A running `python -m steps.webhook serve` and the webhook that delivers to it."""
-
-    url: str
-    secret: str
-    webhook_id: str
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture

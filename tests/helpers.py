@@ -23,7 +23,7 @@ import boto3
 import pytest
 import requests
 
-from agnews.config import PROJECT_ROOT
+from agnews.config import PROJECT_ROOT, compose
 from agnews.publishing import point_to, put_verified
 from agnews.storage import LocalStorage
 from bundle.layout import MANIFEST, POINTER, manifest_bytes, sha256, version_folder
@@ -134,7 +134,7 @@ def answers(url: str) -> bool:
 LAMBDA_DIR = PROJECT_ROOT / "lambda"
 MODEL_NAME = "distilbert-agnews"
 SEED_TEXT = "Apple reported strong quarterly earnings with iPhone sales up 15%"
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+LABELS = list(compose().data.labels)  # their one home: conf/data/ag_news.yaml
 LAMBDA_ENV = (
     "MODEL_URI",
     "S3_BUCKET",
@@ -249,6 +249,31 @@ def point_champion(folder: Path) -> Path:
     named = folder.rename(folder.with_name(version_folder(version, sha256(manifest))))
     point_to(LocalStorage(folder.parent), POINTER, MODEL_NAME, version, manifest)
     return named
+
+
+@dataclass(frozen=True)
+class TrainRuns:
+    """Finished train runs on one tracking server, and where they came from."""
+
+    tracking_uri: str
+    data_bucket: str  # the dataset the runs trained on (the upload step's storage)
+    upload: str
+    worse: str
+    good: str
+
+
+@dataclass
+class WebhookReceiver:
+    """A running `python -m steps.webhook serve` and the webhook that delivers to it."""
+
+    url: str
+    secret: str
+    webhook_id: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
 
 
 def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:

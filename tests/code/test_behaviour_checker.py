@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from agnews.behaviour import _variants, check, suite
+from tests.helpers import LABELS
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 WORDS = {
     0: ("president", "minister", "rebels", "troops", "un ", "border", "protest", "embassy", "hostage", "refugee"),
     1: ("won", "win", "beat", "scored", "goal", "cup", "league", "team", "olympic", "marathon", "game", "coach"),

@@ -15,8 +15,8 @@ from agnews.data import build_info, load_source, parse_csv, parse_file, parse_js
 from agnews.errors import DataError
 from agnews.ingest import upload
 from agnews.storage import LocalStorage
+from tests.helpers import LABELS
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 ROWS = [("Oil prices rise", 2), ("Team wins the cup", 1), ("New chip unveiled", 3), ("Talks in Geneva", 0)]
 
 # The original AG News layout: no header, every field quoted, "" for a quote, a backslash for a newline.

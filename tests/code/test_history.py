@@ -14,7 +14,6 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from mlflow import MlflowClient
@@ -28,9 +27,7 @@ from agnews.registry import CHAMPION
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import step_run
 from bundle.layout import MANIFEST, POINTER, sha256
-
-if TYPE_CHECKING:
-    from tests.conftest import TrainRuns
+from tests.helpers import TrainRuns
 
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0"]
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -34,10 +33,7 @@ from agnews.lease import Lease, LeaseError
 from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, aliases
 from agnews.storage import open_storage
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.helpers import moto_environ
-
-if TYPE_CHECKING:
-    from tests.conftest import TrainRuns
+from tests.helpers import TrainRuns, moto_environ
 
 ROUNDS = 10
 EXPERIMENT = "registry-tests"

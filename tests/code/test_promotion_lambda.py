@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -26,10 +25,7 @@ from agnews.storage import S3Storage
 from agnews.tracking import connect, step_run
 from bundle.layout import MANIFEST, POINTER, sha256
 from bundle.predictor import Predictor
-from tests.helpers import LAMBDA_DIR, SEED_TEXT, mirror_version
-
-if TYPE_CHECKING:
-    from tests.conftest import TrainRuns
+from tests.helpers import LAMBDA_DIR, SEED_TEXT, TrainRuns, mirror_version
 
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 

@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -29,10 +28,7 @@ from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
 from agnews.tracking import step_run
 from agnews.webhooks import EVENTS, KEY_ENV, SECRET_ENV, WEBHOOK_NAME, refused, signature
 from bundle.layout import POINTER
-from tests.helpers import SEED_TEXT
-
-if TYPE_CHECKING:
-    from tests.conftest import TrainRuns, WebhookReceiver
+from tests.helpers import SEED_TEXT, TrainRuns, WebhookReceiver
 
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 DEADLINE_S = 60  # how long the receiver may take to mirror after the alias moved

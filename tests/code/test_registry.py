@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import boto3
 import mlflow
@@ -43,10 +42,7 @@ from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.helpers import free_port, require_agnews, s3_environment, use_credentials
-
-if TYPE_CHECKING:
-    from tests.conftest import TrainRuns as Runs
+from tests.helpers import TrainRuns, free_port, require_agnews, s3_environment, use_credentials
 
 QUICK = ["model=tiny", "data.sample_size=200", "data.val_size=100", "data.test_size=100", "train.epochs=0.3"]
 EXPERIMENT = "registry-tests"  # the experiment of the session's train runs (tests/conftest.py)
@@ -61,7 +57,7 @@ def moto_env(moto_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server_cfg(mlflow_server: str, moto_env: str, train_runs: Runs, tmp_path_factory: pytest.TempPathFactory):
+def server_cfg(mlflow_server: str, moto_env: str, train_runs: TrainRuns, tmp_path_factory: pytest.TempPathFactory):
     """Compose a config that tracks to the server and reads the dataset from the train runs' bucket."""
     checkpoints = tmp_path_factory.mktemp("checkpoints")
 
@@ -81,7 +77,7 @@ def server_cfg(mlflow_server: str, moto_env: str, train_runs: Runs, tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def runs(train_runs: Runs) -> Runs:
+def runs(train_runs: TrainRuns) -> TrainRuns:
     """The upload, a deliberately worse training run, then a better (and so the newest) one: the session's."""
     return train_runs
 
@@ -236,7 +232,7 @@ def test_gate_compares_with_the_champion_only_on_the_same_test_set() -> None:
     assert TestSet.of({"dataset.test.sha256": "a" * 64}) is None
 
 
-def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: Runs, bucket: str) -> None:
+def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: TrainRuns, bucket: str) -> None:
     cfg = model_cfg()
     name = cfg.registry.model_name
     result = cli(
@@ -290,7 +286,7 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: R
     assert "already names" in again.stdout
 
 
-def test_versions_register_the_logged_model_which_lists_them(model_cfg, runs: Runs) -> None:
+def test_versions_register_the_logged_model_which_lists_them(model_cfg, runs: TrainRuns) -> None:
     """MLflow 3's `models:/m-<id>` source, and the logged model's `mlflow.modelVersions` tag, which the UI's
     logged-model page reads (through the REST API below) to link to its versions instead of "Not registered"."""
     cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1")
@@ -322,7 +318,7 @@ def cfg_overrides(cfg: DictConfig) -> list[str]:
 
 
 def test_a_candidate_from_another_test_set_becomes_challenger(
-    model_cfg, runs: Runs, other_test_set_run: str, bucket: str
+    model_cfg, runs: TrainRuns, other_test_set_run: str, bucket: str
 ) -> None:
     """With a tolerance that lets any accuracy through, only the test set identity keeps the candidate out."""
     gate_open = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1"]
@@ -343,7 +339,7 @@ def test_a_candidate_from_another_test_set_becomes_challenger(
     assert objects(bucket) == before
 
 
-def test_a_champion_without_a_test_set_identity_is_not_comparable(model_cfg, runs: Runs) -> None:
+def test_a_champion_without_a_test_set_identity_is_not_comparable(model_cfg, runs: TrainRuns) -> None:
     """A champion registered before versions carried the test set (its tags removed here) cannot be beaten by
     numbers; the candidate waits as @challenger until promoted with registry.version."""
     gate_open = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=1"]
@@ -360,7 +356,7 @@ def test_a_champion_without_a_test_set_identity_is_not_comparable(model_cfg, run
     assert client.get_model_version(name, "2").tags[PROMOTED_BY] == "manual"
 
 
-def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: Runs, bucket: str) -> None:
+def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: TrainRuns, bucket: str) -> None:
     cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0")
     assert accuracy(cfg, runs.good) > accuracy(cfg, runs.worse), "the tiny model learned nothing in 2 epochs"
     assert run_register(
@@ -379,7 +375,7 @@ def test_worse_run_becomes_challenger_and_champion_stays(model_cfg, runs: Runs, 
     assert objects(bucket) == before, "a rejected candidate must not touch storage"
 
 
-def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: str) -> None:
+def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: TrainRuns, bucket: str) -> None:
     cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0")
     name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
     run_register(
@@ -411,7 +407,7 @@ def test_mirror_follows_champion_moved_by_hand(model_cfg, runs: Runs, bucket: st
     assert back.version == 2 and aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
 
 
-def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: Runs, bucket: str) -> None:
+def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: TrainRuns, bucket: str) -> None:
     cfg = model_cfg("registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0")
     name, root = cfg.registry.model_name, f"models/{cfg.registry.model_name}"
     client = MlflowClient(cfg.tracking.uri)
@@ -435,7 +431,7 @@ def test_two_registers_in_a_row_rollback_and_version(model_cfg, runs: Runs, buck
     assert json.loads(objects(bucket)[f"{root}/{POINTER}"])["version"] == 2
 
 
-def test_bad_runs_versions_and_options_register_nothing(model_cfg, runs: Runs, bucket: str) -> None:
+def test_bad_runs_versions_and_options_register_nothing(model_cfg, runs: TrainRuns, bucket: str) -> None:
     name = model_cfg().registry.model_name
     with pytest.raises(RegistryError, match="no run 'f00d' in the tracking store"):
         run_register(model_cfg("registry.run_id=f00d"))

@@ -27,9 +27,8 @@ from agnews.ingest import upload
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from agnews.training import split_train, stratified_sample, train
-from tests.helpers import free_port, require_agnews
+from tests.helpers import LABELS, free_port, require_agnews
 
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TINY = ["model=tiny", "data.sample_size=400", "train.epochs=1", "data.val_size=200", "data.test_size=200"]
 RESUME = ["train.epochs=2", "data.sample_size=200", "data.val_size=100", "data.test_size=100"]
 

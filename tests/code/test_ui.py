@@ -28,12 +28,10 @@ from agnews.promotion import register
 from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
 from agnews.tracking import step_run
 from bundle.layout import POINTER
-from tests.helpers import SEED_TEXT, unavailable
+from tests.helpers import SEED_TEXT, TrainRuns, WebhookReceiver, unavailable
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
-
-    from tests.conftest import TrainRuns, WebhookReceiver
 
 pytestmark = pytest.mark.ui
 

@@ -29,11 +29,10 @@ from agnews.data import INFO, read_info, read_split
 from agnews.errors import DataError, PipelineError, StorageError
 from agnews.ingest import upload
 from agnews.storage import Storage, open_storage
-from tests.helpers import moto_environ
+from tests.helpers import LABELS, moto_environ
 
 PREFIX = "datasets/ag_news"
 KEYS = [f"{PREFIX}/info.json", f"{PREFIX}/test.jsonl", f"{PREFIX}/train.jsonl"]
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 
 
 def write_source(folder: Path, rows: list[tuple[str, int]]) -> Path:

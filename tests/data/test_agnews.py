@@ -11,8 +11,7 @@ from agnews.data import INFO, parse_file, read_info, read_split
 from agnews.ingest import upload
 from agnews.storage import open_storage
 from bundle.layout import sha256
-
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+from tests.helpers import LABELS
 
 
 @pytest.fixture(scope="module")
