@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline smoke test test-model test-slow test-container lint bench lambda-zip clean
+.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container lint bench lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# While editing: the default suite less what trains, serves, builds the Lambda zip or calls make (the integration
+# marker, see tests/conftest.py): no training, no servers.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not integration and not slow and not container and not ui"
 
 # The behavioural suite (tests/model) against a real model, as Made-With-ML runs it right after training: `make smoke`
 # into build/test-model/ (a fresh store and tracking database), then tests/model on that run's @champion, judged by

@@ -63,9 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# A test that uses one of these fixtures (or a fixture built on one) serves or builds something: it is marked
-# integration, and `make test-fast` leaves it out. Tests that train or call make without them mark themselves.
-INTEGRATION_FIXTURES = {"moto_server", "postgres", "lambda_package", "train_runs", "webhook_receiver"}
+# A test that uses one of these fixtures (or a fixture built on one) trains, serves or builds something: it is marked
+# integration, and `make test-fast` leaves it out. Beside the shared servers and runs, the module fixtures that
+# train (test_train's `trained`, test_registry's `local`, test_export's `tiny`) or serve (the `auth_server` of
+# test_tracking and test_compose, test_webhook_receiver's `served`). Tests that train or call make without them
+# carry the mark themselves.
+INTEGRATION_FIXTURES = {
+    *("moto_server", "postgres", "lambda_package", "train_runs", "webhook_receiver"),
+    *("trained", "local", "tiny", "auth_server", "served"),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -53,6 +53,7 @@ def test_smoke_preset_has_its_own_model_experiment_and_gate() -> None:
     assert smoke.model.name == compose(["model=minilm"]).model.name
 
 
+@pytest.mark.integration
 def test_make_smoke_ends_with_the_lambda_answering_from_the_mirrored_model(agnews_dir: Path, tmp_path: Path) -> None:
     """The make target's whole path, on the tiny model (the real preset's MiniLM run is in bench/smoke.py)."""
     args = [
@@ -100,6 +101,7 @@ def test_a_misspelled_override_fails_in_one_line_naming_the_closest_key(override
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.integration
 def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "steps.train", "trian.epochs=1"],

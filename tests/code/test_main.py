@@ -18,6 +18,8 @@ from agnews.pipeline import pipeline
 from agnews.registry import CHAMPION, aliases
 from bundle.layout import POINTER
 
+pytestmark = pytest.mark.integration  # the pipeline, trained end to end
+
 QUICK = [
     "model=tiny",
     "data.sample_size=200",

@@ -211,6 +211,7 @@ class Batches(TrainerCallback):
         self.weights = {parameter.dtype for parameter in model.parameters()}
 
 
+@pytest.mark.integration
 def test_a_run_resolves_once_records_its_precision_and_device_pads_as_asked_and_does_not_pin_on_a_cpu(
     make_cfg, agnews_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

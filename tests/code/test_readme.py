@@ -9,8 +9,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agnews.config import PROJECT_ROOT
 from tests.helpers import require_agnews
+
+pytestmark = pytest.mark.integration  # the README's steps, run as written
 
 README = PROJECT_ROOT / "README.md"
 

@@ -19,6 +19,8 @@ from agnews.config import PROJECT_ROOT
 from agnews.runs import CLOSED_TAG
 from agnews.tracking import HOST_TAG, PID_TAG, STARTED_TAG
 
+pytestmark = pytest.mark.integration  # steps started and killed
+
 # A step that opens its run, prints the run id, and works (sleeps) until it is killed.
 WORKING_STEP = """
 import sys, time

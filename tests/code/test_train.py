@@ -216,6 +216,7 @@ class CrashAfterFirstCheckpoint(TrainerCallback):
         raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.integration
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, *RESUME)
     upload(cfg)
@@ -280,6 +281,7 @@ def test_unknown_model_and_unreachable_hub(make_cfg, tmp_path: Path) -> None:
         train(make_cfg(*TINY, "model=distilbert", "model.name=agnews-mlops/no-such-model", "model.hub_timeout_s=2"))
 
 
+@pytest.mark.integration
 def test_cli_sample_larger_than_data_and_server_down_fail_in_one_line(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "steps.train", f"storage.uri={tmp_path / 'store'}", *TINY]
     cfg = tiny_cfg(tmp_path)
@@ -329,6 +331,7 @@ def test_model_layer_runs_against_a_logged_model(trained: tuple[DictConfig, str,
     assert "5 passed" in done.stdout.splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_the_test_split_chooses_nothing(tmp_path: Path) -> None:
     """Two runs that differ only in the test labels keep the same checkpoint, by the same validation figures."""
     results = {}
@@ -394,6 +397,7 @@ with step_run(cfg, "train"):
 """
 
 
+@pytest.mark.integration
 def test_resume_after_a_kill_during_a_checkpoint_save(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The newest checkpoint is partial (kill -9 while saving): resume takes the newest complete one, says which, and
     tags the run that it continues."""
@@ -440,6 +444,7 @@ def test_resume_after_a_kill_during_a_checkpoint_save(tmp_path: Path, caplog: py
     assert (tmp_path / "checkpoints" / partial.name / "trainer_state.json").is_file()  # saved afresh
 
 
+@pytest.mark.integration
 def test_resume_with_no_complete_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, *RESUME, "train.resume=true")
     upload(cfg)

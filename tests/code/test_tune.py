@@ -26,6 +26,8 @@ from agnews.registry import CHAMPION
 from agnews.tuning import PARENT_ATTR, RUN_ATTR, STATE_TAG, tune
 from tests.helpers import free_port, moto_environ
 
+pytestmark = pytest.mark.integration  # studies that train their trials
+
 # A few hundred rows and one epoch: a trial takes seconds.
 QUICK = [
     "model=tiny",

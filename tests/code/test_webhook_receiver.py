@@ -22,6 +22,8 @@ from agnews.config import PROJECT_ROOT
 from agnews.webhooks import MAX_BODY, SECRET_ENV, signature
 from tests.helpers import WEBHOOK_START_S, start_receiver, stop_receiver
 
+pytestmark = pytest.mark.integration  # each test serves a receiver
+
 SECRET = "receiver-tests"
 READ_TIMEOUT_S = 1
 STALLED = 50
