@@ -64,6 +64,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile lambda/Dockerfile
 
 # The Lambda zip: the handler's modules at its root (/var/task), the serving contract as the package bundle/, and

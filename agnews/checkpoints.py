@@ -36,8 +36,8 @@ def found(output_dir: Path) -> list[Path]:
     """The checkpoint folders in ``output_dir``, newest (highest step) first."""
     if not output_dir.is_dir():
         return []
-    folders = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
-    return sorted(folders, key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+    steps = {p: int(match.group(1)) for p in output_dir.iterdir() if p.is_dir() and (match := CHECKPOINT.match(p.name))}
+    return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
 def incomplete(folder: Path) -> str | None:
@@ -97,13 +97,10 @@ def prepare(output_dir: Path, resume: bool, main_process: bool = True) -> str | 
     if checkpoint is None:
         shutil.rmtree(output_dir, ignore_errors=True)
     else:
-        step = int(CHECKPOINT.match(checkpoint.name).group(1))
-        for folder in found(output_dir):
-            if int(CHECKPOINT.match(folder.name).group(1)) > step:
-                log.warning(
-                    "removing %s: incomplete (%s), left by a run killed while saving", folder, incomplete(folder)
-                )
-                shutil.rmtree(folder)
+        folders = found(output_dir)  # newest first: the ones before the checkpoint are newer, and incomplete
+        for folder in folders[: folders.index(checkpoint)]:
+            log.warning("removing %s: incomplete (%s), left by a run killed while saving", folder, incomplete(folder))
+            shutil.rmtree(folder)
         previous = writer(output_dir)
         log.info("resuming from %s (run %s)", checkpoint, previous or "unknown")
         if mlflow.active_run():

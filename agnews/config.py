@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -42,12 +42,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", Path(name).name.lower()).strip("-")
 
 
-for _name, _fn in {
+_RESOLVERS: dict[str, Callable[..., str]] = {
     "project_root": lambda: str(PROJECT_ROOT),
     "storage_uri": _storage_uri,
     "package_dir": _package_dir,
     "slug": _slug,
-}.items():
+}
+for _name, _fn in _RESOLVERS.items():
     OmegaConf.register_new_resolver(_name, _fn, replace=True)
 
 
@@ -110,7 +111,7 @@ def check_overrides(overrides: list[str]) -> None:
     except HydraException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
     groups = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONF_DIR.iterdir() if path.is_dir()}
-    chosen = [o.input_line for o in parsed if o.key_or_group in groups and not (o.is_add() or o.is_delete())]
+    chosen = [str(o.input_line) for o in parsed if o.key_or_group in groups and not (o.is_add() or o.is_delete())]
     for override in chosen:
         name, option = override.split("=", 1)
         if option not in (*groups[name], "null"):
@@ -160,6 +161,16 @@ def _redacted(node: Any) -> Any:
     if isinstance(node, list):
         return [_redacted(value) for value in node]
     return redact(node) if isinstance(node, str) else node
+
+
+def to_dict(node: DictConfig) -> dict[str, Any]:
+    """A config node as a plain, resolved dict (``OmegaConf.to_container``, whose type also allows a list or a str)."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+
+
+def merged(cfg: DictConfig, *others: Any) -> DictConfig:
+    """``OmegaConf.merge`` onto a config, which is a config again (OmegaConf types it ``DictConfig | ListConfig``)."""
+    return cast(DictConfig, OmegaConf.merge(cfg, *others))
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def export_bundle(
     sample = tokenizer(
         ["an example headline", "a longer example headline for the exporter"], padding=True, return_tensors="pt"
     )
-    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    # ignored: transformers wraps Module.to with functools.wraps, which mypy reads as the unbound function
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()  # type: ignore[call-arg]
     # The eager attention graph is the one that onnxruntime's transformer optimizer fuses into its Attention op.
     model.set_attn_implementation("eager")
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ import warnings
 
 import mlflow
 import pandas as pd
+from mlflow.data.pandas_dataset import from_pandas
 from omegaconf import DictConfig
 
 from agnews.config import code_version
@@ -45,7 +46,7 @@ def log_frame(frame: pd.DataFrame, source: str, name: str, context: str) -> None
         # hint comes from the schema, which MLflow infers again each time it is read: in log_input too.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label")
+        dataset = from_pandas(frame, source=source, name=name, targets="label")
         mlflow.log_input(dataset, context=context)
 
 

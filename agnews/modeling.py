@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 from huggingface_hub import constants
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from agnews.config import to_dict
 from agnews.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokeni
         "label2id": {name: i for i, name in enumerate(labels)},
     }
     if model.init is not None:
-        init = OmegaConf.to_container(model.init)
+        init = to_dict(model.init)
         config = AutoConfig.for_model(
             init.pop("model_type"),
             vocab_size=tokenizer.vocab_size,

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from agnews.config import merged
 from agnews.errors import ConfigError
 from agnews.ingest import upload_and_log
 from agnews.promotion import register
@@ -56,7 +57,7 @@ def pipeline(cfg: DictConfig) -> Verdict:
         mlflow.set_tag("upload", "uploaded" if uploaded else "skipped")
         with child(cfg, "train", parent) as trained:
             train(cfg)
-        register_cfg = OmegaConf.merge(cfg, {"registry": {"run_id": trained.info.run_id}})
+        register_cfg = merged(cfg, {"registry": {"run_id": trained.info.run_id}})
         with child(register_cfg, "register", parent):
             outcome = register(register_cfg)
         mlflow.set_tags(outcome.tags())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from bundle.layout import CONFIG_FILE, parse_config
 
@@ -20,7 +21,7 @@ BUNDLE_ARTIFACT = "serving"  # the ONNX int8 serving bundle
 BUNDLE_PATH = f"artifacts/{BUNDLE_ARTIFACT}"  # the bundle's folder inside the logged model
 
 
-class NewsClassifier(mlflow.pyfunc.PythonModel):
+class NewsClassifier(PythonModel):
     """``predict`` takes a DataFrame with a ``text`` column (or a list of strings) and returns
     ``predicted_class``, ``confidence`` and one probability column per class."""
 
@@ -28,7 +29,7 @@ class NewsClassifier(mlflow.pyfunc.PythonModel):
     # load that it could: the signature is logged explicitly, so its type-hint validation is switched off.
     _skip_type_hint_validation = True
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         weights = context.artifacts[WEIGHTS_ARTIFACT]

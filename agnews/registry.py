@@ -345,7 +345,7 @@ def recorded_champion(client: MlflowClient, name: str) -> int | None:
 def record(client: MlflowClient, name: str, version: int, by: str) -> None:
     """Tag how ``version`` became @champion and record it as the champion. Written after the alias moved, so that an
     interrupted promotion reads as a move by hand (which ``record_champion`` completes), never the other way round."""
-    client.set_model_version_tag(name, version, PROMOTED_BY, by)
+    client.set_model_version_tag(name, str(version), PROMOTED_BY, by)
     client.set_registered_model_tag(name, RECORDED_CHAMPION, str(version))
 
 
@@ -357,8 +357,8 @@ def promote(client: MlflowClient, name: str, version: int, by: str) -> int | Non
     if old == version:
         return None
     if old is not None:
-        client.set_registered_model_alias(name, PREVIOUS, old)
-    client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_registered_model_alias(name, PREVIOUS, str(old))
+    client.set_registered_model_alias(name, CHAMPION, str(version))
     if current.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
     record(client, name, version, by)
@@ -379,7 +379,7 @@ def record_champion(client: MlflowClient, name: str, served: int | None) -> str 
     replaced = recorded if recorded is not None else served
     note = f"@{CHAMPION} was moved to v{champion} outside the pipeline"
     if replaced is not None and replaced != champion and version_exists(client, name, replaced):
-        client.set_registered_model_alias(name, PREVIOUS, replaced)
+        client.set_registered_model_alias(name, PREVIOUS, str(replaced))
         note += f"; v{replaced} is now @{PREVIOUS}"
     if current.get(CHALLENGER) == champion:
         client.delete_registered_model_alias(name, CHALLENGER)
@@ -403,7 +403,7 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
     name = registry.model_name
     run = find_train_run(client, experiment, registry.run_id)
     champion = aliases(client, name).get(CHAMPION)
-    champion_version = client.get_model_version(name, champion) if champion is not None else None
+    champion_version = client.get_model_version(name, str(champion)) if champion is not None else None
     champion_accuracy = version_accuracy(client, champion_version) if champion_version is not None else None
     champion_test_set = TestSet.of(champion_version.tags) if champion_version is not None else None
     version = int(create_version(client, name, run).version)
@@ -420,15 +420,15 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
     if passed:
         promote(client, name, version, BY_GATE)
     else:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    client.set_model_version_tag(name, version, "gate", reason)
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
+    client.set_model_version_tag(name, str(version), "gate", reason)
     return Verdict(name, version, CHAMPION if passed else CHALLENGER, reason)
 
 
 def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> Verdict:
     """Make an existing version @champion, whatever the gate says (a manual promotion or a rollback)."""
     try:
-        client.get_model_version(name, version)
+        client.get_model_version(name, str(version))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RegistryError(f"model '{name}' has no version {version}") from None

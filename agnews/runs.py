@@ -13,6 +13,7 @@ A run whose process is alive on this machine is never closed, however long it ha
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -114,5 +115,5 @@ def close_stale(cfg: DictConfig, exclude: str | None = None) -> list[Stale]:
     log.info("%s %d stale run(s)%s", verb, len(stale), " (tracking.cleanup.dry_run=true)" if settings.dry_run else "")
     if mlflow.active_run():
         mlflow.log_metric("stale_runs", len(stale))
-        mlflow.log_dict([run.__dict__ for run in stale], "stale_runs.json")
+        mlflow.log_text(json.dumps([run.__dict__ for run in stale], indent=2, default=str), "stale_runs.json")
     return stale

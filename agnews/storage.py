@@ -10,6 +10,7 @@ links a complete temporary file into place (which fails if the name exists, as `
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -276,7 +277,7 @@ class S3Storage:
         return sorted(keys)
 
     @contextlib.contextmanager
-    def _conditional(self, action: str, key: str) -> Iterator[list[bool]]:
+    def _conditional(self, action: str, key: str) -> Iterator[builtins.list[bool]]:  # `list` is a method here
         """Errors as ``_errors`` does, but a conditional request that lost sets ``lost[0]`` instead."""
         lost = [False]
         with self._errors(action, key):

@@ -53,9 +53,10 @@ import sqlalchemy
 import sqlalchemy.exc
 from google.protobuf.message import Message
 from mlflow import MlflowClient
-from mlflow.entities.webhook import Webhook, WebhookEvent, WebhookStatus, WebhookTestResult
+from mlflow.entities.webhook import Webhook, WebhookEvent, WebhookEventStr, WebhookTestResult
 from mlflow.exceptions import MlflowException
 from mlflow.protos.webhooks_pb2 import CreateWebhook, DeleteWebhook, ListWebhooks, TestWebhook, UpdateWebhook
+from mlflow.protos.webhooks_pb2 import WebhookStatus as ProtoWebhookStatus
 from mlflow.store.model_registry.dbmodels.models import SqlWebhook
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import message_to_json
@@ -74,7 +75,7 @@ from agnews.tracking import without_credentials
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
 ENTITY = "model_version_alias"
-EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
+EVENTS: tuple[WebhookEventStr, ...] = ("model_version_alias.created", "model_version_alias.deleted")
 SECRET_ENV = "AGNEWS_WEBHOOK_SECRET"
 KEY_ENV = "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"  # the tracking server's key for the secrets it stores
 WEBHOOK_NAME = "agnews-promotion"
@@ -382,7 +383,7 @@ def _put(cfg: DictConfig, name: str, url: str, secret: str, tries: int) -> Webho
     events = [WebhookEvent.from_str(event).to_proto() for event in EVENTS]
     existing = webhooks_named(cfg, name, tries)
     if existing:
-        update = UpdateWebhook(url=url, events=events, secret=secret, status=WebhookStatus.ACTIVE.to_proto())
+        update = UpdateWebhook(url=url, events=events, secret=secret, status=ProtoWebhookStatus.ACTIVE)
         answer = _call(
             cfg, f"{WEBHOOKS_API}/{existing[0].webhook_id}", "PATCH", update, UpdateWebhook.Response(), tries
         )
@@ -453,7 +454,7 @@ def unregister_in_database(backend_store_uri: str, name: str = WEBHOOK_NAME) -> 
     ``deleted_timestamp``), without reading their encrypted secrets, which every API call does: the way out when
     no worker can decrypt them any more (a restart without MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, or with another
     one). Returns their ids."""
-    live = (SqlWebhook.name == name) & SqlWebhook.deleted_timestamp.is_(None)
+    live: sqlalchemy.ColumnElement[bool] = (SqlWebhook.name == name) & SqlWebhook.deleted_timestamp.is_(None)
     now = get_current_time_millis()
     engine = sqlalchemy.create_engine(backend_store_uri)
     try:

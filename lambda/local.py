@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from handler import lambda_handler
-from waitress import create_server
+from waitress.server import MultiSocketServer, create_server
 
 MAX_BODY = 6 * 1024 * 1024  # Lambda's limit on a synchronous request's payload
 REASONS = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed", 500: "Internal Server Error"}
@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     server = create_server(
         app, host=args.host, port=args.port, threads=args.threads, max_request_body_size=args.max_body, ident="agnews"
     )
-    print(json.dumps({"listening": f"http://{args.host}:{server.effective_port}"}), flush=True)
+    # A host with several addresses (localhost: ::1 and 127.0.0.1) gets a MultiSocketServer, one socket each.
+    # ignored: types-waitress leaves out the single server's effective_port, which waitress sets.
+    port = (
+        server.effective_listen[0][1] if isinstance(server, MultiSocketServer) else server.effective_port  # type: ignore[attr-defined]
+    )
+    print(json.dumps({"listening": f"http://{args.host}:{port}"}), flush=True)
     server.run()
 
 
