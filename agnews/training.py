@@ -192,6 +192,12 @@ class FineTuned:
     train_frame: pd.DataFrame
     val_frame: pd.DataFrame
 
+    def kept(self) -> tuple[str, float]:
+        """The checkpoint folder that validation kept (``checkpoint-<step>``) and its validation accuracy."""
+        state = self.trainer.state
+        assert state.best_model_checkpoint is not None and state.best_metric is not None, "validation never ran"
+        return Path(state.best_model_checkpoint).name, state.best_metric
+
 
 @dataclass
 class Fitted(FineTuned):
@@ -255,6 +261,7 @@ def fit(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCall
     log.info("predicting the %d test rows with the kept checkpoint", len(test_frame))
     test_set = tokenize(test_frame, tuned.tokenizer, cfg.train)
     logits = tuned.trainer.predict(test_set, metric_key_prefix="test").predictions
+    assert isinstance(logits, np.ndarray)  # a classifier has one output, not a tuple of them
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return Fitted(**vars(tuned), test_frame=test_frame, probs=probs)
@@ -264,19 +271,19 @@ def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[s
     """Test metrics (``test_*``), the kept checkpoint, confusion matrix, classification report, misclassified texts."""
     y_true = fitted.test_frame.label.to_numpy()
     y_pred = fitted.probs.argmax(1)
-    state = fitted.trainer.state
+    checkpoint, best_val_accuracy = fitted.kept()
     test = {f"test_{k}": v for k, v in metrics.classification_metrics(labels, y_true, y_pred).items()}
     final = test | {
         **{key: fitted.train_metrics[key] for key in TRAIN_FIGURES},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "train_rows": len(fitted.trainer.train_dataset),
-        "val_rows": len(fitted.trainer.eval_dataset),
+        "train_rows": len(fitted.train_frame),
+        "val_rows": len(fitted.val_frame),
         "test_rows": len(y_true),
-        "best_val_accuracy": state.best_metric,
+        "best_val_accuracy": best_val_accuracy,
     }
     mlflow.set_tags(
         {
-            "best_checkpoint": Path(state.best_model_checkpoint).name,
+            "best_checkpoint": checkpoint,
             "dataset.test.rows": str(len(y_true)),
             TEST_ROWS_TAG: rows_sha256(fitted.test_frame.index),
         }
@@ -363,7 +370,7 @@ def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[st
     fitted = fit(cfg, dataset, callbacks)
     if not fitted.trainer.is_world_process_zero():
         return {}
-    labels = list(fitted.trainer.model.config.id2label.values())
+    labels = dataset.info["labels"]  # as fine_tune gave them to the model
     mlflow.set_tags({f"dataset.{name.split('.')[0]}.sha256": f["sha256"] for name, f in dataset.info["files"].items()})
     log_inputs(dataset, fitted)
     mlflow.set_tags(fitted.resolved.tags())
@@ -375,6 +382,6 @@ def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[st
         final["test_accuracy"],
         final["test_f1_macro"],
         final["onnx_int8_accuracy"],
-        Path(fitted.trainer.state.best_model_checkpoint).name,
+        fitted.kept()[0],
     )
     return final
