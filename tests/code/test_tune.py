@@ -44,10 +44,12 @@ ENDLESS = "model.search.epochs={low:1000,high:1000}"
 NO_RETRAIN = "tune.retrain=false"  # workers that only run trials
 
 
-def runs(tracking_uri: str, step: str) -> list[Run]:
+def runs(tracking_uri: str, step: str, study: str | None = None) -> list[Run]:
+    """The runs of ``step``; of ``study`` alone when given (the tests on one tracking server share its experiment)."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("agnews")
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.step = '{step}'")
+    of_study = f" AND tags.`tune.study` = '{study}'" if study else ""
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.step = '{step}'{of_study}")
 
 
 @pytest.fixture
@@ -185,8 +187,8 @@ def test_two_workers_share_one_study_on_postgresql(shared_study: DictConfig, mot
     study = optuna.load_study(study_name=cfg.tune.study, storage=cfg.tune.storage)
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers))) and len(numbers) >= 4  # no number twice (a race may add one)
-    (parent,) = runs(cfg.tracking.uri, "tune")  # found by the second worker, not made again
-    trial_runs = runs(cfg.tracking.uri, "tune-trial")
+    (parent,) = runs(cfg.tracking.uri, "tune", cfg.tune.study)  # found by the second worker, not made again
+    trial_runs = runs(cfg.tracking.uri, "tune-trial", cfg.tune.study)
     assert sorted(int(r.data.tags["trial.number"]) for r in trial_runs) == numbers  # one run per trial
     assert {r.info.run_id for r in trial_runs} == {t.user_attrs[RUN_ATTR] for t in study.trials}
     assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parent.info.run_id}
@@ -222,7 +224,7 @@ def test_a_worker_killed_with_sigkill_leaves_its_trial_failed_and_another_finish
     lost = client.get_run(killed.user_attrs[RUN_ATTR])
     assert (lost.info.status, lost.data.tags[STATE_TAG]) == ("FAILED", "FAIL")
     assert "heartbeats" in lost.data.tags["error"]
-    (parent,) = runs(cfg.tracking.uri, "tune")
+    (parent,) = runs(cfg.tracking.uri, "tune", cfg.tune.study)
     assert parent.info.status == "FINISHED"  # the killed creator left it RUNNING; the survivor's finish closed it
     retrained = client.get_run(parent.data.tags["child.train"])
     assert float(retrained.data.params["train.learning_rate"]) == after.params["learning_rate"]
