@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna.visualization import matplotlib as plots
 from transformers import TrainerCallback
 
-from agnews.config import redact
+from agnews.config import merged, redact, to_dict
 from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import child
@@ -153,7 +153,7 @@ class PruneOnValidation(TrainerCallback):
 def suggest(trial: Trial, space: DictConfig) -> dict[str, Any]:
     """One point of the search space: each key a ``train`` setting, with Optuna's ``suggest_<type>`` arguments."""
     params = {}
-    for name, spec in OmegaConf.to_container(space).items():
+    for name, spec in to_dict(space).items():
         kind = spec.pop("type")
         params[name] = getattr(trial, f"suggest_{kind}")(name, **spec)
     return params
@@ -179,10 +179,10 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
             params = suggest(trial, cfg.model.search)
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
-                settings = OmegaConf.merge(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
+                settings = merged(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
                 validate(settings)  # the point's values against the schema's ranges, before anything loads
                 dataset = StoredDataset.open(open_storage(settings), settings.storage.dataset_prefix)
-                value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).trainer.state.best_metric
+                value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).kept()[1]
             mlflow.log_metric("best_val_accuracy", value)
             mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
         except optuna.TrialPruned as exc:
@@ -238,7 +238,7 @@ def log_study(study: optuna.Study) -> None:
     """The study into the active (parent) run: best trial, counts by state, and its plots."""
     best = study.best_trial
     mlflow.set_tag("tune.best_trial", str(best.number))
-    mlflow.log_metric("best_val_accuracy", best.value)
+    mlflow.log_metric("best_val_accuracy", study.best_value)
     mlflow.log_metrics({f"trials_{s.name.lower()}": len(study.get_trials(states=(s,))) for s in TrialState})
     mlflow.log_dict(best.params, "best_params.json")
     figures: dict[str, Callable[[optuna.Study], Any]] = {"optimization_history": plots.plot_optimization_history}
@@ -265,10 +265,10 @@ def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
     path.write_text(recipe_text(cfg, study))
     mlflow.log_artifact(str(path))
     log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, path)
-    winner = OmegaConf.merge(cfg, OmegaConf.load(path))
+    winner = merged(cfg, OmegaConf.load(path))
     with child(winner, "train", parent) as trained:
         train(winner)
-    register_cfg = OmegaConf.merge(winner, {"registry": {"run_id": trained.info.run_id}})
+    register_cfg = merged(winner, {"registry": {"run_id": trained.info.run_id}})
     with child(register_cfg, "register", parent):
         outcome = register(register_cfg)
     mlflow.set_tags(outcome.tags())
@@ -292,7 +292,7 @@ def tune(cfg: DictConfig) -> Verdict | None:
         with step_run(cfg, "tune") as parent:
             study.set_user_attr(PARENT_ATTR, parent.info.run_id)
             mlflow.set_tags({"tune.study": study.study_name, "tune.storage": redact(storage_url(cfg))})
-            mlflow.log_dict(OmegaConf.to_container(cfg.model.search), "search_space.json")
+            mlflow.log_dict(to_dict(cfg.model.search), "search_space.json")
             search(cfg, study, parent)
             return finish(cfg, study, parent) if cfg.tune.retrain else None
     parent_id = parent_of(study, cfg.tune.join_timeout_s)
