@@ -76,14 +76,15 @@ def split_overrides(args: list[str]) -> list[str]:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    """Hydra's compose; a value of the wrong type for its key (``train.epochs=abc``) is one ConfigError line."""
+    """Hydra's compose; what it refuses is one ConfigError line, naming the key for a value of the wrong type
+    (``train.epochs=abc``)."""
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             return hydra.compose(config_name="config", overrides=overrides)
         except HydraException as exc:
-            if isinstance(exc.__cause__, OmegaConfBaseException):
-                raise ConfigError(one_line(exc.__cause__)) from None
-            raise
+            cause = exc.__cause__
+            message = one_line(cause) if isinstance(cause, OmegaConfBaseException) else str(exc).splitlines()[0]
+            raise ConfigError(message) from None
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:

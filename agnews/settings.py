@@ -261,7 +261,9 @@ for _group, _schema in SCHEMAS.items():
 def one_line(exc: OmegaConfBaseException) -> str:
     """OmegaConf's error as one line that names the key: ``train.epochs=abc: Value 'abc' ... to Integer``."""
     message = str(exc.msg).splitlines()[0] if exc.msg else type(exc).__name__
-    return f"{exc.full_key}={exc.value}: {message}" if exc.full_key else message
+    if not exc.full_key:
+        return message
+    return f"{exc.full_key}: {message}" if exc.value is None else f"{exc.full_key}={exc.value}: {message}"
 
 
 def validate(cfg: DictConfig) -> None:

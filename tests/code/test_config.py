@@ -143,6 +143,8 @@ def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -
         (["tune.trials=0"], "tune.trials=0 is out of range: it must be > 0"),
         (["tune.pruner.n_warmup_steps=-1"], "tune.pruner.n_warmup_steps=-1 is out of range: it must be >= 0"),
         (["webhook.threads=0"], "webhook.threads=0 is out of range: it must be > 0"),
+        (["~train.epochs"], "train.epochs: TrainSettings (DictConfig) does not support deletion"),
+        (["train.epochs=1,2"], "Ambiguous value for argument 'train.epochs=1,2'"),
     ],
 )
 def test_a_bad_value_fails_at_composition_in_one_line_naming_its_key(overrides: list[str], message: str) -> None:
