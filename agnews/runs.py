@@ -96,13 +96,13 @@ def _step(run: Run) -> str:
     return run.data.tags.get("step") or run.info.run_name or "?"
 
 
-def close_stale(cfg: DictConfig, exclude: str | None = None) -> list[Stale]:
+def close_stale(settings: DictConfig, exclude: str | None = None) -> list[Stale]:
     """Mark every stale RUNNING run KILLED (with ``tracking.cleanup.dry_run``, only list them); returns them.
 
-    Expects MLflow connected (``connect`` or ``step_run``); ``exclude`` is the caller's own run.
+    ``settings`` is ``tracking.cleanup``. Expects MLflow connected (``connect`` or ``step_run``); ``exclude`` is the
+    caller's own run.
     """
     client = MlflowClient()
-    settings = cfg.tracking.cleanup
     stale = find_stale(client, settings.stale_after_minutes, exclude)
     for run in stale:
         if settings.dry_run:

@@ -307,7 +307,7 @@ class Receiver:
 
 
 def make_receiver_server(
-    receiver: Receiver, sock: socket.socket, cfg: DictConfig
+    receiver: Receiver, sock: socket.socket, webhook: DictConfig
 ) -> BaseWSGIServer | MultiSocketServer:
     """A waitress server for ``receiver`` on ``sock``: requests are read without a thread, so a stalled client holds
     none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open, a connection silent for
@@ -315,19 +315,19 @@ def make_receiver_server(
     return create_server(
         receiver,
         sockets=[sock],
-        threads=int(cfg.webhook.threads),
-        connection_limit=int(cfg.webhook.connections),
-        channel_timeout=int(cfg.webhook.read_timeout_s),
+        threads=webhook.threads,
+        connection_limit=webhook.connections,
+        channel_timeout=int(webhook.read_timeout_s),
         cleanup_interval=1,
         max_request_body_size=MAX_BODY,
         ident="agnews-webhook",
     )
 
 
-def http_settings(cfg: DictConfig) -> dict[str, str]:
+def http_settings(webhook: DictConfig) -> dict[str, str]:
     """MLflow's client settings for the webhook calls: no retries (it would retry a 500 for minutes) and a timeout
     of ``webhook.http_timeout_s`` seconds per call."""
-    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(cfg.webhook.http_timeout_s)}
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(webhook.http_timeout_s)}
 
 
 def refused(exc: MlflowException, url: str) -> TrackingError:

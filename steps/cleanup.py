@@ -11,7 +11,7 @@ from agnews.tracking import step_run
 @entrypoint
 def main(cfg: DictConfig) -> None:
     with step_run(cfg, "cleanup") as run:
-        close_stale(cfg, exclude=run.info.run_id)
+        close_stale(cfg.tracking.cleanup, exclude=run.info.run_id)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,12 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
         print(f"removed {len(removed)} webhook(s) from {where}: {', '.join(removed) or 'none was registered'}")
         return
     cfg = compose(split_overrides(args.overrides))
-    os.environ.update(http_settings(cfg))
+    os.environ.update(http_settings(cfg.webhook))
     connect(cfg)
     where = redact(str(cfg.tracking.uri))
     if sock is not None:
         receiver = Receiver(cfg, secret)
-        server = make_receiver_server(receiver, sock, cfg)
+        server = make_receiver_server(receiver, sock, cfg.webhook)
         log.info("reconciling %s every %gs with %s", cfg.registry.model_name, receiver.reconcile_s, where)
         try:
             server.run()
