@@ -57,7 +57,8 @@ def test_webhook_entry_point_registers_the_receiver_with_every_override() -> Non
     assert argv[:3] == ["python", "-m", "steps.webhook"]
     args = parse(argv[3:])
     assert (args.command, args.url) == ("register", "http://receiver:8088/")
-    assert args.overrides == [*OVERRIDES.split(), "registry.model_name=m"]
+    # MLflow passes the parameter as one quoted word; the step splits it as every step does
+    assert split_overrides(args.overrides) == [*OVERRIDES.split(), "registry.model_name=m"]
     assert parse(shlex.split(command("webhook"))[3:]).url == "", "no URL: the step says it needs one"
 
 
