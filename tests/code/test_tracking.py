@@ -119,8 +119,14 @@ def test_a_missing_run_names_the_tracking_store_without_its_password(
     which SQLAlchemy accepts; the test cluster trusts any password) stays out of it."""
     uri = postgres.replace("postgres@", "postgres:pa/ss@", 1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(RegistryError) as caught:
-        get_run(MlflowClient(), "f00d")
+    # an earlier test's mlflow.set_tracking_uri() would win over the variable: set it here, and put it back after
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.raises(RegistryError) as caught:
+            get_run(MlflowClient(), "f00d")
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert str(caught.value) == f"no run 'f00d' in the tracking store at {postgres.replace('postgres@', '***@', 1)}"
 
 
