@@ -55,10 +55,15 @@ def pipeline(cfg: DictConfig) -> Verdict:
         with child(cfg, "upload", parent):
             uploaded = upload_and_log(cfg)
         mlflow.set_tag("upload", "uploaded" if uploaded else "skipped")
-        with child(cfg, "train", parent) as trained:
-            train(cfg)
-        register_cfg = merged(cfg, {"registry": {"run_id": trained.info.run_id}})
-        with child(register_cfg, "register", parent):
-            outcome = register(register_cfg)
-        mlflow.set_tags(outcome.tags())
+        return train_and_register(cfg, parent)
+
+
+def train_and_register(cfg: DictConfig, parent: Run) -> Verdict:
+    """Train, then register that run, as child runs of the active ``parent``, which gets the verdict's tags."""
+    with child(cfg, "train", parent) as trained:
+        train(cfg)
+    register_cfg = merged(cfg, {"registry": {"run_id": trained.info.run_id}})
+    with child(register_cfg, "register", parent):
+        outcome = register(register_cfg)
+    mlflow.set_tags(outcome.tags())
     return outcome

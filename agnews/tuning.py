@@ -33,13 +33,12 @@ from transformers import TrainerCallback
 from agnews.config import merged, redact, to_dict
 from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
-from agnews.pipeline import child
-from agnews.promotion import register
+from agnews.pipeline import train_and_register
 from agnews.registry import Verdict
 from agnews.settings import validate
 from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
-from agnews.training import fine_tune, train
+from agnews.training import fine_tune
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +265,7 @@ def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
     mlflow.log_artifact(str(path))
     log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, path)
     winner = merged(cfg, OmegaConf.load(path))
-    with child(winner, "train", parent) as trained:
-        train(winner)
-    register_cfg = merged(winner, {"registry": {"run_id": trained.info.run_id}})
-    with child(register_cfg, "register", parent):
-        outcome = register(register_cfg)
-    mlflow.set_tags(outcome.tags())
-    return outcome
+    return train_and_register(winner, parent)
 
 
 def adopt_worker_run(parent_id: str) -> None:
