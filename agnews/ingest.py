@@ -23,7 +23,7 @@ def upload(cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], dict, bool]:
     """Parse and validate both splits, then publish them under the dataset's lease; returns (splits, info, changed)."""
     splits = load_source(cfg.data)
     files = {f"{split}.jsonl": to_jsonl(frame) for split, frame in splits.items()}
-    storage = open_storage(cfg)
+    storage = open_storage(cfg.storage)
     prefix = cfg.storage.dataset_prefix
     source = " + ".join(str(cfg.data[f"{s}_file"]) for s in splits) if cfg.data.train_file else str(cfg.data.source)
     info = build_info(splits, files, list(cfg.data.labels), source, code_version())
@@ -52,7 +52,7 @@ def log_frame(frame: pd.DataFrame, source: str, name: str, context: str) -> None
 
 def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) -> None:
     """Log each split as an mlflow.data input, plus row counts and info.json."""
-    storage = open_storage(cfg)
+    storage = open_storage(cfg.storage)
     prefix = cfg.storage.dataset_prefix
     for split, frame in splits.items():
         name = f"{split}.jsonl"

@@ -31,7 +31,7 @@ def register(cfg: DictConfig) -> registry.Verdict:
 
     A failed mirror leaves the storage pointer on the previous complete version; the error says how to catch up.
     """
-    storage = open_storage(cfg)
+    storage = open_storage(cfg.storage)
     with model_lease(cfg, storage, "register") as (lease, client):
         reconcile(cfg, storage, lease, client)
         outcome = registry.update(cfg, client)

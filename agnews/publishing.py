@@ -155,7 +155,7 @@ def root_key(cfg: DictConfig) -> str:
 
 def model_root(cfg: DictConfig) -> str:
     """The URL of the folder that holds ``champion.json``: the Lambda's MODEL_URI."""
-    return open_storage(cfg).url(root_key(cfg))
+    return open_storage(cfg.storage).url(root_key(cfg))
 
 
 @contextlib.contextmanager
@@ -244,7 +244,7 @@ def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
     pointer; under the model's lease, after completing a move of @champion made outside the pipeline. ``how`` says
     how @champion moved: the webhook receiver passes ``ui`` for a delivery and ``reconcile`` for its timer; None:
     ``ui`` when this call completed a move made outside the pipeline, else ``reconcile``."""
-    storage = open_storage(cfg)
+    storage = open_storage(cfg.storage)
     with model_lease(cfg, storage, "mirror") as (lease, client):
         recorded = record_champion(client, cfg.registry.model_name, served_version(storage, cfg))
         return publish(cfg, storage, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
@@ -252,4 +252,4 @@ def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
 
 def promotion_history(cfg: DictConfig) -> list[history.Entry]:
     """The model's promotion history in storage, newest first."""
-    return history.entries(open_storage(cfg), root_key(cfg))
+    return history.entries(open_storage(cfg.storage), root_key(cfg))

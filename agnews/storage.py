@@ -320,21 +320,22 @@ def s3_client(config: BotoConfig | None = None):
     )
 
 
-def open_storage(cfg: DictConfig) -> Storage:
-    """The store named by ``cfg.storage.uri``: ``s3://bucket/prefix``, ``file:///path`` or a folder."""
-    uri = str(cfg.storage.uri)
+def open_storage(storage: DictConfig) -> Storage:
+    """The store that ``storage`` (a config's ``storage`` group) names by ``uri``: ``s3://bucket/prefix``,
+    ``file:///path`` or a folder."""
+    uri = str(storage.uri)
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"storage.uri {uri!r} names no bucket")
         transfer = TransferConfig(
-            multipart_threshold=cfg.storage.multipart_threshold_mb * MB,
-            multipart_chunksize=cfg.storage.multipart_chunksize_mb * MB,
-            max_concurrency=cfg.storage.max_concurrency,
+            multipart_threshold=storage.multipart_threshold_mb * MB,
+            multipart_chunksize=storage.multipart_chunksize_mb * MB,
+            max_concurrency=storage.max_concurrency,
         )
         client_config = BotoConfig(
-            connect_timeout=cfg.storage.connect_timeout_s,
-            retries={"max_attempts": cfg.storage.max_attempts, "mode": "standard"},
+            connect_timeout=storage.connect_timeout_s,
+            retries={"max_attempts": storage.max_attempts, "mode": "standard"},
         )
         return S3Storage(parsed.netloc, parsed.path, transfer, client_config)
     if parsed.scheme == "file":

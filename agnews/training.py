@@ -366,7 +366,7 @@ def log_inputs(dataset: StoredDataset, fitted: Fitted) -> None:
 
 def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
     """Fine-tune and, on the main process, log metrics, artifacts and the model into the active run."""
-    dataset = StoredDataset.open(open_storage(cfg), cfg.storage.dataset_prefix)
+    dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
     fitted = fit(cfg, dataset, callbacks)
     if not fitted.trainer.is_world_process_zero():
         return {}

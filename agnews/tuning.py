@@ -180,7 +180,7 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
                 settings = merged(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
                 validate(settings)  # the point's values against the schema's ranges, before anything loads
-                dataset = StoredDataset.open(open_storage(settings), settings.storage.dataset_prefix)
+                dataset = StoredDataset.open(open_storage(settings.storage), settings.storage.dataset_prefix)
                 value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).kept()[1]
             mlflow.log_metric("best_val_accuracy", value)
             mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)

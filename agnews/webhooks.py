@@ -152,7 +152,7 @@ def champions(cfg: DictConfig) -> tuple[int | None, int | None]:
     """The version that the registry's @champion names and the one that storage's ``champion.json`` names."""
     client = MlflowClient(without_credentials(str(cfg.tracking.uri))[0])
     registry = aliases(client, str(cfg.registry.model_name)).get(CHAMPION)
-    return registry, served_version(open_storage(cfg), cfg)
+    return registry, served_version(open_storage(cfg.storage), cfg)
 
 
 @dataclass(frozen=True)

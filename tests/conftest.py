@@ -194,17 +194,11 @@ WEBHOOK_SERVER_ENV = {
     "MLFLOW_WEBHOOK_CACHE_TTL": "0",
 }
 REGISTRY_EXPERIMENT = "registry-tests"
-TINY_TRAIN = ["model=tiny", "data.val_size=200", "data.test_size=200"]
+TINY_TRAIN = ["preset=test", "data.val_size=200", "data.test_size=200"]
 GOOD_TRAIN = [*TINY_TRAIN, "data.sample_size=1200", "train.epochs=2"]  # ~0.45 accuracy
 WORSE_TRAIN = [*TINY_TRAIN, "data.sample_size=1000", "train.epochs=0.01"]  # chance: 0.25
 # Evaluated on another test set: 100 test rows, not 200 (the identity is the test file's sha256 and the rows).
-OTHER_TEST_SET_TRAIN = [
-    "model=tiny",
-    "data.val_size=200",
-    "data.test_size=100",
-    "data.sample_size=600",
-    "train.epochs=1",
-]
+OTHER_TEST_SET_TRAIN = ["preset=test", "data.val_size=200", "data.sample_size=600"]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Every config in conf/ composes and resolves, and the recipes, seed recipe and smoke preset mean what they say."""
+"""Every config in conf/ composes and resolves, and the recipes, seed recipe and presets mean what they say."""
 
 from __future__ import annotations
 
@@ -51,6 +51,19 @@ def test_smoke_preset_has_its_own_model_experiment_and_gate() -> None:
     assert (smoke.registry.gate, default.registry.gate) == ("smoke", "production")
     assert smoke.registry.min_accuracy < default.registry.min_accuracy
     assert smoke.model.name == compose(["model=minilm"]).model.name
+
+
+def test_the_test_preset_is_the_tiny_run_and_yields_to_what_a_test_names_after_it() -> None:
+    cfg = compose(["preset=test"])
+    assert (cfg.model.name, cfg.data.sample_size, cfg.data.test_size, cfg.train.epochs) == (
+        "tiny-distilbert",
+        200,
+        100,
+        1,
+    )
+    assert cfg.registry == compose([]).registry  # the production gate, unless a test opens it
+    varied = compose(["preset=test", "data.sample_size=400", "model=distilbert"])
+    assert (varied.data.sample_size, varied.model.name) == (400, compose([]).model.name)
 
 
 @pytest.mark.integration

@@ -79,7 +79,7 @@ def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: Tr
     cli("mirror", *overrides)  # completes the UI's move: v2 -> v1
     cli("mirror", *overrides)  # storage already serves @champion: no entry
 
-    storage, root = open_storage(cfg), f"models/{cfg.registry.model_name}"
+    storage, root = open_storage(cfg.storage), f"models/{cfg.registry.model_name}"
     docs = [json.loads(storage.read_bytes(key)) for key in storage.list(f"{root}/history/")]
     moves = [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"], d["who"]) for d in docs]
     assert moves == [

@@ -28,12 +28,11 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
     make_cfg, agnews_dir: Path, lambda_package: LambdaPackage, tmp_path: Path
 ) -> None:
     cfg = make_cfg(
-        "model=tiny",
+        "preset=test",
         f"data.source={agnews_dir}",
         "data.sample_size=400",
         "data.val_size=200",
         "data.test_size=200",
-        "train.epochs=1",
         "registry.min_accuracy=0",
         "registry.min_behaviour_pass_rate=0",
     )
@@ -46,7 +45,7 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
     model_uri = f"models:/{outcome.model_name}/{outcome.version}"
     root = Path(cfg.storage.uri) / cfg.storage.model_prefix / outcome.model_name
 
-    texts = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test").text.tolist()
+    texts = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "test").text.tolist()
     assert len(texts) == TEST_ROWS
     expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
 

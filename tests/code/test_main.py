@@ -20,15 +20,7 @@ from bundle.layout import POINTER
 
 pytestmark = pytest.mark.integration  # the pipeline, trained end to end
 
-QUICK = [
-    "model=tiny",
-    "data.sample_size=200",
-    "data.val_size=100",
-    "data.test_size=100",
-    "train.epochs=0.3",
-    "registry.min_accuracy=0",
-    "registry.min_behaviour_pass_rate=0",
-]
+QUICK = ["preset=test", "train.epochs=0.3", "registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 STEPS = ("upload", "train", "register")
 
 

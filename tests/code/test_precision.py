@@ -217,10 +217,7 @@ def test_a_run_resolves_once_records_its_precision_and_device_pads_as_asked_and_
 ) -> None:
     cfg = make_cfg(
         f"data.source={agnews_dir}",
-        "model=tiny",
-        "data.sample_size=200",
-        "data.test_size=100",
-        "train.epochs=1",
+        "preset=test",
         "train.pad_to_multiple_of=8",
     )
     upload(cfg)

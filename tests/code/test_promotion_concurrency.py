@@ -49,10 +49,10 @@ def lock_storage(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.M
     """Storage for a lock: a fresh bucket on the moto server (conditional writes made atomic, as S3's are), or a
     local folder."""
     if request.param == "local":
-        return open_storage(compose([f"storage.uri={tmp_path / 'store'}"]))
+        return open_storage(compose([f"storage.uri={tmp_path / 'store'}"]).storage)
     request.getfixturevalue("atomic_conditional_writes")
     bucket = request.getfixturevalue("bucket")
-    return open_storage(compose([f"storage.uri=s3://{bucket}/prefix"]))
+    return open_storage(compose([f"storage.uri=s3://{bucket}/prefix"]).storage)
 
 
 def test_one_contender_of_many_gets_the_lease(lock_storage) -> None:

@@ -44,7 +44,7 @@ from agnews.training import train
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.helpers import TrainRuns, free_port, require_agnews, s3_environment, use_credentials
 
-QUICK = ["model=tiny", "data.sample_size=200", "data.val_size=100", "data.test_size=100", "train.epochs=0.3"]
+QUICK = ["preset=test", "train.epochs=0.3"]
 EXPERIMENT = "registry-tests"  # the experiment of the session's train runs (tests/conftest.py)
 BUNDLE = ["config.json", "model.int8.onnx", "tokenizer.json"]
 
@@ -509,7 +509,7 @@ def test_mirror_failing_half_way_keeps_the_old_pointer(
     root, run_id = local
     cfg = local_cfg(root, "half-way")
     assert run_register(cfg).version == 1
-    storage = open_storage(cfg)
+    storage = open_storage(cfg.storage)
     pointer = storage.read_bytes(f"models/half-way/{POINTER}")
     v1 = folder_of({f"models/half-way/{POINTER}": pointer}, "models/half-way")
     write = LocalStorage.write_bytes

@@ -62,7 +62,7 @@ def conditional_writes(storage: Storage) -> None:
 
 
 def test_local_round_trip(tmp_path: Path, make_cfg) -> None:
-    storage = open_storage(make_cfg())
+    storage = open_storage(make_cfg().storage)
     assert isinstance(storage, LocalStorage)
     round_trip(storage)
     conditional_writes(storage)
@@ -72,12 +72,12 @@ def test_local_round_trip(tmp_path: Path, make_cfg) -> None:
 
 
 def test_local_uri_forms(tmp_path: Path, make_cfg) -> None:
-    assert open_storage(make_cfg(f"storage.uri=file://{tmp_path}/x")).root == tmp_path / "x"
-    assert open_storage(make_cfg(f"storage.uri={tmp_path}/y")).root == tmp_path / "y"
+    assert open_storage(make_cfg(f"storage.uri=file://{tmp_path}/x").storage).root == tmp_path / "x"
+    assert open_storage(make_cfg(f"storage.uri={tmp_path}/y").storage).root == tmp_path / "y"
     with pytest.raises(StorageError, match=r"unsupported scheme 'gs'"):
-        open_storage(make_cfg("storage.uri=gs://bucket"))
+        open_storage(make_cfg("storage.uri=gs://bucket").storage)
     with pytest.raises(StorageError, match=r"names no bucket"):
-        open_storage(make_cfg("storage.uri=s3:///path"))
+        open_storage(make_cfg("storage.uri=s3:///path").storage)
 
 
 def test_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,13 +90,13 @@ def test_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_local_write_error_is_one_line(tmp_path: Path, make_cfg) -> None:
     (tmp_path / "file").write_text("not a folder")
-    storage = open_storage(make_cfg(f"storage.uri={tmp_path / 'file'}"))
+    storage = open_storage(make_cfg(f"storage.uri={tmp_path / 'file'}").storage)
     with pytest.raises(StorageError, match=rf"^cannot write {tmp_path}/file/k: [^\n]+$"):
         storage.write_bytes("k", b"x")
 
 
 def test_s3_round_trip(s3_env: str, bucket: str, tmp_path: Path, make_cfg) -> None:
-    storage = open_storage(make_cfg(f"storage.uri=s3://{bucket}/some/prefix"))
+    storage = open_storage(make_cfg(f"storage.uri=s3://{bucket}/some/prefix").storage)
     round_trip(storage)
     conditional_writes(storage)
     listed = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=bucket)["Contents"]
@@ -107,7 +107,9 @@ def test_s3_round_trip(s3_env: str, bucket: str, tmp_path: Path, make_cfg) -> No
 def test_s3_multipart(s3_env: str, bucket: str, tmp_path: Path, make_cfg) -> None:
     """Above the threshold the writes and copies go in parts: the ETag carries the part count."""
     storage = open_storage(
-        make_cfg(f"storage.uri=s3://{bucket}", "storage.multipart_threshold_mb=5", "storage.multipart_chunksize_mb=5")
+        make_cfg(
+            f"storage.uri=s3://{bucket}", "storage.multipart_threshold_mb=5", "storage.multipart_chunksize_mb=5"
+        ).storage
     )
     big = os.urandom(11 * MB)
     storage.write_bytes("big.bin", big)
@@ -132,7 +134,7 @@ def one_line_error(storage: Storage, action: str) -> str:
 
 
 def test_s3_no_bucket(s3_env: str, make_cfg) -> None:
-    storage = open_storage(make_cfg("storage.uri=s3://agnews-no-such-bucket"))
+    storage = open_storage(make_cfg("storage.uri=s3://agnews-no-such-bucket").storage)
     for action in ("read", "write"):
         message = one_line_error(storage, action)
         assert message == f"cannot {action} s3://agnews-no-such-bucket/k: bucket 'agnews-no-such-bucket' does not exist"
@@ -141,7 +143,7 @@ def test_s3_no_bucket(s3_env: str, make_cfg) -> None:
 def test_s3_endpoint_down(s3_env: str, make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("S3_ENDPOINT_URL", closed)
-    message = one_line_error(open_storage(make_cfg("storage.uri=s3://agnews-any")), "read")
+    message = one_line_error(open_storage(make_cfg("storage.uri=s3://agnews-any").storage), "read")
     assert message.startswith("cannot read s3://agnews-any/k: S3 endpoint unreachable (Could not connect")
     assert closed in message
 
@@ -158,7 +160,7 @@ def test_s3_no_credentials(bucket: str, make_cfg, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     use_credentials(monkeypatch, None, None)
-    message = one_line_error(open_storage(make_cfg(f"storage.uri=s3://{bucket}")), "read")
+    message = one_line_error(open_storage(make_cfg(f"storage.uri=s3://{bucket}").storage), "read")
     assert message.startswith(f"cannot read s3://{bucket}/k: no AWS credentials")
 
 
@@ -167,17 +169,17 @@ def test_s3_access_denied_and_bad_credentials(
 ) -> None:
     cfg = make_cfg(f"storage.uri=s3://{bucket}/data")
     use_credentials(monkeypatch, *iam_enforced["writer"])
-    open_storage(cfg).write_bytes("k", b"written by the writer")
+    open_storage(cfg.storage).write_bytes("k", b"written by the writer")
 
     use_credentials(monkeypatch, *iam_enforced["reader"])
-    reader = open_storage(cfg)
+    reader = open_storage(cfg.storage)
     assert reader.read_bytes("k") == b"written by the writer"
     assert one_line_error(reader, "write") == f"cannot write s3://{bucket}/data/k: access denied"
 
     use_credentials(monkeypatch, "AKIAUNKNOWNKEY000000", "secret")
-    message = one_line_error(open_storage(cfg), "read")
+    message = one_line_error(open_storage(cfg.storage), "read")
     assert message == f"cannot read s3://{bucket}/data/k: bad AWS credentials (InvalidAccessKeyId)"
 
     use_credentials(monkeypatch, iam_enforced["reader"][0], "wrong-secret")
-    message = one_line_error(open_storage(cfg), "read")
+    message = one_line_error(open_storage(cfg.storage), "read")
     assert message == f"cannot read s3://{bucket}/data/k: bad AWS credentials (SignatureDoesNotMatch)"

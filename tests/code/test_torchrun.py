@@ -24,12 +24,11 @@ TIMEOUT_S = 600
 def test_torchrun_two_cpu_processes(make_cfg, agnews_dir: Path, mlflow_db: Path) -> None:
     """Each rank trains on half the rows (so half the optimizer steps); only rank 0 logs, into one run."""
     overrides = [
-        "model=tiny",
+        "preset=test",
         f"data.source={agnews_dir}",
         f"data.sample_size={SAMPLE_SIZE}",
         f"data.val_size={SAMPLE_SIZE}",
         f"data.test_size={SAMPLE_SIZE}",
-        "train.epochs=1",
     ]
     cfg = make_cfg(*overrides)
     upload(cfg)

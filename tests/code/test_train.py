@@ -29,8 +29,8 @@ from agnews.tracking import step_run
 from agnews.training import split_train, stratified_sample, train
 from tests.helpers import LABELS, free_port, require_agnews
 
-TINY = ["model=tiny", "data.sample_size=400", "train.epochs=1", "data.val_size=200", "data.test_size=200"]
-RESUME = ["train.epochs=2", "data.sample_size=200", "data.val_size=100", "data.test_size=100"]
+TINY = ["preset=test", "data.sample_size=400", "data.val_size=200", "data.test_size=200"]
+RESUME = ["train.epochs=2", "data.sample_size=200", "data.val_size=100", "data.test_size=100"]  # after TINY
 
 
 def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
@@ -96,7 +96,7 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     assert len(client.get_metric_history(run_id, "test_accuracy")) == 1
     assert run.data.tags["best_checkpoint"].startswith("checkpoint-")
     assert run.data.tags["dataset.test.rows"] == "200"
-    test_split = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "test")
+    test_split = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "test")
     scored = stratified_sample(test_split, 200, cfg.seed, "data.test_size").index  # line numbers in test.jsonl
     assert run.data.tags["dataset.test.rows_sha256"] == rows_sha256(scored)
     # the rows it trained, validated and was tested on are the run's dataset inputs ("Datasets used" in the UI)
@@ -111,7 +111,9 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
         "test": 200,
     }
     sources = {context: json.loads(d.source)["uri"] for context, d in inputs.items()}
-    train_url, test_url = (open_storage(cfg).url(f"{cfg.storage.dataset_prefix}/{s}.jsonl") for s in ("train", "test"))
+    train_url, test_url = (
+        open_storage(cfg.storage).url(f"{cfg.storage.dataset_prefix}/{s}.jsonl") for s in ("train", "test")
+    )
     assert sources == {"training": train_url, "validation": train_url, "test": test_url}
     assert len(client.get_metric_history(run_id, "loss")) >= 2  # logged every train.logging_steps
     assert client.get_metric_history(run_id, "learning_rate")
@@ -240,7 +242,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
 def test_stratified_sample_keeps_class_balance(agnews_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path)
     upload(cfg)
-    full = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "train")
+    full = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "train")
     sample = stratified_sample(full, 1000, seed=7, name="data.sample_size")
     assert len(sample) == 1000
     expected = full.label.value_counts(normalize=True) * 1000
@@ -358,7 +360,7 @@ def test_the_test_split_chooses_nothing(tmp_path: Path) -> None:
 def test_validation_comes_from_rows_the_training_sample_leaves(agnews_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path)
     upload(cfg)
-    full = read_split(open_storage(cfg), cfg.storage.dataset_prefix, "train")
+    full = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "train")
     sample, val = split_train(full, 1000, 300, seed=7)
     assert sample.equals(stratified_sample(full, 1000, seed=7, name="data.sample_size"))  # as without validation
     assert len(val) == 300 and not set(sample.text) & set(val.text)

@@ -30,10 +30,8 @@ pytestmark = pytest.mark.integration  # studies that train their trials
 
 # A few hundred rows and one epoch: a trial takes seconds.
 QUICK = [
-    "model=tiny",
+    "preset=test",
     "data.sample_size=160",
-    "data.val_size=100",
-    "data.test_size=100",
     "model.search.epochs={low:1,high:1}",
     "tune.startup_trials=2",
     "registry.min_accuracy=0",

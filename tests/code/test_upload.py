@@ -100,8 +100,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Recorded]]:
     def install(fail_on: str | None = None, kind: type[Recorded] = Recorded) -> list[Recorded]:
         opened: list[Recorded] = []
 
-        def open_recorded(cfg: DictConfig) -> Recorded:
-            opened.append(kind(open_storage(cfg), fail_on))
+        def open_recorded(storage: DictConfig) -> Recorded:
+            opened.append(kind(open_storage(storage), fail_on))
             return opened[-1]
 
         monkeypatch.setattr(agnews.ingest, "open_storage", open_recorded)
@@ -131,7 +131,7 @@ def test_upload_local_then_s3(tmp_path: Path, make_cfg, s3_env: str, bucket: str
     assert info["counts"]["train"] == {"rows": 4, "per_class": dict.fromkeys(LABELS, 1)}
     assert info["counts"]["test"] == {"rows": 2, "per_class": {"World": 0, "Sports": 1, "Business": 1, "Sci/Tech": 0}}
     assert (info["source"], info["code_version"]) == (str(source), code_version())
-    local = open_storage(local_cfg)
+    local = open_storage(local_cfg.storage)
     for split in ("train", "test"):
         assert rows(local, split) == expected(ROWS_A, split)
         assert splits[split].equals(read_split(local, PREFIX, split))
@@ -151,7 +151,7 @@ def test_upload_local_then_s3(tmp_path: Path, make_cfg, s3_env: str, bucket: str
         _, again, changed = upload(cfg)
         assert not changed
         assert opened[0].writes == []
-        assert again == read_info(open_storage(cfg), PREFIX)
+        assert again == read_info(open_storage(cfg.storage), PREFIX)
         assert "already up to date: nothing uploaded" in caplog.text
 
 
@@ -168,7 +168,7 @@ def test_interrupted_upload(tmp_path: Path, make_cfg, store_uri: str, recorded, 
     recorded(fail_on)
     with pytest.raises(StorageError, match="injected fault"):
         upload(cfg_b)
-    store = open_storage(cfg_a)
+    store = open_storage(cfg_a.storage)
     for split in ("train", "test"):
         assert rows(store, split) == expected(survivor, split)
     assert read_info(store, PREFIX)["counts"]["train"]["rows"] == len(survivor)
@@ -182,7 +182,7 @@ def test_interrupted_upload(tmp_path: Path, make_cfg, store_uri: str, recorded, 
 
 def test_read_split_errors(tmp_path: Path, make_cfg) -> None:
     cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}")
-    store = open_storage(cfg)
+    store = open_storage(cfg.storage)
     with pytest.raises(DataError, match=f"^no dataset at {store.url(PREFIX)}: run the upload step first$"):
         read_split(store, PREFIX, "train")
     upload(cfg)
@@ -312,7 +312,7 @@ def test_upload_repairs_a_corrupt_file_of_the_same_size(
     caplog.set_level(logging.INFO, logger="agnews")
     cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}", f"storage.uri={store_uri}")
     upload(cfg)
-    store = open_storage(cfg)
+    store = open_storage(cfg.storage)
     key = f"{PREFIX}/train.jsonl"
     good = store.read_bytes(key)
     corrupt = good.replace(b"Oil prices rise", b"Oil prices rose", 1)
@@ -337,7 +337,7 @@ def test_upload_repairs_a_tampered_info_json(tmp_path: Path, make_cfg, store_uri
     source = write_source(tmp_path / "src", ROWS_A)
     cfg = make_cfg(f"data.source={source}", f"storage.uri={store_uri}")
     _, info, _ = upload(cfg)
-    store = open_storage(cfg)
+    store = open_storage(cfg.storage)
     tampered = json.loads(json.dumps(info))
     tampered["counts"]["train"]["rows"] = 999
     store.write_bytes(f"{PREFIX}/{INFO}", json.dumps(tampered).encode())
@@ -360,7 +360,7 @@ def test_a_staged_file_that_went_missing_is_named(tmp_path: Path, make_cfg, stor
     recorded(kind=LosesStaged)
     with pytest.raises(DataError) as caught:
         upload(cfg)
-    staged = re.escape(f"{open_storage(cfg).url(PREFIX)}/.staging/")
+    staged = re.escape(f"{open_storage(cfg.storage).url(PREFIX)}/.staging/")
     assert re.fullmatch(
         rf"the staged {staged}[0-9a-f]{{64}}/train\.jsonl went missing before it was moved into place \(removed by "
         r"a process that does not hold the upload lease\?\): run the upload step again",
@@ -422,7 +422,7 @@ def test_concurrent_uploads_end_as_if_serial(tmp_path: Path, store_uri: str, upl
         str(write_source(tmp_path / name, data)): data for name, data in (("a", ROWS_A), ("b", ROWS_B), ("c", ROWS_C))
     }
     folders = list(sources)
-    store = open_storage(compose([f"storage.uri={store_uri}"]))
+    store = open_storage(compose([f"storage.uri={store_uri}"]).storage)
     for round_number in range(UPLOAD_ROUNDS):
         jobs = [
             [f"data.source={folders[(i + round_number) % len(folders)]}", f"storage.uri={store_uri}"]

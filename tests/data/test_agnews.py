@@ -54,7 +54,7 @@ def uploaded(agnews_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("upload")
     cfg = compose([f"storage.uri={root / 'store'}", f"data.source={agnews_dir}"])
     upload(cfg)
-    return open_storage(cfg), cfg.storage.dataset_prefix
+    return open_storage(cfg.storage), cfg.storage.dataset_prefix
 
 
 def test_upload_writes_the_rows_it_read(splits: dict[str, pd.DataFrame], uploaded) -> None:
