@@ -14,8 +14,8 @@ MLflow (3.17) POSTs each registry event as JSON, ``{"entity": "model_version_ali
 HMAC-SHA256, under the webhook's secret, of ``<delivery id>.<timestamp>.<body>`` (``mlflow/webhooks/delivery.py``).
 A retry resends the same delivery id, timestamp and signature. The receiver answers:
 
-- 411 for a POST without ``Content-Length``, 400 for one that is not a number, 413 over ``MAX_BODY`` (waitress
-  refuses the last two before reading the body);
+- 431 for headers over ``MAX_HEADERS``, 411 for a POST without ``Content-Length``, 400 for one that is not a number,
+  413 over ``MAX_BODY`` (waitress refuses all but the 411 before reading the body);
 - 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``TOLERANCE_SECONDS``
   (300) from now;
 - 400 for a signed body that is not a webhook payload (not JSON, or nested beyond what the parser takes);
@@ -82,6 +82,9 @@ WEBHOOK_NAME = "agnews-promotion"
 TOLERANCE_SECONDS = 300  # a delivery whose timestamp is further from now is refused (replays)
 TIMESTAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds: a longer header is refused before it is parsed
 MAX_BODY = 1024 * 1024
+# A delivery's headers take a few hundred bytes. Over this, waitress answers 431 before parsing them: a Content-Length
+# of more digits than Python's int() takes (4,300) would otherwise make its parser drop the connection.
+MAX_HEADERS = 4096
 REMEMBERED = 10_000  # delivery ids kept for de-duplication
 WEBHOOKS_API = "/api/2.0/mlflow/webhooks"
 FRESH_CONNECTION = {"Connection": "close"}  # each call to a server with several workers may reach another one
@@ -311,7 +314,8 @@ def make_receiver_server(
 ) -> BaseWSGIServer | MultiSocketServer:
     """A waitress server for ``receiver`` on ``sock``: requests are read without a thread, so a stalled client holds
     none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open, a connection silent for
-    ``webhook.read_timeout_s`` is closed, and a body over MAX_BODY is refused before it is read."""
+    ``webhook.read_timeout_s`` is closed, and headers over MAX_HEADERS or a body over MAX_BODY are refused before
+    they are parsed or read."""
     return create_server(
         receiver,
         sockets=[sock],
@@ -320,6 +324,7 @@ def make_receiver_server(
         channel_timeout=int(webhook.read_timeout_s),
         cleanup_interval=1,
         max_request_body_size=MAX_BODY,
+        max_request_header_size=MAX_HEADERS,
         ident="agnews-webhook",
     )
 
