@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,3 +284,75 @@ def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:
     for path in files:
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+
+
+# ---- The README's command sequences, run as written ----
+
+README = PROJECT_ROOT / "README.md"
+
+
+def readme_sequence(name: str) -> str:
+    """The bash block that follows ``<!-- sequence: name -->`` in the README."""
+    found = re.search(rf"<!-- sequence: {re.escape(name)} -->\n```bash\n(.*?)```", README.read_text(), re.DOTALL)
+    assert found, f"no sequence {name!r} in README.md"
+    return found.group(1)
+
+
+def checkout(tmp_path: Path) -> Path:
+    """The project's files as a fresh checkout has them, in ``tmp_path/agnews-mlops``, with this work tree's .venv
+    and the AG News copy at ``../shared/data/ag_news``, where the README expects them."""
+    root = tmp_path / "agnews-mlops"
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (PROJECT_ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, root / name)
+    (root / ".venv").symlink_to(PROJECT_ROOT / ".venv")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "ag_news").symlink_to(require_agnews())
+    return root
+
+
+# What the README's sequences assume of the shell: no tracking server or bucket, unless the README says to set one.
+UNSET_FOR_SEQUENCES = ("MLFLOW_TRACKING_URI", "S3_BUCKET", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@dataclass
+class Sequence:
+    """A README sequence that has run: its exit status, and its output so far (commands it left running in the
+    background, as ``... &``, still write to it)."""
+
+    returncode: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_as_written(block: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Sequence]:
+    """``block`` in bash, stopping at the first failing command, in ``env`` (default: this environment less
+    UNSET_FOR_SEQUENCES). Yields once bash has exited; what the block left running is stopped afterwards."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key not in UNSET_FOR_SEQUENCES}
+    log = cwd.parent / "sequence.log"
+    with log.open("wb") as out:  # a file, not a pipe: a command left in the background keeps its output open
+        bash = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        bash.wait(timeout=900)
+        yield Sequence(bash.returncode, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bash.pid, signal.SIGTERM)

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import boto3
 import pytest
@@ -28,7 +29,7 @@ from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
 from agnews.tracking import step_run
 from agnews.webhooks import EVENTS, KEY_ENV, SECRET_ENV, WEBHOOK_NAME, refused, signature
 from bundle.layout import POINTER
-from tests.helpers import SEED_TEXT, TrainRuns, WebhookReceiver
+from tests.helpers import SEED_TEXT, Sequence, TrainRuns, WebhookReceiver, checkout, readme_sequence, run_as_written
 
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 DEADLINE_S = 60  # how long the receiver may take to mirror after the alias moved
@@ -61,7 +62,7 @@ def pointer(bucket: str, name: str) -> dict | None:
 
 
 def wait_for_pointer(
-    bucket: str, name: str, version: int, receiver: WebhookReceiver, within_s: float = DEADLINE_S
+    bucket: str, name: str, version: int, receiver: WebhookReceiver | Sequence, within_s: float = DEADLINE_S
 ) -> dict:
     """Poll champion.json until it names ``version``; fail after ``within_s`` with the receiver's log."""
     deadline = time.monotonic() + within_s
@@ -374,3 +375,27 @@ def test_unregister_through_the_database_when_no_worker_can_decrypt_the_secret(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"removed 1 webhook(s) from {uri}: {hook.webhook_id}"
     assert list(store.list_webhooks()) == []
+
+
+def test_the_readmes_webhook_setup_as_written_serves_a_move_made_in_the_ui(
+    keyed_runs: TrainRuns, s3_env: str, bucket: str, tmp_path: Path
+) -> None:
+    """README, "Promoting by hand in the MLflow UI": its block, as written, in a checkout, against a server with its
+    default 4 workers and the three settings. The receiver it leaves running serves @champion moved with the UI's own
+    call, on a delivery from the webhook it registered (not only the timer)."""
+    name = compose([]).registry.model_name  # the block runs on conf/'s defaults
+    champion_and_challenger(keyed_runs, bucket, name)
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    env |= {"MLFLOW_TRACKING_URI": keyed_runs.tracking_uri, "S3_BUCKET": bucket}
+    try:
+        with run_as_written(readme_sequence("webhook-setup"), checkout(tmp_path), env) as done:
+            assert done.returncode == 0, done.output()[-4000:]
+            assert len(named(keyed_runs.tracking_uri)) == 1
+            move_champion(keyed_runs.tracking_uri, name, 2)
+            wait_for_pointer(bucket, name, 2, done)
+            report = requests.get("http://localhost:8088/health", timeout=10).json()
+            assert report["deliveries"]["accepted"] >= 1 and report["champion"] == {"registry": 2, "served": 2}
+    finally:
+        webhook_command(keyed_runs.tracking_uri, "unregister")
+    assert not named(keyed_runs.tracking_uri)
+    assert aliases(MlflowClient(keyed_runs.tracking_uri), name) == {CHAMPION: 2, PREVIOUS: 1}
