@@ -1,4 +1,5 @@
-"""The Docker path: MLproject's docker_env, the image from ./Dockerfile, and `mlflow run . -e main` in a real engine.
+"""The Docker path: MLproject's docker_env, the image from ./Dockerfile, and `mlflow run . -e main` in a real engine,
+also as the README's "Docker and `mlflow run`" sequence writes it, against the Compose server.
 
 The container tests (`make test-container`) need an engine behind DOCKER_HOST: `eval "$(.ci/container-setup)"`
 gives one (Podman) and a local base image (AGNEWS_BASE_IMAGE). Without one they are skipped, and under CI they fail.
@@ -11,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +22,15 @@ import boto3
 import docker
 import mlflow
 import pytest
+from mlflow.entities import Run
 from mlflow.projects._project_spec import load_project
 from mlflow.projects.backend.local import _get_docker_command
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
 from bundle.layout import manifest_key
-from tests.helpers import unavailable
+from tests.code.test_compose import ENV_EXAMPLE, FILLED, read_env, write_env
+from tests.helpers import checkout, readme_sequence, run_as_written, unavailable
 
 PROJECT = load_project(str(PROJECT_ROOT))
 IMAGE = PROJECT.docker_env["image"]
@@ -37,6 +41,8 @@ WHEELS = PROJECT_ROOT / "container" / "wheels"
 CODE = ["MLproject", "steps/*.py", "agnews/*.py", "bundle/*.py", "conf/*.yaml", "conf/*/*.yaml"]
 BUILD_TIMEOUT_S = 1200
 RUN_TIMEOUT_S = 900
+# Where the README's Compose server listens, and the address its `mlflow run` logs to.
+COMPOSE_SERVER = ("127.0.0.1", 5000)
 
 
 def bash_words(command: list[str]) -> list[str]:
@@ -145,6 +151,19 @@ def test_image_holds_the_work_tree_code(image: str) -> None:
     assert sha256_lines(hashes) == local
 
 
+def main_run(client: MlflowClient) -> tuple[Run, dict[str, Run]]:
+    """The one `main` run of experiment agnews, which `mlflow run` ran in the image, and its child runs by step."""
+    experiment = client.get_experiment_by_name("agnews").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`mlflow.project.entryPoint` = 'main'")
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.tags["step"], parent.data.tags["mlflow.project.env"]) == ("main", "docker")
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    # Podman 4.3 (Debian 12) loses the exit code of `docker run --rm`, so a failed step can look like a success
+    # to `mlflow run`: the child runs tell.
+    assert all(run.info.status == "FINISHED" for run in children)
+    return parent, {run.data.tags["step"]: run for run in children}
+
+
 @pytest.mark.container
 def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: str, agnews_dir: Path) -> None:
     """`mlflow run . -e main` in the image: nested runs on the server, @champion, the mirror in the bucket."""
@@ -165,17 +184,10 @@ def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("agnews").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.`mlflow.project.entryPoint` = 'main'")
+    parent, steps = main_run(client)
     tags = parent.data.tags
-    assert parent.info.status == "FINISHED"
-    assert (tags["step"], tags["mlflow.project.env"], tags["mlflow.docker.image.uri"]) == ("main", "docker", image)
-    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    steps = {run.data.tags["step"]: run for run in children}
-    # Podman 4.3 (Debian 12) loses the exit code of `docker run --rm`, so a failed step can look like a success
-    # to `mlflow run`: the child runs tell.
+    assert tags["mlflow.docker.image.uri"] == image
     assert sorted(steps) == ["register", "train", "upload"], done.stderr[-5000:]
-    assert all(run.info.status == "FINISHED" for run in children)
     assert {step: tags[f"child.{step}"] for step in steps} == {s: r.info.run_id for s, r in steps.items()}
 
     model_name = compose().registry.model_name
@@ -196,3 +208,41 @@ def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: 
     files = ["model.int8.onnx", "tokenizer.json", "config.json", "manifest.json"]
     assert {f"{folder}/{name}" for name in files} <= keys
     assert {f"datasets/ag_news/{name}" for name in ("train.jsonl", "test.jsonl", "info.json")} <= keys
+
+
+def require_free(address: tuple[str, int]) -> None:
+    """Fail, naming what to stop, where something already listens at ``address``."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            pytest.fail(f"{address[0]}:{address[1]} is in use ({exc.strerror}): stop what listens there first")
+
+
+@pytest.mark.container
+def test_readme_mlflow_run_as_written(image: str, tmp_path: Path) -> None:
+    """The README's `mlflow run` sequence, as written, in a checkout whose .env is filled in as .env.example asks
+    (the credentials, and APP_UID/APP_GID as the user running it): the Compose server on 127.0.0.1:5000 holds a
+    finished `main` run, its three steps, and @champion on its train run. Compose's server is stopped afterwards."""
+    require_free(COMPOSE_SERVER)
+    root = checkout(tmp_path)
+    write_env(
+        root / ".env", read_env(ENV_EXAMPLE) | FILLED | {"APP_UID": str(os.getuid()), "APP_GID": str(os.getgid())}
+    )
+    try:
+        with run_as_written(readme_sequence("mlflow-run"), root) as done:
+            output = done.output()
+        assert done.returncode == 0, output[-5000:]
+
+        host, port = COMPOSE_SERVER
+        client = MlflowClient(f"http://{host}:{port}")
+        parent, steps = main_run(client)
+        assert sorted(steps) == ["register", "train", "upload"], output[-5000:]
+        assert parent.data.params["source"] == "/data/ag_news"  # the mounted copy, not the Hub
+        champion = client.get_model_version_by_alias(compose().registry.model_name, "champion")
+        assert champion.run_id == steps["train"].info.run_id
+    finally:
+        # `mlflow` is in the manual and pipeline profiles: a plain `down` would leave it running.
+        subprocess.run(
+            ["docker", "compose", "--profile", "*", "down", "--volumes"], cwd=root, capture_output=True, timeout=120
+        )
