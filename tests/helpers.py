@@ -356,3 +356,34 @@ def run_as_written(block: str, cwd: Path, env: dict[str, str] | None = None) -> 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(bash.pid, signal.SIGTERM)
+
+
+# ---- Compose's .env, as `cp .env.example .env` and an editor leave it ----
+
+ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
+# What the user writes into .env: every value that .env.example leaves empty, but the optional ones (S3_ENDPOINT_URL,
+# SAMPLE_SIZE, APP_UID, APP_GID, BIND_ADDRESS, MLFLOW_ALLOWED_HOSTS).
+FILLED = {
+    "AWS_ACCESS_KEY_ID": "agnews-pipeline",
+    "AWS_SECRET_ACCESS_KEY": "pipeline-secret-0001",
+    "MINIO_ROOT_USER": "minio-root",
+    "MINIO_ROOT_PASSWORD": "minio-root-secret-0001",
+    "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-0001",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef0123456789abcdef",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "admin-secret-0001",
+    "AGNEWS_WEBHOOK_SECRET": "webhook-secret-0001",
+    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=",
+    "POSTGRES_PASSWORD": "postgres-secret-0001",
+}
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    return {name: value for name, value in pairs}
+
+
+def write_env(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path

