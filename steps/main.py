@@ -3,11 +3,13 @@
 from omegaconf import DictConfig
 
 from agnews.config import entrypoint
-from agnews.pipeline import pipeline
 
 
 @entrypoint
 def main(cfg: DictConfig) -> None:
+    # torch and transformers load after the config has composed: a bad override is answered in a second, not ten
+    from agnews.pipeline import pipeline
+
     pipeline(cfg)
 
 

@@ -7,11 +7,13 @@ from omegaconf import DictConfig
 
 from agnews.config import entrypoint
 from agnews.tracking import step_run
-from agnews.training import is_main_process, train
 
 
 @entrypoint
 def main(cfg: DictConfig) -> None:
+    # torch and transformers load after the config has composed: a bad override is answered in a second, not ten
+    from agnews.training import is_main_process, train
+
     if is_main_process():
         with step_run(cfg, "train"):
             train(cfg)

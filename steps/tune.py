@@ -4,11 +4,13 @@ registered. Any number of these processes with the same ``tune.study`` and ``tun
 from omegaconf import DictConfig
 
 from agnews.config import entrypoint
-from agnews.tuning import tune
 
 
 @entrypoint
 def main(cfg: DictConfig) -> None:
+    # torch and transformers load after the config has composed: a bad override is answered in a second, not ten
+    from agnews.tuning import tune
+
     tune(cfg)
 
 
