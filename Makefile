@@ -37,9 +37,9 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # While editing: the default suite less what trains, serves, builds the Lambda zip or calls make (the integration
-# marker, see tests/conftest.py): no training, no servers.
+# marker, see tests/conftest.py): no training, no servers. On one process per CPU, up to 4 (pytest-xdist).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not integration and not slow and not container and not ui"
+	$(PY) -m pytest -n auto --maxprocesses 4 -m "not integration and not slow and not container and not ui"
 
 # The behavioural suite (tests/model) against a real model, as Made-With-ML runs it right after training: `make smoke`
 # into build/test-model/ (a fresh store and tracking database), then tests/model on that run's @champion, judged by
