@@ -132,6 +132,7 @@ def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -
     [
         (["train.epochs=0"], "train.epochs=0 is out of range: it must be > 0"),
         (["train.learning_rate=-1e-5"], "train.learning_rate=-1e-05 is out of range: it must be > 0"),
+        (["train.batch_size=0"], "train.batch_size=0 is out of range: it must be > 0"),
         (["train.warmup_ratio=1"], "train.warmup_ratio=1 is out of range: it must be in [0, 1)"),
         (["train.label_smoothing=1.0"], "train.label_smoothing=1.0 is out of range: it must be in [0, 1)"),
         (["train.serving_batch_size=0"], "train.serving_batch_size=0 is out of range: it must be > 0"),
