@@ -226,7 +226,7 @@ def recipe_text(cfg: DictConfig, study: optuna.Study) -> str:
     return (
         "# @package _global_\n"
         f"# Study '{study.study_name}': trial {best.number} of {len(study.trials)}, validation accuracy "
-        f"{best.value:.4f}, on model {cfg.model.name} with data.sample_size={cfg.data.sample_size}, "
+        f"{best.value:.4f}, on model {cfg.model.display_name} with data.sample_size={cfg.data.sample_size}, "
         f"data.val_size={cfg.data.val_size}, seed={cfg.seed}.\n"
         f"# python -m steps.train model=<the same model> recipe={study.study_name}\n"
         + OmegaConf.to_yaml(recipe(cfg, best.params))
