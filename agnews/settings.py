@@ -231,6 +231,7 @@ class WebhookSettings(Schema):
     threads: int = MISSING
     connections: int = MISSING
     test_deliveries: int = MISSING
+    tries: int = MISSING
     http_timeout_s: int | float = MISSING
 
     def ranges(self) -> dict[str, tuple[bool, str]]:
@@ -240,6 +241,7 @@ class WebhookSettings(Schema):
             "threads": (self.threads > 0, "> 0"),
             "connections": (self.connections > 0, "> 0"),
             "test_deliveries": (self.test_deliveries > 0, "> 0"),
+            "tries": (self.tries > 0, "> 0"),
             "http_timeout_s": (self.http_timeout_s > 0, "> 0"),
         }
 

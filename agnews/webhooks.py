@@ -407,13 +407,13 @@ def register_webhook(cfg: DictConfig, url: str, secret: str, name: str = WEBHOOK
         raise ConfigError("the webhook needs the receiver's URL (--url http://host:port/)")
     if not secret:
         raise ConfigError(f"the webhook needs a secret: set {SECRET_ENV}")
-    tries = int(cfg.webhook.test_deliveries)
+    tries = int(cfg.webhook.tries)
     try:
         hook = _put(cfg, name, url, secret, tries)
     except MlflowException as exc:
         raise refused(exc, url) from None
     try:
-        for _ in range(tries):
+        for _ in range(int(cfg.webhook.test_deliveries)):
             test = _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}/test", "POST", TestWebhook(), TestWebhook.Response())
             result = WebhookTestResult.from_proto(test.result)
             if not result.success:
@@ -442,9 +442,9 @@ def _why(result: WebhookTestResult) -> str:
 
 
 def unregister_webhook(cfg: DictConfig, name: str = WEBHOOK_NAME) -> list[str]:
-    """Delete every webhook called ``name``, each call tried on up to ``webhook.test_deliveries`` connections (on a
-    server whose workers have different keys, one that can read the secret does it); returns their ids."""
-    tries = int(cfg.webhook.test_deliveries)
+    """Delete every webhook called ``name``, each call tried on up to ``webhook.tries`` connections (on a server
+    whose workers have different keys, one that can read the secret does it); returns their ids."""
+    tries = int(cfg.webhook.tries)
     try:
         hooks = webhooks_named(cfg, name, tries)
         for hook in hooks:

@@ -314,6 +314,7 @@ def test_register_refuses_a_server_whose_workers_do_not_share_the_key_and_unregi
     assert refused.returncode == 1
     last = refused.stderr.strip().splitlines()[-1]
     assert "cannot decrypt the webhook secrets it stores" in last and f"the same {KEY_ENV}" in last, last
+    assert last.endswith("; the webhook was removed"), last
     assert named(uri) == [], "the half-working webhook was removed"
 
     MlflowClient(uri).create_webhook(WEBHOOK_NAME, receiver.url, list(EVENTS), secret=receiver.secret)
