@@ -43,8 +43,10 @@ def export_bundle(
     batch_size: int,
     out_dir: Path,
     opset: int,
+    per_channel: bool = True,
 ) -> Path:
-    """Write ``model.int8.onnx``, ``tokenizer.json`` and ``config.json`` into ``out_dir``.
+    """Write ``model.int8.onnx``, ``tokenizer.json`` and ``config.json`` into ``out_dir``; ``per_channel``: a weight
+    scale per output channel, else one per tensor (bench/int8_per_channel.py compares them).
 
     The export runs on a float32 CPU copy of ``model``, so it does not depend on the device or precision the model
     was trained in (a CUDA or bf16 model exports the same way), and leaves ``model`` itself untouched.
@@ -88,11 +90,14 @@ def export_bundle(
         # Shape inference gives the fused (com.microsoft) operators' outputs no type; they are float.
         # onnxruntime asks for its pre-processing (shape inference) before quantizing, which adds nothing to a graph
         # of fused transformer kernels: that line is dropped.
+        # A scale per output channel: on a fine-tuned MiniLM the bundle then agreed with torch on 99.6% of the test
+        # split, against 98.6% per tensor, at the same speed within 1% (docs/benchmarks.md, "int8 per channel").
         with phase("int8 quantization"), _without_log("Please consider to run pre-processing"):
             quantize_dynamic(
                 fused,
                 out_dir / ONNX_FILE,
                 weight_type=QuantType.QInt8,
+                per_channel=per_channel,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
     tokenizer.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
