@@ -259,13 +259,18 @@ def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
             "see the trial runs' error tags"
         )
     log_study(study)
-    path = Path(cfg.tune.recipe_dir) / f"{study.study_name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(recipe_text(cfg, study))
-    mlflow.log_artifact(str(path))
-    log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, path)
-    winner = merged(cfg, OmegaConf.load(path))
-    return train_and_register(winner, parent)
+    text, name = recipe_text(cfg, study), f"{study.study_name}.yaml"
+    mlflow.log_text(text, name)
+    path = Path(cfg.tune.recipe_dir) / name
+    where = str(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:  # a read-only tree, e.g. the image under `mlflow run`: the run's artifact is the recipe
+        log.warning("could not write the recipe to %s (%s): it is the run's artifact %s", path, exc.strerror, name)
+        where = f"the run's artifact {name}"
+    log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, where)
+    return train_and_register(merged(cfg, OmegaConf.create(text)), parent)
 
 
 def adopt_worker_run(parent_id: str) -> None:

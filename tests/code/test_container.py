@@ -1,5 +1,5 @@
-"""The Docker path: MLproject's docker_env, the image from ./Dockerfile, and `mlflow run . -e main` in a real engine,
-also as the README's "Docker and `mlflow run`" sequence writes it, against the Compose server.
+"""The Docker path: MLproject's docker_env, the image from ./Dockerfile, and `mlflow run . -e main` and `-e tune` in a
+real engine, `main` also as the README's "Docker and `mlflow run`" sequence writes it, against the Compose server.
 
 The container tests (`make test-container`) need an engine behind DOCKER_HOST: `eval "$(.ci/container-setup)"`
 gives one (Podman) and a local base image (AGNEWS_BASE_IMAGE). Without one they are skipped, and under CI they fail.
@@ -28,6 +28,7 @@ from mlflow.projects.backend.local import _get_docker_command
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
+from agnews.ingest import upload
 from bundle.layout import manifest_key
 from tests.helpers import (
     ENV_EXAMPLE,
@@ -216,6 +217,44 @@ def test_mlflow_run_main_in_a_container(image: str, mlflow_server: str, bucket: 
     files = ["model.int8.onnx", "tokenizer.json", "config.json", "manifest.json"]
     assert {f"{folder}/{name}" for name in files} <= keys
     assert {f"datasets/ag_news/{name}" for name in ("train.jsonl", "test.jsonl", "info.json")} <= keys
+
+
+@pytest.mark.container
+def test_mlflow_run_tune_in_a_container(image: str, mlflow_server: str, bucket: str, agnews_dir: Path) -> None:
+    """`mlflow run . -e tune` in the image, on data already uploaded: one parent run with a child run per trial,
+    then the winner's re-train, registered through the gate and mirrored into the bucket."""
+    model_name = f"tune-{bucket[-8:]}"
+    upload(compose([f"storage.uri=s3://{bucket}", f"data.source={agnews_dir}"]))
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server, "S3_BUCKET": bucket}
+    overrides = (
+        f"preset=test registry=open registry.model_name={model_name} tune.study={model_name} "
+        "tune.storage=sqlite:////tmp/optuna.db tune.startup_trials=2 model.search.epochs={low:1,high:1}"
+    )
+    run = [
+        *(sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--experiment-name", "agnews"),
+        *("-A", "network=host", "-P", "model=tiny", "-P", "sample_size=160", "-P", "trials=2"),
+        *("-P", f"overrides={overrides}"),
+    ]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("agnews").experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`tune.study` = '{model_name}' and tags.step = 'tune'")
+    assert (parent.info.status, parent.data.tags["mlflow.project.entryPoint"]) == ("FINISHED", "tune")
+    assert parent.data.tags["mlflow.docker.image.uri"] == image
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = sorted(int(run.data.tags["trial.number"]) for run in children if run.data.tags["step"] == "tune-trial")
+    assert trials == [0, 1], done.stderr[-5000:]
+    # the image's code tree is read-only to its user: the recipe is the parent run's artifact, and the step says so
+    assert f"{model_name}.yaml" in {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+    assert f"it is the run's artifact {model_name}.yaml" in done.stdout + done.stderr
+    champion = client.get_model_version_by_alias(model_name, "champion")
+    assert champion.run_id == parent.data.tags["child.train"]
+    assert champion.run_id in {run.info.run_id for run in children}
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    pointer = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{model_name}/champion.json")["Body"].read())
+    assert pointer["version"] == int(champion.version)
 
 
 def require_free(address: tuple[str, int]) -> None:
