@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import machine
-from timing import timings
+from timing import on_cpu, timings
 from train_bench import RESULTS
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.trainer import TRAINER_STATE_NAME
 
+from agnews import checkpoints
 from agnews.config import compose
 from agnews.data import StoredDataset
 from agnews.export import export_bundle
@@ -34,9 +36,9 @@ ROUNDS = 4
 
 
 def kept_checkpoint(output_dir: Path) -> Path:
-    """The checkpoint that validation kept, as the Trainer's state of the last one names it."""
-    last = max(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    return Path(json.loads((last / "trainer_state.json").read_text())["best_model_checkpoint"])
+    """The checkpoint that validation kept, as the Trainer's state of the newest one names it."""
+    newest = checkpoints.found(output_dir)[0]
+    return Path(json.loads((newest / TRAINER_STATE_NAME).read_text())["best_model_checkpoint"])
 
 
 def main() -> None:
@@ -72,9 +74,7 @@ def main() -> None:
         folder = args.workdir / f"bundle-{name}"
         export_bundle(model, tokenizer, labels, t.max_length, t.serving_batch_size, folder, t.onnx_opset, per_channel)
         bundles[name] = folder
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {args.cpu})
-    try:
+    with on_cpu(args.cpu):
         predictors = {name: Predictor(folder) for name, folder in bundles.items()}  # one onnxruntime thread
         figures: dict[str, dict] = {}
         for name, predictor in predictors.items():
@@ -91,8 +91,6 @@ def main() -> None:
                     figures[name][f"p50_ms_{size}"].append(
                         statistics.median(timings(predictor.logits, texts, size, runs))
                     )
-    finally:
-        os.sched_setaffinity(0, allowed)
     slower = {
         f"per_channel_over_per_tensor_{size}": statistics.median(figures["per_channel"][f"p50_ms_{size}"])
         / statistics.median(figures["per_tensor"][f"p50_ms_{size}"])

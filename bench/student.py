@@ -25,13 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from machine import machine
 from omegaconf import DictConfig
-from timing import timings
+from timing import on_cpu, timings
 from train_bench import ACCURACY, AGNEWS_DIR, RESULTS
 from transformers import PreTrainedModel
 
@@ -77,19 +78,32 @@ def first_layers(teacher: PreTrainedModel, layers: int) -> PreTrainedModel:
     return student
 
 
-def distil(cfg: DictConfig, teacher: training.FineTuned, layers: int, output_dir: Path) -> training.FineTuned:
-    """Train a student of ``layers`` layers on the teacher's training rows, validation keeping its checkpoint."""
+def distillation_sets(teacher: training.FineTuned) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The teacher's training rows with its logits on them (``teacher_logits``), and its validation rows; both with
+    only what the collator pads, not the frame's other columns."""
     t = teacher.trainer
-    inputs = [*teacher.tokenizer.model_input_names, "labels"]  # what the collator pads, less the frame's other columns
+    inputs = [*teacher.tokenizer.model_input_names, "labels"]
     train_set, eval_set = (ds.select_columns(inputs) for ds in (t.train_dataset, t.eval_dataset))
     logits = t.predict(train_set).predictions  # in dataset order (OrderedEvalTrainer)
+    return train_set.add_column("teacher_logits", logits.astype(np.float32).tolist()), eval_set
+
+
+def distil(
+    cfg: DictConfig,
+    teacher: training.FineTuned,
+    sets: tuple[datasets.Dataset, datasets.Dataset],
+    layers: int,
+    output_dir: Path,
+) -> training.FineTuned:
+    """Train a student of ``layers`` layers on ``sets`` (``distillation_sets``), validation keeping its checkpoint."""
+    t = teacher.trainer
     args = training.training_args(cfg, output_dir, teacher.resolved)
     args.remove_unused_columns = False  # keep teacher_logits, which the model's forward does not take
     trainer = DistillationTrainer(
         model=first_layers(t.accelerator.unwrap_model(t.model, keep_fp32_wrapper=False), layers),
         args=args,
-        train_dataset=train_set.add_column("teacher_logits", logits.astype(np.float32).tolist()),
-        eval_dataset=eval_set,
+        train_dataset=sets[0],
+        eval_dataset=sets[1],
         processing_class=teacher.tokenizer,
         data_collator=t.data_collator,
         compute_metrics=t.compute_metrics,
@@ -110,17 +124,13 @@ def measure(
     t = cfg.train
     export_bundle(model, tuned.tokenizer, labels, t.max_length, t.serving_batch_size, bundle_dir, t.onnx_opset)
     texts, pool = test.text.tolist(), test.sort_index().text.tolist()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        predictor = Predictor(bundle_dir)  # sizes its onnxruntime pool to the one CPU it may use now
+    with on_cpu(cpu):
+        predictor = Predictor(bundle_dir)
         predicted = predictor.logits(texts).argmax(1)
         p50 = {
             f"p50_ms_{size}": statistics.median(timings(predictor.logits, pool, size, runs))
             for size, runs in ((1, 300), (32, 30))
         }
-    finally:
-        os.sched_setaffinity(0, allowed)
     _, val_accuracy = tuned.kept()
     return {
         "best_val_accuracy": val_accuracy,
@@ -160,8 +170,9 @@ def main() -> None:
         with step_run(cfg, "train"):  # the teacher's per-epoch metrics go to a run of the scratch store
             teacher = training.fine_tune(cfg, dataset)
         models = {"teacher": measure(cfg, teacher, labels, test, work / "bundle-teacher", args.cpu)}
+        sets = distillation_sets(teacher)
         for layers in args.layers:
-            student = distil(cfg, teacher, layers, work / f"student-{layers}")
+            student = distil(cfg, teacher, sets, layers, work / f"student-{layers}")
             models[f"student_{layers}"] = measure(cfg, student, labels, test, work / f"bundle-{layers}", args.cpu)
     reference = models["teacher"]
     for figures in list(models.values())[1:]:

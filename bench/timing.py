@@ -3,8 +3,10 @@ unpacked Lambda zip (with its own numpy and onnxruntime) imports it too."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def timings(call: Callable[[list[str]], object], pool: list[str], size: int, runs: int) -> list[float]:
@@ -17,3 +19,14 @@ def timings(call: Callable[[list[str]], object], pool: list[str], size: int, run
         call(pool[start : start + size])
         times.append(1000 * (time.perf_counter() - began))
     return times
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int) -> Iterator[None]:
+    """This process on ``cpu`` alone for the block (a Predictor made inside sizes its onnxruntime pool to it)."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
