@@ -77,6 +77,18 @@ def health(receiver: WebhookReceiver) -> dict:
     return requests.get(f"{receiver.url}health", timeout=10).json()
 
 
+def health_once_served(url: str, version: int, within_s: float = DEADLINE_S) -> dict:
+    """The receiver at ``url``'s /health once it reports ``version`` served: the reconcile writes champion.json a
+    moment before it records its outcome, so the report may lag the pointer that wait_for_pointer saw."""
+    deadline = time.monotonic() + within_s
+    served = {"registry": version, "served": version}
+    while (report := requests.get(f"{url}health", timeout=10).json())["champion"] != served:
+        if time.monotonic() > deadline:
+            pytest.fail(f"/health still reports {report['champion']} after {within_s}s: {report}")
+        time.sleep(0.2)
+    return report
+
+
 def move_champion(tracking_uri: str, name: str, version: int) -> None:
     """Set @champion as the UI does when an alias is saved (its own REST call)."""
     moved = requests.post(
@@ -219,7 +231,7 @@ def test_a_move_made_while_the_receiver_was_down_is_served_within_one_interval(
     client = MlflowClient(keyed_runs.tracking_uri)
     assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1}
     assert client.get_model_version(name, "2").tags[PROMOTED_BY] == "manual"
-    report = health(receiver)
+    report = health_once_served(receiver.url, 2)
     assert report["champion"] == {"registry": 2, "served": 2}
     assert report["last_reconcile"]["ok"] and "mirrored @champion v2" in report["last_reconcile"]["outcome"]
     assert report["seconds_since_agreed"] is not None and report["reconcile_s"] == INTERVAL_S
@@ -394,7 +406,7 @@ def test_the_readmes_webhook_setup_as_written_serves_a_move_made_in_the_ui(
             assert len(named(keyed_runs.tracking_uri)) == 1
             move_champion(keyed_runs.tracking_uri, name, 2)
             wait_for_pointer(bucket, name, 2, done)
-            report = requests.get("http://localhost:8088/health", timeout=10).json()
+            report = health_once_served("http://localhost:8088/", 2)
             assert report["deliveries"]["accepted"] >= 1 and report["champion"] == {"registry": 2, "served": 2}
     finally:
         webhook_command(keyed_runs.tracking_uri, "unregister")
