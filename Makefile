@@ -66,6 +66,9 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile lambda/Dockerfile
+	# the docs site (mkdocs.yml), into build/site/: a broken link or a page missing from the nav fails (not --quiet,
+	# which hides the warnings that --strict counts)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The Lambda zip: the handler's modules at its root (/var/task), the serving contract as the package bundle/, and
 # wheels for the python3.13 runtime (Amazon Linux 2023, glibc 2.34: manylinux tags up to 2_34; no torch), then its
