@@ -25,8 +25,8 @@ pipeline: $(STAMP)
 # model name and a smoke gate, then the Lambda handler answers the seed's example from the mirrored bundle.
 # Offline: make smoke ARGS="data.source=../shared/data/ag_news"
 SEED_TEXT := Apple reported strong quarterly earnings with iPhone sales up 15%
-MODEL_ROOT = $(PY) -c 'import sys; from agnews.config import compose; from agnews.publishing import model_root; \
-	print(model_root(compose(sys.argv[1:])))'
+MODEL_ROOT = $(PY) -c 'import sys; from agnews.config import compose; from agnews.promotion.mirror import model_root; \
+	cfg = compose(sys.argv[1:]); print(model_root(cfg.registry, cfg.storage))'
 
 smoke: $(STAMP)
 	$(PY) -m steps.main preset=smoke $(ARGS)

@@ -17,6 +17,10 @@ class StorageError(PipelineError):
     """Storage cannot be reached or refuses an operation."""
 
 
+class LeaseError(StorageError):
+    """A storage lease could not be had in time, or its holder lost it (agnews/lease.py)."""
+
+
 class NotFoundError(StorageError):
     """A key does not exist in storage."""
 

@@ -30,18 +30,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from omegaconf import DictConfig
-
-from agnews.errors import StorageError
+from agnews.errors import LeaseError, StorageError
+from agnews.settings import StorageSettings
 from agnews.storage import Storage
 
 POLL_SECONDS = (0.05, 2.0)  # the first and the longest pause between two tries
 
 log = logging.getLogger(__name__)
-
-
-class LeaseError(StorageError):
-    """The lock could not be had in time, or a holder lost it."""
 
 
 @dataclass(frozen=True)
@@ -186,9 +181,9 @@ class Lease:
 
 
 @contextlib.contextmanager
-def held(storage: Storage, key: str, purpose: str, settings: DictConfig) -> Iterator[Lease]:
+def held(storage: Storage, key: str, purpose: str, settings: StorageSettings) -> Iterator[Lease]:
     """Hold the lock at ``key`` in ``storage`` for the ``with`` block, released however the block ends: a lease of
-    ``settings.lease_s`` seconds, waiting up to ``settings.lease_wait_s`` for it (``settings``: ``cfg.storage``)."""
+    ``settings.lease_s`` seconds, waiting up to ``settings.lease_wait_s`` for it."""
     lease = Lease(storage, key, purpose, settings.lease_s)
     lease.acquire(settings.lease_wait_s)
     try:

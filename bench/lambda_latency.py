@@ -73,9 +73,9 @@ from train_bench import AGNEWS_DIR, RESULTS
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.data import parse_csv
-from agnews.publishing import mirror
+from agnews.names import CHAMPION
+from agnews.promotion.mirror import mirror
 from agnews.pyfunc import BUNDLE_PATH
-from agnews.registry import CHAMPION
 from agnews.tracking import connect
 from agnews.training import INPUT_EXAMPLE
 
@@ -516,7 +516,7 @@ def main() -> None:
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
     cfg = compose([*args.overrides, f"storage.uri=s3://{BUCKET}"])
     connect(cfg)
-    mirrored = mirror(cfg)
+    mirrored = mirror(cfg.registry, cfg.storage)
     model_root = f"s3://{BUCKET}/{cfg.storage.model_prefix}/{cfg.registry.model_name}"
     pool = texts()
     python = lambda_python()

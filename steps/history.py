@@ -2,8 +2,8 @@
 
     python -m steps.history [--at 2025-01-02T03:04:05Z] [overrides ...]
 
-It reads ``<storage.model_prefix>/<registry.model_name>/history/`` in storage (``agnews.history``); a time without a
-zone is UTC.
+It reads ``<storage.model_prefix>/<registry.model_name>/history/`` in storage (``agnews.promotion.history``); a time
+without a zone is UTC.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from agnews.config import compose
-from agnews.errors import PipelineError
-from agnews.history import served_at
-from agnews.publishing import promotion_history
+from agnews.config import command, compose
+from agnews.promotion.history import served_at
+from agnews.promotion.mirror import promotion_history
 
 
 def utc_time(text: str) -> datetime | None:
@@ -26,16 +25,14 @@ def utc_time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m steps.history", description=__doc__.split("\n\n")[0])
     parser.add_argument("--at", type=utc_time, help="an ISO 8601 time: print only the version served then")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for the other steps")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        entries = promotion_history(compose(args.overrides))
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    cfg = compose(args.overrides)
+    entries = promotion_history(cfg.registry, cfg.storage)
     if args.at is None:
         print("\n".join(map(str, entries)) if entries else "no promotion recorded yet")
     else:

@@ -14,6 +14,7 @@ server or, with ``--backend-store-uri``, through its database when no worker can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -44,18 +45,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
     """The command, once MLflow, Hydra and the project are loaded (seconds)."""
     from agnews.config import compose, redact, split_overrides
-    from agnews.tracking import connect
-    from agnews.webhooks import (
-        SECRET_ENV,
-        Receiver,
+    from agnews.names import WEBHOOK_SECRET_ENV
+    from agnews.promotion.receiver import Receiver, make_receiver_server
+    from agnews.promotion.webhook_admin import (
         http_settings,
-        make_receiver_server,
         register_webhook,
         unregister_in_database,
         unregister_webhook,
     )
+    from agnews.tracking import connect
 
-    secret = os.environ.get(SECRET_ENV, "")
+    secret = os.environ.get(WEBHOOK_SECRET_ENV, "")
     if args.backend_store_uri:
         removed = unregister_in_database(args.backend_store_uri)
         where = redact(args.backend_store_uri)
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
     cfg = compose(split_overrides(args.overrides))
     os.environ.update(http_settings(cfg.webhook))
     connect(cfg)
-    where = redact(str(cfg.tracking.uri))
+    where = redact(cfg.tracking.uri)
     if sock is not None:
-        receiver = Receiver(cfg, secret)
+        receiver = Receiver(cfg.registry, cfg.storage, cfg.webhook, secret)
         server = make_receiver_server(receiver, sock, cfg.webhook)
         log.info("reconciling %s every %gs with %s", cfg.registry.model_name, receiver.reconcile_s, where)
         try:
@@ -75,11 +75,11 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
             server.close()
             receiver.close()
     elif args.command == "register":
-        hook = register_webhook(cfg, args.url, secret)
+        hook = register_webhook(cfg.tracking, cfg.webhook, args.url, secret)
         events = ", ".join(str(event) for event in hook.events)
         print(f"webhook {hook.name} ({hook.webhook_id}) at {where} delivers {events} to {hook.url}")
     else:
-        removed = unregister_webhook(cfg)
+        removed = unregister_webhook(cfg.tracking, cfg.webhook)
         print(f"removed {len(removed)} webhook(s) from {where}: {', '.join(removed) or 'none was registered'}")
 
 
@@ -92,21 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         try:
             sock = socket.create_server((args.host, args.port), backlog=1024)
-        except OSError as exc:
-            print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"error: cannot listen on {args.host}:{args.port}: {why}", file=sys.stderr)
             sys.exit(1)
         host, port = sock.getsockname()[:2]
         # at once: loading MLflow and the project takes seconds; requests wait in the backlog meanwhile
         print(f"webhook receiver listening on http://{host}:{port}/ (starting)", flush=True)
-    from agnews.errors import PipelineError
+    from agnews.config import command  # the shared wrapper: a PipelineError is one line, exit status 1
 
-    try:
-        run(args, sock)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        command(run)(args, sock)
 
 
 if __name__ == "__main__":

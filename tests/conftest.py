@@ -211,7 +211,7 @@ def running_mlflow_server(
     ``workers``: None starts MLflow's default (4), each its own process; ``key``: the Fernet key that the workers
     encrypt webhook secrets with (MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY), None for none: each worker makes its own.
     """
-    from agnews.webhooks import KEY_ENV
+    from agnews.names import WEBHOOK_KEY_ENV as KEY_ENV
 
     unset = ("MLFLOW_TRACKING_URI", "AWS_SESSION_TOKEN", "AWS_PROFILE", KEY_ENV)
     env = {k: v for k, v in os.environ.items() if k not in unset} | moto_environ(moto_server) | WEBHOOK_SERVER_ENV
@@ -491,7 +491,8 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
     stopped, and the webhook deleted, after the test."""
     from mlflow.tracking import MlflowClient
 
-    from agnews.webhooks import SECRET_ENV, register_webhook
+    from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
+    from agnews.promotion.webhook_admin import register_webhook
 
     started: list[tuple[WebhookReceiver, MlflowClient]] = []
 
@@ -508,7 +509,8 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
             f"webhook.reconcile_s={cfg.webhook.reconcile_s}",
         ]
         process, url = start_receiver(overrides, env, log)
-        hook = register_webhook(cfg, url, secret, name=f"test-{cfg.registry.model_name}") if register else None
+        name = f"test-{cfg.registry.model_name}"
+        hook = register_webhook(cfg.tracking, cfg.webhook, url, secret, name=name) if register else None
         receiver = WebhookReceiver(url, secret, hook.webhook_id if hook else "", process, log)
         started.append((receiver, MlflowClient(str(cfg.tracking.uri))))
         return receiver

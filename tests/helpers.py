@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.publishing import point_to, put_verified
+from agnews.promotion.mirror import point_to, put_verified
 from agnews.storage import LocalStorage
 from bundle.layout import MANIFEST, POINTER, manifest_bytes, sha256, version_folder
 

@@ -21,9 +21,9 @@ from mlflow.projects._project_spec import load_project
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import StorageError
-from agnews.history import Entry, Served, append, entries, served_at
-from agnews.promotion import register
-from agnews.registry import CHAMPION
+from agnews.names import CHAMPION
+from agnews.promotion.history import Entry, Served, append, entries, served_at
+from agnews.promotion.register import register
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import step_run
 from bundle.layout import MANIFEST, POINTER, sha256
@@ -72,7 +72,7 @@ def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: Tr
     for run in (train_runs.worse, train_runs.good):  # gate: nothing -> v1 -> v2
         cfg = compose([*overrides, f"registry.run_id={run}"])
         with step_run(cfg, "register"):
-            register(cfg)
+            register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
     cli("register", *overrides, "registry.version=1")  # manual: v2 -> v1
     cli("register", *overrides, "registry.rollback=true")  # rollback: v1 -> v2
     MlflowClient(train_runs.tracking_uri).set_registered_model_alias(cfg.registry.model_name, CHAMPION, 1)  # the UI

@@ -13,7 +13,7 @@ import pandas as pd
 
 from agnews.data import read_split
 from agnews.ingest import upload
-from agnews.promotion import register
+from agnews.promotion.register import register
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from agnews.training import train
@@ -40,7 +40,7 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
     with step_run(cfg, "train"):
         train(cfg)
     with step_run(cfg, "register"):
-        outcome = register(cfg)
+        outcome = register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
     assert outcome.promoted
     model_uri = f"models:/{outcome.model_name}/{outcome.version}"
     root = Path(cfg.storage.uri) / cfg.storage.model_prefix / outcome.model_name

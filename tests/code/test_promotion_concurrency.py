@@ -28,9 +28,10 @@ import pytest
 from mlflow import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.errors import PipelineError
-from agnews.lease import Lease, LeaseError
-from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, aliases
+from agnews.errors import LeaseError, PipelineError
+from agnews.lease import Lease
+from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION
+from agnews.promotion.registry import aliases
 from agnews.storage import open_storage
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.helpers import TrainRuns, moto_environ
@@ -137,8 +138,8 @@ def worker(inbox: Queue, outbox: Queue, start: Barrier, env: dict[str, str]) -> 
     """A register or mirror process: for each job, compose its config, wait for the others at ``start``, then do
     what `python -m steps.register` / `steps.mirror` do, and report the outcome."""
     os.environ.update(env)
-    from agnews.promotion import register
-    from agnews.publishing import mirror
+    from agnews.promotion.mirror import mirror
+    from agnews.promotion.register import register
     from agnews.tracking import connect, step_run
 
     while (job := inbox.get()) is not None:
@@ -148,11 +149,11 @@ def worker(inbox: Queue, outbox: Queue, start: Barrier, env: dict[str, str]) -> 
         try:
             if step == "register":
                 with step_run(cfg, "register"):
-                    outcome = register(cfg)
+                    outcome = register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
                 result: dict[str, object] = {"version": outcome.version, "alias": outcome.alias}
             else:
                 connect(cfg)
-                result = {"version": mirror(cfg).version}
+                result = {"version": mirror(cfg.registry, cfg.storage).version}
         except PipelineError as exc:
             result = {"error": str(exc)}
         except Exception as exc:  # reported, so that the test fails with it instead of waiting for the worker
@@ -313,7 +314,7 @@ def test_concurrent_register_and_mirror_commands(
 # `python -m steps.register` with one registry function wrapped, so that the process signals itself at a known point.
 HOOKED_REGISTER = """
 import os, signal, sys
-from agnews import registry
+from agnews.promotion import registry
 from steps.register import main
 real = registry.{function}
 def hooked(*args, **kwargs):

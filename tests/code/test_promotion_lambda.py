@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import StorageError
-from agnews.promotion import register
-from agnews.publishing import mirror
-from agnews.registry import CHAMPION, aliases
+from agnews.names import CHAMPION
+from agnews.promotion.mirror import mirror
+from agnews.promotion.register import register
+from agnews.promotion.registry import aliases
 from agnews.storage import S3Storage
 from agnews.tracking import connect, step_run
 from bundle.layout import MANIFEST, POINTER, sha256
@@ -74,7 +75,7 @@ def cold_answer(model_uri: str, cache: Path) -> dict:
 
 def run_register(cfg: DictConfig):
     with step_run(cfg, "register"):
-        return register(cfg)
+        return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
 
 def test_a_second_registry_cannot_change_what_the_lambda_serves(
@@ -129,7 +130,7 @@ def test_a_second_registry_cannot_change_what_the_lambda_serves(
 
     # Completed: the pointer names the second registry's v1, in its own folder; both Lambdas serve it.
     connect(second)
-    assert mirror(second).version == 1
+    assert mirror(second.registry, second.storage).version == 1
     done = objects(bucket, root)
     assert {k: v for k, v in done.items() if k in first_files and not k.endswith(POINTER)} == {
         k: v for k, v in first_files.items() if not k.endswith(POINTER)
@@ -186,7 +187,7 @@ def test_a_version_folder_is_named_by_its_manifest_digest() -> None:
 
 
 def test_a_mirrored_file_is_never_replaced_by_other_bytes(mirror_root: Path, tmp_path: Path) -> None:
-    from agnews.publishing import put_verified
+    from agnews.promotion.mirror import put_verified
     from agnews.storage import LocalStorage
 
     storage = LocalStorage(tmp_path / "store")

@@ -24,10 +24,14 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.promotion import register
-from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
+from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
+from agnews.names import WEBHOOK_KEY_ENV as KEY_ENV
+from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
+from agnews.promotion.receiver import signature
+from agnews.promotion.register import register
+from agnews.promotion.registry import aliases
+from agnews.promotion.webhook_admin import EVENTS, WEBHOOK_NAME, refused
 from agnews.tracking import step_run
-from agnews.webhooks import EVENTS, KEY_ENV, SECRET_ENV, WEBHOOK_NAME, refused, signature
 from bundle.layout import POINTER
 from tests.helpers import SEED_TEXT, Sequence, TrainRuns, WebhookReceiver, checkout, readme_sequence, run_as_written
 
@@ -49,7 +53,7 @@ def model_config(tracking_uri: str, bucket: str, name: str, *overrides: str) -> 
 
 def run_register(cfg: DictConfig):
     with step_run(cfg, "register"):
-        return register(cfg)
+        return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
 
 def pointer(bucket: str, name: str) -> dict | None:

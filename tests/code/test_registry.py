@@ -24,20 +24,11 @@ from omegaconf import DictConfig
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError, RegistryError, StorageError
 from agnews.ingest import upload_and_log
-from agnews.promotion import register
-from agnews.publishing import mirror
-from agnews.registry import (
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS,
-    PROMOTED_BY,
-    RECORDED_CHAMPION,
-    TEST_ROWS_TAG,
-    TestSet,
-    Verdict,
-    aliases,
-    gate,
-)
+from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, TEST_ROWS_TAG
+from agnews.promotion.gate import TestSet, gate
+from agnews.promotion.mirror import mirror
+from agnews.promotion.register import register
+from agnews.promotion.registry import Verdict, aliases
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
@@ -95,12 +86,12 @@ def model_cfg(server_cfg, bucket: str, request: pytest.FixtureRequest):
 
 def run_register(cfg: DictConfig) -> Verdict:
     with step_run(cfg, "register"):
-        return register(cfg)
+        return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
 
 def run_mirror(cfg: DictConfig):
     connect(cfg)
-    return mirror(cfg)
+    return mirror(cfg.registry, cfg.storage)
 
 
 def cli(step: str, cfg: DictConfig, *overrides: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,8 @@ import pytest
 
 from agnews.config import compose
 from agnews.data import parse_file, rows_sha256
-from agnews.registry import TEST_ROWS_TAG, TestSet, gate
+from agnews.names import TEST_ROWS_TAG
+from agnews.promotion.gate import TestSet, gate
 from agnews.training import by_length, stratified_sample
 
 FILE = "a" * 64

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, redact
 from agnews.errors import RegistryError, TrackingError
-from agnews.registry import get_run
+from agnews.promotion.registry import get_run
 from agnews.tracking import connect, step_run
 from tests.helpers import answers, free_port
 

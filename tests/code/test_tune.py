@@ -22,7 +22,8 @@ from agnews import config, data
 from agnews.config import CONF_DIR, PROJECT_ROOT, compose
 from agnews.errors import TuneError
 from agnews.ingest import upload
-from agnews.registry import CHAMPION
+from agnews.names import CHAMPION
+from agnews.settings import Settings
 from agnews.tuning import PARENT_ATTR, RUN_ATTR, STATE_TAG, tune
 from tests.helpers import free_port, moto_environ
 

@@ -24,8 +24,9 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.promotion import register
-from agnews.registry import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, aliases
+from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
+from agnews.promotion.register import register
+from agnews.promotion.registry import aliases
 from agnews.tracking import step_run
 from bundle.layout import POINTER
 from tests.helpers import SEED_TEXT, TrainRuns, WebhookReceiver, unavailable
@@ -141,7 +142,7 @@ def move_champion_in_the_ui(browser: WebDriver, server: str, name: str, version:
 
 def run_register(cfg: DictConfig):
     with step_run(cfg, "register"):
-        return register(cfg)
+        return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
 
 def champion_json(bucket: str, name: str) -> dict | None:

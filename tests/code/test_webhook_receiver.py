@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from agnews.config import PROJECT_ROOT
-from agnews.webhooks import MAX_BODY, SECRET_ENV, signature
+from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
+from agnews.promotion.receiver import MAX_DELIVERY_BYTES, signature
 from tests.helpers import WEBHOOK_START_S, start_receiver, stop_receiver
 
 pytestmark = pytest.mark.integration  # each test serves a receiver
@@ -80,7 +81,7 @@ def signed(body: bytes, timestamp: str | None = None) -> dict[str, str]:
         ("-1", b"400"),  # read(-1) would read to the end of the stream
         ("-100000000000000000000", b"400"),
         ("1e3", b"400"),
-        (str(MAX_BODY + 1), b"413"),  # refused before the body is sent
+        (str(MAX_DELIVERY_BYTES + 1), b"413"),  # refused before the body is sent
         (str(10**30), b"413"),
         ("9" * 4400, b"431"),  # more digits than int() takes: the headers are refused whole
     ],

@@ -1,8 +1,9 @@
-"""UI promotion that reaches the Lambda by itself: a receiver that keeps storage on the registry's @champion, woken
-early by MLflow's model registry webhooks, and the webhook's set-up.
+"""`steps.webhook serve`: UI promotion that reaches the Lambda by itself, through a receiver that keeps storage on the
+registry's @champion, woken early by MLflow's model registry webhooks (their set-up: ``webhook_admin``).
 
 The receiver is level-triggered. Every ``webhook.reconcile_s`` seconds it compares the registry's @champion with
-the version that storage's ``champion.json`` names, and runs the mirror (``publishing.mirror``) when they differ;
+the version that storage's ``champion.json`` names, and mirrors @champion when they differ, under the model's lease
+(``mirror.reconcile``, the decision ``register`` makes first too);
 a delivery only makes it look sooner. A move made while the receiver was down, or one whose delivery the tracking
 server failed to make (MLflow's deliveries are fire-and-forget: 3 retries on 429/5xx, then only a log line on the
 server), is served within one interval. ``/health`` reports the last reconcile and its outcome, both versions, the
@@ -15,7 +16,7 @@ HMAC-SHA256, under the webhook's secret, of ``<delivery id>.<timestamp>.<body>``
 A retry resends the same delivery id, timestamp and signature. The receiver answers:
 
 - 431 for headers over ``MAX_HEADERS``, 411 for a POST without ``Content-Length``, 400 for one that is not a number,
-  413 over ``MAX_BODY`` (waitress refuses all but the 411 before reading the body);
+  413 over ``MAX_DELIVERY_BYTES`` (waitress refuses all but the 411 before reading the body);
 - 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``TOLERANCE_SECONDS``
   (300) from now;
 - 400 for a signed body that is not a webhook payload (not JSON, or nested beyond what the parser takes);
@@ -24,11 +25,6 @@ A retry resends the same delivery id, timestamp and signature. The receiver answ
 - 200 ``noted`` when @champion was deleted: there is nothing new to serve, and storage keeps serving its version;
 - 200 ``duplicate`` for a delivery id it has accepted before;
 - 202 ``accepted`` otherwise, and the reconcile runs at once.
-
-``register`` refuses to leave a webhook that cannot deliver: after creating it, it has the tracking server deliver
-``webhook.test_deliveries`` test events, each on a new connection so that they reach several of the server's
-workers; one that fails (a worker that cannot decrypt the stored secret, the receiver unreachable or refusing the
-signature) removes the webhook again and names the cause. ``unregister`` removes it, retrying across workers.
 """
 
 from __future__ import annotations
@@ -49,45 +45,25 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-import sqlalchemy
-import sqlalchemy.exc
-from google.protobuf.message import Message
-from mlflow import MlflowClient
-from mlflow.entities.webhook import Webhook, WebhookEvent, WebhookEventStr, WebhookTestResult
-from mlflow.exceptions import MlflowException
-from mlflow.protos.webhooks_pb2 import CreateWebhook, DeleteWebhook, ListWebhooks, TestWebhook, UpdateWebhook
-from mlflow.protos.webhooks_pb2 import WebhookStatus as ProtoWebhookStatus
-from mlflow.store.model_registry.dbmodels.models import SqlWebhook
-from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.proto_json_utils import message_to_json
-from mlflow.utils.rest_utils import call_endpoint
-from mlflow.utils.time import get_current_time_millis
-from omegaconf import DictConfig
 from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
-from agnews.config import redact
-from agnews.errors import ConfigError, PipelineError, TrackingError
-from agnews.publishing import How, mirror, served_version
-from agnews.registry import CHAMPION, aliases
-from agnews.storage import open_storage
-from agnews.tracking import without_credentials
+from agnews.errors import ConfigError, PipelineError
+from agnews.names import CHAMPION, WEBHOOK_SECRET_ENV, How
+from agnews.promotion.mirror import ModelStore, model_lease, reconcile
+from agnews.settings import RegistrySettings, StorageSettings, WebhookSettings
 
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 SIGNATURE_VERSION = "v1"
 ENTITY = "model_version_alias"
-EVENTS: tuple[WebhookEventStr, ...] = ("model_version_alias.created", "model_version_alias.deleted")
-SECRET_ENV = "AGNEWS_WEBHOOK_SECRET"
-KEY_ENV = "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"  # the tracking server's key for the secrets it stores
-WEBHOOK_NAME = "agnews-promotion"
 TOLERANCE_SECONDS = 300  # a delivery whose timestamp is further from now is refused (replays)
 TIMESTAMP = re.compile(r"[0-9]{1,12}")  # Unix seconds: a longer header is refused before it is parsed
-MAX_BODY = 1024 * 1024
+# A delivery is a few hundred bytes of JSON; this bounds what an unauthenticated POST can make the receiver read (the
+# Lambda's local server, lambda/local.py, takes Lambda's 6 MiB payload limit instead).
+MAX_DELIVERY_BYTES = 1024 * 1024
 # A delivery's headers take a few hundred bytes. Over this, waitress answers 431 before parsing them: a Content-Length
 # of more digits than Python's int() takes (4,300) would otherwise make its parser drop the connection.
 MAX_HEADERS = 4096
 REMEMBERED = 10_000  # delivery ids kept for de-duplication
-WEBHOOKS_API = "/api/2.0/mlflow/webhooks"
-FRESH_CONNECTION = {"Connection": "close"}  # each call to a server with several workers may reach another one
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +127,6 @@ class Event:
         )
 
 
-def champions(cfg: DictConfig) -> tuple[int | None, int | None]:
-    """The version that the registry's @champion names and the one that storage's ``champion.json`` names."""
-    client = MlflowClient(without_credentials(str(cfg.tracking.uri))[0])
-    registry = aliases(client, str(cfg.registry.model_name)).get(CHAMPION)
-    return registry, served_version(open_storage(cfg.storage), cfg)
-
-
 @dataclass(frozen=True)
 class Reconciled:
     """One reconcile: when it ran, what it found, and what became of it."""
@@ -170,16 +139,18 @@ class Reconciled:
 
 
 class Receiver:
-    """The receiver for one registered model (``cfg.registry.model_name``) and its storage, as a WSGI app; its
-    worker thread reconciles every ``cfg.webhook.reconcile_s`` seconds, and at once after an accepted delivery.
+    """The receiver for one registered model (``registry.model_name``) and its storage, as a WSGI app; its worker
+    thread reconciles every ``webhook.reconcile_s`` seconds, and at once after an accepted delivery.
     """
 
-    def __init__(self, cfg: DictConfig, secret: str) -> None:
+    def __init__(
+        self, registry: RegistrySettings, storage: StorageSettings, webhook: WebhookSettings, secret: str
+    ) -> None:
         if not secret:
-            raise ConfigError(f"the webhook receiver needs a secret: set {SECRET_ENV}")
-        self.cfg, self.secret = cfg, secret
-        self.model_name = str(cfg.registry.model_name)
-        self.reconcile_s = float(cfg.webhook.reconcile_s)
+            raise ConfigError(f"the webhook receiver needs a secret: set {WEBHOOK_SECRET_ENV}")
+        self.registry, self.storage, self.secret = registry, storage, secret
+        self.model_name = registry.model_name
+        self.reconcile_s = float(webhook.reconcile_s)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._pending = threading.Event()
@@ -257,20 +228,21 @@ class Receiver:
         return None
 
     def reconcile(self, how: How) -> Reconciled:
-        """Compare @champion with ``champion.json`` and mirror when they differ; never raises: a failure is its
-        outcome, and one log line."""
+        """Compare @champion with ``champion.json`` and mirror when they differ (``mirror.reconcile``, under the
+        model's lease); never raises: a failure is its outcome, and one log line."""
         registry = served = None
         try:
-            registry, served = champions(self.cfg)
-            if registry is None:
-                outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
-            elif registry == served:
-                outcome = f"storage serves @{CHAMPION} v{served}"
-            else:
-                mirrored = mirror(self.cfg, how)
-                outcome = f"mirrored @{CHAMPION} v{mirrored.version} to {mirrored.pointer} (it served {served})"
-                registry = served = mirrored.version
+            model = ModelStore.open(self.registry, self.storage)
+            with model_lease(model, self.storage, "reconcile") as (lease, client):
+                found = reconcile(model, lease, client, how)
+            registry, served = found.champion, found.served
+            if found.mirrored is not None:
+                outcome = f"mirrored @{CHAMPION} v{found.mirrored.version} to {found.mirrored.pointer}"
                 log.info("reconcile (%s): %s", how, outcome)
+            elif registry is None:
+                outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
+            else:
+                outcome = f"storage serves @{CHAMPION} v{served}"
             ok = True
         except PipelineError as exc:
             outcome, ok = f"failed: {exc}", False
@@ -297,7 +269,7 @@ class Receiver:
         if method == "POST" and not length:
             status, answer = 411, {"error": "a delivery needs a Content-Length"}
         else:
-            # waitress has refused a Content-Length that is not a number, or over MAX_BODY, before reading a byte
+            # waitress has refused a Content-Length that is not a number, or over MAX_DELIVERY_BYTES, before reading
             body = environ["wsgi.input"].read(int(length)) if length else b""
             headers = {key[5:].replace("_", "-"): value for key, value in environ.items() if key.startswith("HTTP_")}
             status, answer = self.handle(method, environ.get("PATH_INFO", "/"), headers, body)
@@ -310,12 +282,12 @@ class Receiver:
 
 
 def make_receiver_server(
-    receiver: Receiver, sock: socket.socket, webhook: DictConfig
+    receiver: Receiver, sock: socket.socket, webhook: WebhookSettings
 ) -> BaseWSGIServer | MultiSocketServer:
     """A waitress server for ``receiver`` on ``sock``: requests are read without a thread, so a stalled client holds
     none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open, a connection silent for
-    ``webhook.read_timeout_s`` is closed, and headers over MAX_HEADERS or a body over MAX_BODY are refused before
-    they are parsed or read."""
+    ``webhook.read_timeout_s`` is closed, and headers over MAX_HEADERS or a body over MAX_DELIVERY_BYTES are refused
+    before they are parsed or read."""
     return create_server(
         receiver,
         sockets=[sock],
@@ -323,154 +295,7 @@ def make_receiver_server(
         connection_limit=webhook.connections,
         channel_timeout=int(webhook.read_timeout_s),
         cleanup_interval=1,
-        max_request_body_size=MAX_BODY,
+        max_request_body_size=MAX_DELIVERY_BYTES,
         max_request_header_size=MAX_HEADERS,
         ident="agnews-webhook",
     )
-
-
-def http_settings(webhook: DictConfig) -> dict[str, str]:
-    """MLflow's client settings for the webhook calls: no retries (it would retry a 500 for minutes) and a timeout
-    of ``webhook.http_timeout_s`` seconds per call."""
-    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(webhook.http_timeout_s)}
-
-
-def refused(exc: MlflowException, url: str) -> TrackingError:
-    """What a tracking server's refusal of a webhook call means, in one line."""
-    message = exc.message.splitlines()[0] if exc.message else ""
-    if "scheme" in message:
-        cause = "it delivers over http only with MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https"
-    elif "public" in message or "private" in message or "resolve" in message:
-        cause = "it delivers to a private address only with MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true"
-    elif exc.get_http_status_code() >= 500:
-        cause = (
-            f"it cannot decrypt the webhook secrets it stores (HTTP {exc.get_http_status_code()}): start every "
-            f"worker with the same {KEY_ENV}"
-        )
-    else:
-        cause = message
-    return TrackingError(f"the tracking server refused the webhook to {url}: {cause}")
-
-
-def _call(
-    cfg: DictConfig, endpoint: str, method: str, request: Message | None, response: Message, tries: int = 1
-) -> Any:
-    """One call to the tracking server's webhook API, on a connection of its own (MLflow's client keeps one open,
-    so all its calls reach the same worker): a 5xx is tried again, up to ``tries`` calls, each maybe on another
-    worker. MlflowException when every call fails, or one fails with a 4xx."""
-    # the URI without user info: connect() has moved those credentials to MLflow's variables, which creds read
-    creds = get_default_host_creds(without_credentials(str(cfg.tracking.uri))[0])
-    body = None if request is None else message_to_json(request)
-    for _ in range(tries - 1):
-        try:
-            return call_endpoint(creds, endpoint, method, body, response, FRESH_CONNECTION)
-        except MlflowException as exc:
-            if exc.get_http_status_code() < 500:
-                raise
-    return call_endpoint(creds, endpoint, method, body, response, FRESH_CONNECTION)
-
-
-def webhooks_named(cfg: DictConfig, name: str, tries: int) -> list[Webhook]:
-    """The tracking server's webhooks called ``name``."""
-    hooks: list[Webhook] = []
-    token = None
-    while True:
-        listing = ListWebhooks(max_results=100, page_token=token)
-        page = _call(cfg, WEBHOOKS_API, "GET", listing, ListWebhooks.Response(), tries)
-        hooks.extend(hook for hook in map(Webhook.from_proto, page.webhooks) if hook.name == name)
-        token = page.next_page_token
-        if not token:
-            return hooks
-
-
-def _put(cfg: DictConfig, name: str, url: str, secret: str, tries: int) -> Webhook:
-    """Create the webhook ``name``, or point the existing one at ``url`` with ``secret``."""
-    events = [WebhookEvent.from_str(event).to_proto() for event in EVENTS]
-    existing = webhooks_named(cfg, name, tries)
-    if existing:
-        update = UpdateWebhook(url=url, events=events, secret=secret, status=ProtoWebhookStatus.ACTIVE)
-        answer = _call(
-            cfg, f"{WEBHOOKS_API}/{existing[0].webhook_id}", "PATCH", update, UpdateWebhook.Response(), tries
-        )
-    else:
-        description = "agnews: reconcile @champion with storage when it moves (python -m steps.webhook serve)"
-        create = CreateWebhook(name=name, url=url, events=events, description=description, secret=secret)
-        answer = _call(cfg, WEBHOOKS_API, "POST", create, CreateWebhook.Response())
-    return Webhook.from_proto(answer.webhook)
-
-
-def register_webhook(cfg: DictConfig, url: str, secret: str, name: str = WEBHOOK_NAME) -> Webhook:
-    """Create the webhook ``name`` for @champion moves, or point an existing one at ``url`` with ``secret``; then
-    have the server deliver ``webhook.test_deliveries`` test events, each on a connection of its own. One that
-    fails removes the webhook again and raises a TrackingError with the cause."""
-    if not url:
-        raise ConfigError("the webhook needs the receiver's URL (--url http://host:port/)")
-    if not secret:
-        raise ConfigError(f"the webhook needs a secret: set {SECRET_ENV}")
-    tries = int(cfg.webhook.tries)
-    try:
-        hook = _put(cfg, name, url, secret, tries)
-    except MlflowException as exc:
-        raise refused(exc, url) from None
-    try:
-        for _ in range(int(cfg.webhook.test_deliveries)):
-            test = _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}/test", "POST", TestWebhook(), TestWebhook.Response())
-            result = WebhookTestResult.from_proto(test.result)
-            if not result.success:
-                raise TrackingError(f"a test delivery to {url} failed: {_why(result)}")
-    except (MlflowException, TrackingError) as exc:
-        cause = refused(exc, url) if isinstance(exc, MlflowException) else exc
-        try:
-            _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}", "DELETE", None, DeleteWebhook.Response(), tries)
-        except MlflowException:
-            raise TrackingError(
-                f"{cause}; removing the webhook failed too: `python -m steps.webhook unregister`"
-            ) from None
-        raise TrackingError(f"{cause}; the webhook was removed") from None
-    return hook
-
-
-def _why(result: WebhookTestResult) -> str:
-    if result.response_status == 401:
-        return f"the receiver refused its signature: give `serve` and `register` the same {SECRET_ENV}"
-    if result.response_status:
-        return f"the receiver answered HTTP {result.response_status}: {(result.response_body or '')[:200]}"
-    error = result.error_message or "no answer"
-    if "not a public IP" in error:
-        return "the server delivers to a private address only with MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true"
-    return f"{error[:300]} (is `python -m steps.webhook serve` running at that address?)"
-
-
-def unregister_webhook(cfg: DictConfig, name: str = WEBHOOK_NAME) -> list[str]:
-    """Delete every webhook called ``name``, each call tried on up to ``webhook.tries`` connections (on a server
-    whose workers have different keys, one that can read the secret does it); returns their ids."""
-    tries = int(cfg.webhook.tries)
-    try:
-        hooks = webhooks_named(cfg, name, tries)
-        for hook in hooks:
-            _call(cfg, f"{WEBHOOKS_API}/{hook.webhook_id}", "DELETE", None, DeleteWebhook.Response(), tries)
-    except MlflowException as exc:
-        raise refused(exc, "its receiver") from None
-    return [hook.webhook_id for hook in hooks]
-
-
-def unregister_in_database(backend_store_uri: str, name: str = WEBHOOK_NAME) -> list[str]:
-    """Delete the webhooks called ``name`` in the tracking server's database as MLflow's delete does (it sets
-    ``deleted_timestamp``), without reading their encrypted secrets, which every API call does: the way out when
-    no worker can decrypt them any more (a restart without MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, or with another
-    one). Returns their ids."""
-    live: sqlalchemy.ColumnElement[bool] = (SqlWebhook.name == name) & SqlWebhook.deleted_timestamp.is_(None)
-    now = get_current_time_millis()
-    engine = sqlalchemy.create_engine(backend_store_uri)
-    try:
-        with engine.begin() as connection:
-            ids = list(connection.scalars(sqlalchemy.select(SqlWebhook.webhook_id).where(live)))
-            connection.execute(
-                sqlalchemy.update(SqlWebhook).where(live).values(deleted_timestamp=now, last_updated_timestamp=now)
-            )
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        cause = str(exc).splitlines()[0]
-        raise TrackingError(f"cannot remove the webhook through {redact(backend_store_uri)}: {cause}") from None
-    finally:
-        engine.dispose()
-    return ids

@@ -1,13 +1,12 @@
-"""Model Registry: register a train run's model, gate it into @champion with aliases, and roll back.
+"""The register step's Model Registry work: register a train run's model, gate it into @champion with aliases, and
+roll back.
 
 Aliases, as MLflow 3 uses them (stages are deprecated): ``@champion`` is the version served, ``@previous`` the
-champion it replaced, ``@challenger`` the newest version that failed the quality gate.
+champion it replaced, ``@challenger`` the newest version that failed the quality gate (``gate``).
 
-The gate compares a candidate with the champion only when both were evaluated on the same test set (the same
-``dataset.test.sha256``, ``dataset.test.rows`` and ``dataset.test.rows_sha256``: ``TestSet``). Every promotion
-tags the version ``promoted_by`` (``gate`` or ``manual``) and records the champion on the registered model
-(``recorded_champion``), so that a move made outside the pipeline (the MLflow UI) is recognised later and completed
-the same way (``record_champion``).
+Every promotion tags the version ``promoted_by`` (``gate`` or ``manual``) and records the champion on the registered
+model (``recorded_champion``), so that a move made outside the pipeline (the MLflow UI) is recognised later and
+completed the same way (``record_champion``).
 
 Callers hold the model's lease (``agnews.lease``) around every change here, so concurrent calls end as if serial,
 and pass a ``FencedClient``, whose every write first checks that the lease is still held.
@@ -27,24 +26,38 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import EvaluationResult, MetricThreshold
-from mlflow.models.evaluation.validation import ModelValidationFailedException
-from omegaconf import DictConfig
 
 from agnews.config import redact
-from agnews.data import rows_sha256
 from agnews.errors import RegistryError
+from agnews.names import (
+    BY_GATE,
+    BY_HAND,
+    CHALLENGER,
+    CHAMPION,
+    DATASET_TAG_PREFIX,
+    DISPLAY_NAME_PARAM,
+    GATE_TAG,
+    GIT_COMMIT_TAG,
+    MODEL_VERSIONS_TAG,
+    PREVIOUS,
+    PROMOTED_BY,
+    RECORDED_CHAMPION,
+    REGISTERED_ALIAS,
+    REGISTERED_MODEL,
+    REGISTERED_REASON,
+    REGISTERED_VERSION,
+    SOURCE_RUN_TAG,
+    STEP_TAG,
+    TEST_ACCURACY,
+    TEST_F1_MACRO,
+    TRAIN_SHA256_TAG,
+)
+from agnews.promotion.gate import TestSet, behaviour_pass_rate, gate
 from agnews.pyfunc import LOGGED_MODEL
+from agnews.settings import RegistrySettings
 
-CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-PROMOTED_BY, BY_GATE, BY_HAND = "promoted_by", "gate", "manual"  # version tag: how it became @champion
-RECORDED_CHAMPION = "recorded_champion"  # registered model tag: the champion as the pipeline last saw it
-TEST_SET_TAGS = ("dataset.test.sha256", "dataset.test.rows")  # what the test set is; the train step tags both
-TEST_ROWS_TAG = "dataset.test.rows_sha256"  # which rows of the test file were scored (TestSet)
 WRITES = ("create_", "set_", "delete_", "update_", "rename_", "transition_", "copy_")  # MlflowClient's writes
-MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions, as the MLflow UI reads them
-TAGGED_METRICS = ("test_accuracy", "test_f1_macro")
-BEHAVIOUR_METRICS = ("behaviour_pass_rate", "onnx_int8_behaviour_pass_rate")  # logged by the train step
+TAGGED_METRICS = (TEST_ACCURACY, TEST_F1_MACRO)
 MODEL_DESCRIPTION = (
     "AG News topic classifier (World, Sports, Business, Sci/Tech). @champion is the version served: the mirror "
     "step copies its ONNX int8 bundle to storage for the Lambda. @previous is the champion it replaced, "
@@ -53,9 +66,6 @@ MODEL_DESCRIPTION = (
 )
 
 log = logging.getLogger(__name__)
-# MLflow's model validation logs two INFO lines for each of the gate's checks ("Validating candidate model metrics
-# against baseline", "Model validation passed!"): the gate logs its verdict instead.
-logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
 
 
 class FencedClient(MlflowClient):
@@ -96,10 +106,10 @@ class Verdict:
 
     def tags(self) -> dict[str, str]:
         return {
-            "registered_model": self.model_name,
-            "registered_version": str(self.version),
-            "registered_alias": self.alias,
-            "registered_reason": self.reason,
+            REGISTERED_MODEL: self.model_name,
+            REGISTERED_VERSION: str(self.version),
+            REGISTERED_ALIAS: self.alias,
+            REGISTERED_REASON: self.reason,
         }
 
 
@@ -122,7 +132,7 @@ def find_train_run(client: MlflowClient, experiment: str, run_id: str | None) ->
     runs = (
         client.search_runs(
             [found.experiment_id],
-            filter_string="tags.step = 'train' AND attributes.status = 'FINISHED'",
+            filter_string=f"tags.{STEP_TAG} = 'train' AND attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -136,71 +146,32 @@ def find_train_run(client: MlflowClient, experiment: str, run_id: str | None) ->
 
 def logged_model(client: MlflowClient, run: Run) -> LoggedModel:
     """The pyfunc that the train run logged; a RegistryError for an unfinished run or one without a model."""
-    run_id, step = run.info.run_id, run.data.tags.get("step", "untagged")
+    run_id, step = run.info.run_id, run.data.tags.get(STEP_TAG, "untagged")
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} ({step}) is {run.info.status}, not FINISHED: register a finished train run")
     outputs = run.outputs.model_outputs if run.outputs else []
     models = [m for m in (client.get_logged_model(o.model_id) for o in outputs) if m.name == LOGGED_MODEL]
     if not models:
         raise RegistryError(f"run {run_id} ({step} run) logged no model '{LOGGED_MODEL}': register a train run")
-    if "test_accuracy" not in run.data.metrics:
-        raise RegistryError(f"run {run_id} logged no test_accuracy metric: the quality gate needs it")
+    if TEST_ACCURACY not in run.data.metrics:
+        raise RegistryError(f"run {run_id} logged no {TEST_ACCURACY} metric: the quality gate needs it")
     return models[-1]
-
-
-@dataclass(frozen=True, eq=False)
-class TestSet:
-    """The identity of the test set a model was evaluated on: the test file's sha256, the number of rows evaluated
-    and which ones (``rows_sha256``, ``agnews.data.rows_sha256`` of their line numbers: with ``data.test_size`` the
-    sample depends on the seed).
-
-    A version tagged before ``rows_sha256`` existed has None there. Its rows are taken to be the whole file, which is
-    what the file's sha256 and the row count named then: it is the same test set as a run that scored every row of
-    that file (rows 0 to ``rows`` - 1), and not the same as any sample, whose rows it cannot be shown to share.
-    """
-
-    __test__ = False  # a name that pytest would otherwise collect where tests import it
-    sha256: str
-    rows: int
-    rows_sha256: str | None = None
-
-    @classmethod
-    def of(cls, tags: dict[str, str]) -> TestSet | None:
-        """From run or version tags; None when the file's sha256 or the row count is missing or malformed."""
-        sha, rows = (tags.get(name, "") for name in TEST_SET_TAGS)
-        return cls(sha, int(rows), tags.get(TEST_ROWS_TAG) or None) if sha and rows.isdecimal() else None
-
-    def _scored(self) -> str:
-        """The digest of the rows scored; for an old version without one, that of the whole file's rows."""
-        return self.rows_sha256 or rows_sha256(range(self.rows))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TestSet):
-            return NotImplemented
-        return (self.sha256, self.rows, self._scored()) == (other.sha256, other.rows, other._scored())
-
-    def __hash__(self) -> int:
-        return hash((self.sha256, self.rows))
-
-    def __str__(self) -> str:
-        rows = f" (rows sha256 {self.rows_sha256[:12]})" if self.rows_sha256 else ""
-        return f"test set sha256 {self.sha256[:12]}, {self.rows} rows{rows}"
 
 
 def version_tags(run: Run) -> dict[str, str]:
     """Dataset digests and test rows, git commit, test metrics and the source run, as model version tags."""
-    tags = {k: v for k, v in run.data.tags.items() if k.startswith("dataset.")}
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith(DATASET_TAG_PREFIX)}
     tags |= {name: str(run.data.metrics[name]) for name in TAGGED_METRICS if name in run.data.metrics}
-    return tags | {"run_id": run.info.run_id, "git_commit": run.data.tags.get("git_commit", "unknown")}
+    return tags | {SOURCE_RUN_TAG: run.info.run_id, GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG, "unknown")}
 
 
 def describe(run: Run) -> str:
     metrics, tags = run.data.metrics, run.data.tags
     return (
-        f"{run.data.params.get('model.display_name', 'model')} from train run {run.info.run_id} at git "
-        f"{tags.get('git_commit', 'unknown')}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 "
-        f"{metrics.get('test_f1_macro', float('nan')):.4f}; "
-        f"train data sha256 {tags.get('dataset.train.sha256', 'unknown')}"
+        f"{run.data.params.get(DISPLAY_NAME_PARAM, 'model')} from train run {run.info.run_id} at git "
+        f"{tags.get(GIT_COMMIT_TAG, 'unknown')}: test accuracy {metrics[TEST_ACCURACY]:.4f}, macro-F1 "
+        f"{metrics.get(TEST_F1_MACRO, float('nan')):.4f}; "
+        f"train data sha256 {tags.get(TRAIN_SHA256_TAG, 'unknown')}"
     )
 
 
@@ -255,85 +226,9 @@ def aliases(client: MlflowClient, name: str) -> dict[str, int]:
 
 def version_accuracy(client: MlflowClient, version: ModelVersion) -> float | None:
     """The test accuracy that register tagged on the version, else its run's metric; None when neither exists."""
-    if "test_accuracy" in version.tags:
-        return float(version.tags["test_accuracy"])
-    return client.get_run(version.run_id).data.metrics.get("test_accuracy") if version.run_id else None
-
-
-def behaviour_pass_rate(run: Run) -> float:
-    """The lower of the behavioural pass rates of the run's pyfunc and of its int8 bundle; 0 when not logged."""
-    return min(run.data.metrics.get(name, 0.0) for name in BEHAVIOUR_METRICS)
-
-
-def meets(metric: str, value: float, floor: float) -> bool:
-    """Whether ``value`` of ``metric`` is at least ``floor``, as MLflow's model validation judges it
-    (``mlflow.validate_evaluation_results`` with a ``MetricThreshold``)."""
-    threshold = MetricThreshold(threshold=floor, greater_is_better=True)
-    try:
-        mlflow.validate_evaluation_results({metric: threshold}, EvaluationResult({metric: value}, {}))
-    except ModelValidationFailedException:
-        return False
-    return True
-
-
-def gate(
-    registry: DictConfig,
-    accuracy: float,
-    behaviour: float,
-    champion: int | None,
-    champion_accuracy: float | None,
-    test_set: TestSet | None = None,
-    champion_test_set: TestSet | None = None,
-) -> tuple[bool, str]:
-    """Whether the candidate passes the quality gate, and why: test accuracy at least ``min_accuracy`` and a
-    behavioural pass rate at least ``min_behaviour_pass_rate``; with a champion, the same test set as the champion's
-    (``test_set``: a candidate or champion without one is not comparable) and test accuracy at least the champion's
-    minus ``tolerance``. A candidate with no test set identity is rejected with or without a champion.
-
-    MLflow's model validation judges each number (``meets``); the test set's identity, which it lacks, comes first.
-    Its change thresholds ask for an improvement on the baseline, and the tolerance allows a drop, so the champion's
-    accuracy minus the tolerance is a floor like the others."""
-    checks = [  # (metric, value, floor, what, bound)
-        (
-            "test_accuracy",
-            accuracy,
-            registry.min_accuracy,
-            f"test accuracy {accuracy:.4f}",
-            f"registry.min_accuracy {registry.min_accuracy}",
-        ),
-        (
-            "behaviour_pass_rate",
-            behaviour,
-            registry.min_behaviour_pass_rate,
-            f"behavioural pass rate {behaviour:.4f}",
-            f"registry.min_behaviour_pass_rate {registry.min_behaviour_pass_rate}",
-        ),
-    ]
-    comparable = []
-    if test_set is None:
-        comparable.append(f"the candidate has no test set identity (tags {' and '.join(TEST_SET_TAGS)})")
-    elif champion is not None and champion_test_set is None:
-        comparable.append(f"champion v{champion} has no test set identity (tags {' and '.join(TEST_SET_TAGS)})")
-    elif champion is not None and champion_test_set != test_set:
-        comparable.append(f"it was evaluated on {test_set}, champion v{champion} on {champion_test_set}")
-    if champion is not None and champion_accuracy is not None and not comparable:
-        checks.append(
-            (
-                "test_accuracy",
-                accuracy,
-                champion_accuracy - registry.tolerance,
-                f"test accuracy {accuracy:.4f}",
-                f"champion v{champion}'s {champion_accuracy:.4f} minus registry.tolerance {registry.tolerance}",
-            )
-        )
-    judged = [(meets(metric, value, floor), what, bound) for metric, value, floor, what, bound in checks]
-    failed = [f"not comparable: {why}" for why in comparable]
-    failed += [f"{what} is below {bound}" for ok, what, bound in judged if not ok]
-    if failed:
-        return False, f"rejected by the {registry.gate} gate: {'; '.join(failed)}"
-    passed = "; ".join(f"{what} is at least {bound}" for _, what, bound in judged)
-    same = f"; the same {test_set} as champion v{champion}" if champion is not None else ""
-    return True, f"promoted by the {registry.gate} gate: {passed}{same}"
+    if TEST_ACCURACY in version.tags:
+        return float(version.tags[TEST_ACCURACY])
+    return client.get_run(version.run_id).data.metrics.get(TEST_ACCURACY) if version.run_id else None
 
 
 def recorded_champion(client: MlflowClient, name: str) -> int | None:
@@ -398,10 +293,11 @@ def version_exists(client: MlflowClient, name: str, version: int) -> bool:
     return True
 
 
-def register_run(client: MlflowClient, registry: DictConfig, experiment: str) -> Verdict:
-    """Register a train run's model and pass it through the quality gate: @champion or @challenger."""
+def register_run(client: MlflowClient, registry: RegistrySettings, experiment: str, run_id: str | None) -> Verdict:
+    """Register a train run's model (``run_id``, else the newest finished train run in ``experiment``) and pass it
+    through the quality gate: @champion or @challenger."""
     name = registry.model_name
-    run = find_train_run(client, experiment, registry.run_id)
+    run = find_train_run(client, experiment, run_id)
     champion = aliases(client, name).get(CHAMPION)
     champion_version = client.get_model_version(name, str(champion)) if champion is not None else None
     champion_accuracy = version_accuracy(client, champion_version) if champion_version is not None else None
@@ -410,7 +306,7 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
     test_set = TestSet.of(client.get_model_version(name, str(version)).tags)  # as tagged on the version
     passed, reason = gate(
         registry,
-        run.data.metrics["test_accuracy"],
+        run.data.metrics[TEST_ACCURACY],
         behaviour_pass_rate(run),
         champion,
         champion_accuracy,
@@ -421,7 +317,7 @@ def register_run(client: MlflowClient, registry: DictConfig, experiment: str) ->
         promote(client, name, version, BY_GATE)
     else:
         client.set_registered_model_alias(name, CHALLENGER, str(version))
-    client.set_model_version_tag(name, str(version), "gate", reason)
+    client.set_model_version_tag(name, str(version), GATE_TAG, reason)
     return Verdict(name, version, CHAMPION if passed else CHALLENGER, reason)
 
 
@@ -448,17 +344,16 @@ def rollback(client: MlflowClient, name: str) -> Verdict:
     return set_champion(client, name, previous, f"rolled back to v{previous}")
 
 
-def update(cfg: DictConfig, client: MlflowClient) -> Verdict:
-    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run. The
-    caller has completed any move of @champion made outside the pipeline (``record_champion``), so that this call sees
-    the registry as if that move had gone through the pipeline too."""
-    registry = cfg.registry  # its combinations are checked by its schema (agnews/settings.py)
-    if registry.rollback:
+def update(client: MlflowClient, registry: RegistrySettings, experiment: str, run_id: str | None) -> Verdict:
+    """What ``register`` does with the registry: roll back, promote ``registry.version``, or register a run
+    (``register_run``). The caller has completed any move of @champion made outside the pipeline
+    (``record_champion``), so that this call sees the registry as if that move had gone through the pipeline too."""
+    if registry.rollback:  # its combinations are checked by its schema (agnews/settings.py)
         outcome = rollback(client, registry.model_name)
     elif registry.version is not None:
         outcome = set_champion(client, registry.model_name, registry.version, "set by registry.version")
     else:
-        outcome = register_run(client, registry, cfg.tracking.experiment)
+        outcome = register_run(client, registry, experiment, run_id)
     level = logging.INFO if outcome.promoted else logging.WARNING
     log.log(level, "%s v%s is @%s: %s", outcome.model_name, outcome.version, outcome.alias, outcome.reason)
     return outcome

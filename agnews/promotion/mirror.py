@@ -1,4 +1,4 @@
-"""Publishing: copy @champion's serving bundle to storage, verify it, and only then move the pointer.
+"""The mirror step: copy @champion's serving bundle to storage, verify it, and only then move the pointer.
 
 Layout under ``<storage.model_prefix>/<registry.model_name>/`` (``bundle.layout``): ``v<N>-<digest>/`` holds the
 bundle files and ``manifest.json``, ``<digest>`` being the start of the manifest's sha256; ``champion.json`` names the
@@ -8,7 +8,7 @@ it always names a complete version. A folder's name fixes its bytes: files alrea
 a bucket (each with its own v1) write two folders and cannot change what the other's pointer names.
 
 Everything runs under the model's lease (``agnews.lease``, the lock ``<root>/.lock`` in the same storage), which
-``promotion.register`` also holds around the registry update: concurrent mirrors and registers end as if serial,
+``register.register`` also holds around the registry update: concurrent mirrors and registers end as if serial,
 and storage always ends matching the registry. A mirror first completes a move of @champion made outside the
 pipeline (``registry.record_champion``: @previous, ``promoted_by=manual``).
 """
@@ -23,19 +23,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
 
-from agnews import history
 from agnews.errors import NotFoundError, RegistryError, StorageError
 from agnews.lease import Lease, held, lock_key
+from agnews.names import (
+    CHAMPION,
+    GATE_TAG,
+    MIRROR_CHANGED,
+    MIRROR_FOLDER,
+    MIRROR_HOW,
+    MIRROR_POINTER,
+    MIRROR_RECORDED,
+    MIRROR_VERSION,
+    ONNX_INT8_ACCURACY,
+    ONNX_INT8_AGREEMENT,
+    PROMOTED_BY,
+    TEST_ACCURACY,
+    TEST_F1_MACRO,
+    How,
+)
+from agnews.promotion import history
+from agnews.promotion.registry import FencedClient, aliases, record_champion
 from agnews.pyfunc import BUNDLE_PATH
-from agnews.registry import CHAMPION, PROMOTED_BY, FencedClient, aliases, record_champion
+from agnews.settings import RegistrySettings, StorageSettings
 from agnews.storage import Storage, open_storage
 from agnews.tracking import USERNAME_VARIABLE
 from bundle.layout import (
@@ -50,10 +65,7 @@ from bundle.layout import (
     version_folder,
 )
 
-MANIFEST_METRICS = ("test_accuracy", "test_f1_macro", "onnx_int8_accuracy", "onnx_int8_agreement")
-# How @champion came to name a version: the gate, registry.version, registry.rollback, a move in the MLflow UI (or
-# its REST API), or a mirror that caught storage up with the registry.
-How = Literal["gate", "manual", "rollback", "ui", "reconcile"]
+MANIFEST_METRICS = (TEST_ACCURACY, TEST_F1_MACRO, ONNX_INT8_ACCURACY, ONNX_INT8_AGREEMENT)
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +83,13 @@ class Mirrored:
 
     def tags(self) -> dict[str, str]:
         tags = {
-            "mirror.version": str(self.version),
-            "mirror.pointer": self.pointer,
-            "mirror.changed": str(self.changed).lower(),
-            "mirror.folder": self.folder,
-            "mirror.how": self.how,
+            MIRROR_VERSION: str(self.version),
+            MIRROR_POINTER: self.pointer,
+            MIRROR_CHANGED: str(self.changed).lower(),
+            MIRROR_FOLDER: self.folder,
+            MIRROR_HOW: self.how,
         }
-        return tags | ({"mirror.recorded": self.recorded} if self.recorded else {})
+        return tags | ({MIRROR_RECORDED: self.recorded} if self.recorded else {})
 
 
 def stored_digest(storage: Storage, key: str) -> dict[str, str | int] | None:
@@ -148,27 +160,45 @@ def point_to(storage: Storage, key: str, name: str, version: int, manifest: byte
     return True
 
 
-def root_key(cfg: DictConfig) -> str:
+def root_key(registry: RegistrySettings, storage: StorageSettings) -> str:
     """The key of the model's root in storage: ``<storage.model_prefix>/<registry.model_name>``."""
-    return f"{cfg.storage.model_prefix}/{cfg.registry.model_name}"
+    return f"{storage.model_prefix}/{registry.model_name}"
 
 
-def model_root(cfg: DictConfig) -> str:
+def model_root(registry: RegistrySettings, storage: StorageSettings) -> str:
     """The URL of the folder that holds ``champion.json``: the Lambda's MODEL_URI."""
-    return open_storage(cfg.storage).url(root_key(cfg))
+    return open_storage(storage).url(root_key(registry, storage))
+
+
+@dataclass(frozen=True)
+class ModelStore:
+    """A registered model and its place in storage: the root ``<storage.model_prefix>/<registry.model_name>``."""
+
+    name: str
+    storage: Storage
+    root: str
+
+    @classmethod
+    def open(cls, registry: RegistrySettings, storage: StorageSettings) -> ModelStore:
+        return cls(registry.model_name, open_storage(storage), root_key(registry, storage))
+
+    @property
+    def pointer(self) -> str:
+        """The key of ``champion.json``."""
+        return f"{self.root}/{POINTER}"
 
 
 @contextlib.contextmanager
-def model_lease(cfg: DictConfig, storage: Storage, purpose: str) -> Iterator[tuple[Lease, MlflowClient]]:
-    """Hold the model's lease (``<root>/.lock`` in ``storage``) for the ``with`` block, with a client whose every
+def model_lease(model: ModelStore, settings: StorageSettings, purpose: str) -> Iterator[tuple[Lease, MlflowClient]]:
+    """Hold the model's lease (``<root>/.lock`` in its storage) for the ``with`` block, with a client whose every
     registry write first checks that the lease is still held (``registry.FencedClient``)."""
-    with held(storage, lock_key(root_key(cfg)), f"{purpose} {cfg.registry.model_name}", cfg.storage) as lease:
+    with held(model.storage, lock_key(model.root), f"{purpose} {model.name}", settings) as lease:
         yield lease, FencedClient(lease.check)
 
 
-def served_version(storage: Storage, cfg: DictConfig) -> int | None:
+def served_version(model: ModelStore) -> int | None:
     """The version that ``champion.json`` names; None when there is none."""
-    return read_pointer(storage, f"{root_key(cfg)}/{POINTER}").get("version")
+    return read_pointer(model.storage, model.pointer).get("version")
 
 
 def version_files(client: MlflowClient, version: ModelVersion) -> tuple[str, dict[str, bytes]]:
@@ -188,18 +218,15 @@ def history_entry(version: ModelVersion, manifest_doc: bytes, previous: dict, ho
         history.Served(**previous) if previous else None,
         how,
         who,
-        version.tags.get("gate", ""),
+        version.tags.get(GATE_TAG, ""),
     )
 
 
-def publish(
-    cfg: DictConfig, storage: Storage, lease: Lease, client: MlflowClient, how: How, recorded: str | None = None
-) -> Mirrored:
+def publish(model: ModelStore, lease: Lease, client: MlflowClient, how: How, recorded: str | None = None) -> Mirrored:
     """Copy @champion's bundle and manifest into its folder, verify them, then write the pointer and, when it moved,
     append the move to the promotion history; every write under ``lease``, checked first. ``how`` says how
     @champion moved; ``recorded`` what ``record_champion`` said, for the run's tags."""
-    name, root = cfg.registry.model_name, root_key(cfg)
-    pointer = f"{root}/{POINTER}"
+    storage, name, root = model.storage, model.name, model.root
     number = aliases(client, name).get(CHAMPION)
     if number is None:
         raise RegistryError(f"model '{name}' has no @{CHAMPION}: run the register step first")
@@ -210,25 +237,37 @@ def publish(
         lease.check()
         if put_verified(storage, f"{root}/{folder}/{file}", data):
             written.append(file)
-    previous = read_pointer(storage, pointer)
+    previous = read_pointer(storage, model.pointer)
     lease.check()
-    moved = point_to(storage, pointer, name, number, files[MANIFEST])
+    moved = point_to(storage, model.pointer, name, number, files[MANIFEST])
     if moved:
         lease.check()
         entry = history_entry(version, files[MANIFEST], previous, how)
         log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
-    return Mirrored(number, storage.url(pointer), bool(written) or moved, folder, recorded, how)
+    return Mirrored(number, storage.url(model.pointer), bool(written) or moved, folder, recorded, how)
 
 
-def reconcile(cfg: DictConfig, storage: Storage, lease: Lease, client: MlflowClient) -> Mirrored | None:
-    """Bring storage in line with the registry, as the first thing a register does: complete a move of @champion made
-    outside the pipeline (``record_champion``), then mirror @champion if ``champion.json`` names another version
-    (a move in the UI, or a promotion whose mirror was killed); None when storage already serves @champion."""
-    served = served_version(storage, cfg)
-    recorded = record_champion(client, cfg.registry.model_name, served)
-    champion = aliases(client, cfg.registry.model_name).get(CHAMPION)
+@dataclass(frozen=True)
+class Reconciliation:
+    """What a reconcile found: the registry's @champion, the version storage serves after it, and the mirror it
+    ran (None when storage already served @champion, or there is no @champion)."""
+
+    champion: int | None
+    served: int | None
+    mirrored: Mirrored | None
+
+
+def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, how: How | None = None) -> Reconciliation:
+    """Bring storage in line with the registry, as the first thing a register does and what the webhook receiver
+    does on each delivery and timer: complete a move of @champion made outside the pipeline (``record_champion``),
+    then mirror @champion if ``champion.json`` names another version (a move in the UI, or a promotion whose mirror
+    was killed). ``how`` says how @champion moved; None: ``ui`` when this call completed a move made outside the
+    pipeline, else ``reconcile``."""
+    served = served_version(model)
+    recorded = record_champion(client, model.name, served)
+    champion = aliases(client, model.name).get(CHAMPION)
     if champion is None or champion == served:
-        return None
+        return Reconciliation(champion, served, None)
     log.warning(
         "storage serves %s, but @%s is v%s: mirroring v%s first",
         f"v{served}" if served is not None else "nothing",
@@ -236,20 +275,22 @@ def reconcile(cfg: DictConfig, storage: Storage, lease: Lease, client: MlflowCli
         champion,
         champion,
     )
-    return publish(cfg, storage, lease, client, "ui" if recorded else "reconcile", recorded)
+    mirrored = publish(model, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
+    return Reconciliation(champion, mirrored.version, mirrored)
 
 
-def mirror(cfg: DictConfig, how: How | None = None) -> Mirrored:
+def mirror(registry: RegistrySettings, storage: StorageSettings, how: How | None = None) -> Mirrored:
     """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them, then write the
     pointer; under the model's lease, after completing a move of @champion made outside the pipeline. ``how`` says
-    how @champion moved: the webhook receiver passes ``ui`` for a delivery and ``reconcile`` for its timer; None:
-    ``ui`` when this call completed a move made outside the pipeline, else ``reconcile``."""
-    storage = open_storage(cfg.storage)
-    with model_lease(cfg, storage, "mirror") as (lease, client):
-        recorded = record_champion(client, cfg.registry.model_name, served_version(storage, cfg))
-        return publish(cfg, storage, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
+    how @champion moved; None: ``ui`` when this call completed a move made outside the pipeline, else
+    ``reconcile``."""
+    model = ModelStore.open(registry, storage)
+    with model_lease(model, storage, "mirror") as (lease, client):
+        recorded = record_champion(client, model.name, served_version(model))
+        return publish(model, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
 
 
-def promotion_history(cfg: DictConfig) -> list[history.Entry]:
+def promotion_history(registry: RegistrySettings, storage: StorageSettings) -> list[history.Entry]:
     """The model's promotion history in storage, newest first."""
-    return history.entries(open_storage(cfg.storage), root_key(cfg))
+    model = ModelStore.open(registry, storage)
+    return history.entries(model.storage, model.root)
