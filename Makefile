@@ -66,6 +66,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile lambda/Dockerfile
+	$(VENV)/bin/cfn-lint lambda/template.yaml
 	# the docs site (mkdocs.yml), into build/site/: a broken link or a page missing from the nav fails (not --quiet,
 	# which hides the warnings that --strict counts)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
@@ -87,7 +88,7 @@ LAMBDA_BUILD ?= build/lambda
 LAMBDA_ZIP ?= build/lambda.zip
 LAMBDA_LIMIT := 262144000
 LAMBDA_CODE := lambda/handler.py lambda/events.py lambda/model_store.py lambda/settings.py
-LAMBDA_BUNDLE := bundle/__init__.py bundle/layout.py bundle/predictor.py
+LAMBDA_BUNDLE := bundle/__init__.py bundle/capture.py bundle/layout.py bundle/predictor.py
 # What the wheels carry but the handler never imports or loads, left out of the zip (with every type stub; the tests
 # run the unpacked zip): onnxruntime's C API library (its Python module has the runtime linked in) and its model
 # tools, numpy's tests, f2py and PyInstaller hook.

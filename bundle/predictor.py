@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from bundle.layout import CONFIG_FILE, INPUTS, ONNX_FILE, OUTPUT, TOKENIZER_FILE, parse_config
 
@@ -25,6 +25,14 @@ MOST_CHARS_PER_TOKEN = 32
 # containers cap CPU time there while affinity still shows every core of the host.
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 SPINNING = "session.intra_op.allow_spinning"
+
+
+class Reading(NamedTuple):
+    """What the model read of one text: its tokens (special tokens left out), and whether that was less than the
+    whole text."""
+
+    tokens: int
+    cut: bool
 
 
 def cpu_quota(cpu_max: str | None) -> float | None:
@@ -89,7 +97,8 @@ class Predictor:
         self.session = ort.InferenceSession(
             str(bundle / ONNX_FILE), options or this_process_options(), providers=["CPUExecutionProvider"]
         )
-        self.read_tokens = config.max_length - self.tokenizer.num_special_tokens_to_add(False)  # of the text
+        self.special_tokens = self.tokenizer.num_special_tokens_to_add(False)
+        self.read_tokens = config.max_length - self.special_tokens  # of the text
         self.first_cut = config.max_length * FIRST_CUT_CHARS_PER_TOKEN
         self.most_chars = config.max_length * MOST_CHARS_PER_TOKEN
 
@@ -126,6 +135,10 @@ class Predictor:
         """The model's inputs for ``texts`` (already cut), ``batch_size`` texts at a time in order of length, each with
         the rows of ``texts`` it holds: so that each batch pads to texts of about its own length (on a CPU, padding
         costs far more than batching saves)."""
+        return [(rows, inputs) for rows, inputs, _ in self._encoded(texts)]
+
+    def _encoded(self, texts: list[str]) -> list[tuple[np.ndarray, dict[str, np.ndarray], list[Encoding]]]:
+        """``batches``, each with its encodings."""
         order = np.argsort([len(text) for text in texts], kind="stable")
         batches = []
         for start in range(0, len(texts), self.batch_size):
@@ -133,7 +146,7 @@ class Predictor:
             encoded = self.tokenizer.encode_batch([texts[i] for i in rows])
             ids = np.array([e.ids for e in encoded], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            batches.append((rows, dict(zip(INPUTS, (ids, mask), strict=True))))
+            batches.append((rows, dict(zip(INPUTS, (ids, mask), strict=True)), encoded))
         return batches
 
     def run(self, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> np.ndarray:
@@ -168,3 +181,15 @@ class Predictor:
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         """One ``{"predicted_class", "confidence", "probabilities"}`` per text."""
         return self.results(self.logits(texts))
+
+    def predict_read(self, texts: list[str]) -> tuple[list[dict[str, Any]], list[Reading]]:
+        """``predict``'s answers, and what the model read of each text."""
+        cut = [self.cut(text) for text in texts]
+        encoded = self._encoded(cut)
+        logits = self.run([(rows, inputs) for rows, inputs, _ in encoded])
+        readings: list[Reading] = [Reading(0, False)] * len(texts)
+        for rows, _, encodings in encoded:
+            for row, encoding in zip(rows, encodings, strict=True):
+                tokens = sum(encoding.attention_mask) - self.special_tokens
+                readings[row] = Reading(tokens, len(cut[row]) < len(texts[row]) or bool(encoding.overflowing))
+        return self.results(logits), readings

@@ -6,12 +6,18 @@ environment variables, see settings.py. Locally: ``python lambda/handler.py "som
 
 ``Service`` is the adapter: events in, responses out, over any ``Store``. ``lambda_handler`` is a ``Service`` over
 the container's ``ModelStore``, built from the environment on first use; until then this module imports the
-standard library, settings, events and Powertools only (no onnxruntime, numpy or tokenizers).
+standard library, settings and events only (no onnxruntime, numpy or tokenizers).
 
-Observability is Powertools for AWS Lambda's: one JSON log line per request (and per model load), with the request
-id and the model version, and CloudWatch metrics in the embedded metric format (EMF), printed to stdout, where
-Lambda sends them to CloudWatch Logs and CloudWatch extracts them: ``Latency``, ``Texts``, ``Predictions`` by
-``predicted_class``, ``4XXError``, ``5XXError`` and ``ModelSwaps``.
+Each request writes one JSON line on stdout, where Lambda sends it to CloudWatch Logs (``request_line``): the log
+fields (level, request id, status, the model that answered), its CloudWatch metrics in the embedded metric format
+(EMF), which CloudWatch extracts from the line (``Latency``, ``Texts``, ``4XXError``, ``5XXError``, ``ModelSwaps``,
+and ``Predictions`` by ``predicted_class``), and the capture records of the texts answered (bundle/capture.py), which
+the template's subscription filter sends on to the model bucket. EMF gives a document one value per dimension, so a
+batch whose texts fall into several classes adds one line of ``Predictions`` per further class. The line is written
+here, not by Powertools' Logger and Metrics: theirs were three lines a request (the log, the metrics, the
+predictions), with fields that a capture line repeats (location, timestamps, the request id twice), about 800 bytes
+before any record, where CloudWatch bills every byte ingested. Other logs (a model's load, errors) are JSON lines of
+``logging`` (``JsonFormatter``).
 """
 
 from __future__ import annotations
@@ -21,28 +27,53 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import random
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
-from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
-from events import BadRequest, http_event, http_method, parse_texts
+from events import BadRequest, HttpEvent, http_event, http_method, parse_texts
 from settings import LOGGER, NoModelError, Settings, SettingsError
 from snapshot_restore_py import register_after_restore, register_before_snapshot
+
+from bundle.capture import CAPTURES, entry
 
 if TYPE_CHECKING:
     from model_store import ModelStore
 
+    from bundle.predictor import Reading
+
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
-METRICS_NAMESPACE = "agnews"  # POWERTOOLS_METRICS_NAMESPACE overrides it
+SERVICE = LOGGER  # the metrics' "service" dimension
+LEVELS = {500: "ERROR", 503: "WARNING"}  # a request's log level by status; INFO otherwise
+_request = threading.local()  # the request id of the request a thread answers, for the other log lines
+
+
+def compact(doc: dict[str, Any]) -> str:
+    """``doc`` as one line of JSON, without spaces (CloudWatch bills every byte); what JSON cannot hold as a string."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON line: level, message, the request id of the request being answered, the record's
+    extra fields, and the exception's traceback as one string."""
+
+    BUILT_IN = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"level": record.levelname, "message": record.getMessage()}
+        doc["request_id"] = getattr(_request, "id", None)
+        doc |= {key: value for key, value in vars(record).items() if key not in self.BUILT_IN}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return compact(doc)
 
 
 class StdoutHandler(logging.StreamHandler):
@@ -58,25 +89,34 @@ class StdoutHandler(logging.StreamHandler):
         pass
 
 
-# model_store.py logs through the same logger (logging.getLogger(LOGGER)): its lines are JSON too, with the request's
-# keys (Service.handle).
-logger = Logger(service=LOGGER, logger_handler=StdoutHandler())
-metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or METRICS_NAMESPACE, service=LOGGER)
+# model_store.py logs through the same logger (logging.getLogger(LOGGER)).
+logger = logging.getLogger(LOGGER)
+if not logger.handlers:
+    _handler = StdoutHandler()
+    _handler.setFormatter(JsonFormatter())
+    logger.addHandler(_handler)
+    logger.setLevel(os.environ.get("LOG_LEVEL") or "INFO")
+    # In Lambda, the runtime's own handler on the root logger would write each record a second time, as text.
+    logger.propagate = not os.environ.get("AWS_LAMBDA_FUNCTION_NAME")
 
 
 class Classifier(Protocol):
-    """What the handler asks of a model: its labels, and one result dict per text."""
+    """What the handler asks of a model: its labels, and for each text its answer and what the model read."""
 
     @property
     def labels(self) -> list[str]: ...
-    def predict(self, texts: list[str]) -> list[dict[str, Any]]: ...
+    def predict_read(self, texts: list[str]) -> tuple[list[dict[str, Any]], list[Reading]]: ...
 
 
 class Model(Protocol):
-    """The model that answers a request."""
+    """The model that answers a request: champion.json's name and version, and the manifest it was checked against."""
 
     @property
+    def model_name(self) -> str: ...
+    @property
     def version(self) -> int: ...
+    @property
+    def manifest_sha256(self) -> str: ...
     @property
     def predictor(self) -> Classifier: ...
 
@@ -120,33 +160,78 @@ class ContainerStore:
 
 @dataclass
 class Outcome:
-    """What the log and the metrics say of one request, beyond its status."""
+    """What the request's line says of it, beyond its status."""
 
-    version: int | None = None  # the model that answered
+    model: Model | None = None  # the model that answered
     swapped: bool = False  # a different version from the one that answered the request before
     texts: int = 0
     predicted: Counter[str] = field(default_factory=Counter)
+    captures: list[dict[str, Any]] = field(default_factory=list)
     problem: str | None = None  # for the log: the 400's message, or the 503's details (never in its body)
 
 
-class Service:
-    """The handler over ``store``: answers every event with a response, and never raises. Each answer is logged (one
-    JSON line) and measured (EMF metrics), see the module's docstring."""
+def emf(namespace: str, timestamp_ms: int, dimension: str, metrics: dict[str, str]) -> dict[str, Any]:
+    """An EMF directive: ``metrics`` (name: unit) under the one dimension ``dimension``."""
+    directive: dict[str, Any] = {"Namespace": namespace, "Dimensions": [[dimension]]}
+    directive["Metrics"] = [{"Name": name, "Unit": unit} for name, unit in metrics.items()]
+    return {"Timestamp": timestamp_ms, "CloudWatchMetrics": [directive]}
 
-    def __init__(self, store: Store) -> None:
+
+def request_lines(
+    status: int, latency_ms: float, outcome: Outcome, request_id: str | None, namespace: str, timestamp_ms: int
+) -> list[str]:
+    """The request's line (see the module's docstring), and a ``Predictions`` line for each class after the first."""
+    line: dict[str, Any] = {"level": LEVELS.get(status, "INFO"), "request_id": request_id, "status": status}
+    if outcome.model is not None:
+        model = outcome.model
+        line |= {"model": model.model_name, "version": model.version, "manifest_sha256": model.manifest_sha256}
+    if outcome.problem is not None:
+        line["problem"] = outcome.problem
+    units = {"Latency": "Milliseconds", "Texts": "Count", "4XXError": "Count", "5XXError": "Count"}
+    if outcome.swapped:
+        units["ModelSwaps"] = "Count"
+    metadata = emf(namespace, timestamp_ms, "service", units)
+    values = {"Latency": round(latency_ms, 3), "Texts": outcome.texts}
+    values |= {"4XXError": int(400 <= status < 500), "5XXError": int(status >= 500)}
+    line |= {"service": SERVICE, **values} | ({"ModelSwaps": 1} if outcome.swapped else {})
+    classes = sorted(outcome.predicted.items())
+    if classes:
+        label, count = classes[0]
+        (predictions,) = emf(namespace, timestamp_ms, "predicted_class", {"Predictions": "Count"})["CloudWatchMetrics"]
+        metadata["CloudWatchMetrics"].append(predictions)
+        line |= {"predicted_class": label, "Predictions": count}
+    line["_aws"] = metadata
+    if outcome.captures:
+        line[CAPTURES] = outcome.captures
+    more = [
+        {"_aws": emf(namespace, timestamp_ms, "predicted_class", {"Predictions": "Count"})}
+        | {"predicted_class": label, "Predictions": count}
+        for label, count in classes[1:]
+    ]
+    return [compact(doc) for doc in (line, *more)]
+
+
+CaptureSink = Callable[[str, str], None]  # (model name, line): where lambda/local.py stores capture lines
+
+
+class Service:
+    """The handler over ``store``: answers every event with a response, and never raises. Each answer writes its
+    line (``request_lines``); a line with capture records also goes to ``capture_sink`` where one is set (locally;
+    in AWS the log group's subscription filter takes them from stdout)."""
+
+    def __init__(self, store: Store, capture_sink: CaptureSink | None = None) -> None:
         self.store = store
+        self.capture_sink = capture_sink
         self._served: int | None = None  # the version that answered last
-        self._metrics_lock = threading.Lock()  # Powertools' metric set is one per process; local.py uses threads
 
     def _model(self, outcome: Outcome) -> Model:
         model = self.store.get()
-        outcome.version = model.version
+        outcome.model = model
         outcome.swapped = self._served not in (None, model.version)
         self._served = model.version
-        logger.thread_safe_append_keys(model_version=model.version)
         return model
 
-    def _answer(self, event: object, http: BaseProxyEvent | None, outcome: Outcome) -> tuple[int, Any]:
+    def _answer(self, event: object, http: HttpEvent | None, outcome: Outcome) -> tuple[int, Any]:
         """Status code and body for one event."""
         try:
             settings = self.store.settings  # a configuration error comes first, whatever the event
@@ -159,10 +244,11 @@ class Service:
                 return 405, {"error": error}
             texts, single = parse_texts(event, http, settings)
             model = self._model(outcome)
-            predictions = model.predictor.predict(texts)
+            predictions, readings = model.predictor.predict_read(texts)
             outcome.texts = len(texts)
             outcome.predicted.update(prediction["predicted_class"] for prediction in predictions)
             results = [prediction | {"model_version": model.version} for prediction in predictions]
+            self._capture(texts, predictions, readings, settings, outcome)
             return 200, results[0] if single else results
         except BadRequest as exc:
             outcome.problem = str(exc)
@@ -174,15 +260,30 @@ class Service:
             outcome.problem = str(exc)
             return 500, {"error": f"configuration error: {exc}"}
 
+    @staticmethod
+    def _capture(
+        texts: list[str],
+        predictions: list[dict[str, Any]],
+        readings: list[Reading],
+        settings: Settings,
+        outcome: Outcome,
+    ) -> None:
+        """The capture records of a random share (``CAPTURE_RATE``) of the texts; a failure leaves the answers as
+        they are and logs one line."""
+        try:
+            outcome.captures = [
+                entry(prediction, reading.tokens, reading.cut, text, settings.capture_text)
+                for text, prediction, reading in zip(texts, predictions, readings, strict=True)
+                if settings.capture_rate >= 1 or random.random() < settings.capture_rate
+            ]
+        except Exception as exc:  # a record is never worth an answer
+            logger.error("capture failed: %s: %s", type(exc).__name__, exc)
+
     def handle(self, event: Any, context: Any) -> dict[str, Any]:
         """The response to one Lambda event: a proxy response for an HTTP event, else statusCode and body."""
         started = time.perf_counter()
-        # Keys of this thread only (thread_safe_*), not Logger.inject_lambda_context's process-wide ones: local.py
-        # answers on several threads at once.
-        logger.thread_safe_clear_keys()
         request_id = getattr(context, "aws_request_id", None)
-        if request_id is not None:
-            logger.thread_safe_append_keys(function_request_id=request_id)
+        _request.id = request_id
         http = http_event(event)
         outcome = Outcome()
         try:
@@ -190,44 +291,26 @@ class Service:
         except Exception:  # the last guard: a bug must still give a response, not a crashed invocation
             logger.exception("unexpected error")
             status, body = 500, {"error": "internal error"}
-        self._record(status, (time.perf_counter() - started) * 1000, outcome, request_id)
+        self.write(status, (time.perf_counter() - started) * 1000, outcome, request_id)
+        _request.id = None
         if http is None:
             return {"statusCode": status, "body": body}
         headers = JSON_HEADERS | ({"Allow": ", ".join(ALLOWED_METHODS)} if status == 405 else {})
         return {"statusCode": status, "headers": headers, "body": json.dumps(body), "isBase64Encoded": False}
 
-    def _record(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
-        """The request's log line, and its metrics."""
-        self.log_line(status, latency_ms, outcome)
-        self.measure(status, latency_ms, outcome, request_id)
-
-    def log_line(self, status: int, latency_ms: float, outcome: Outcome) -> None:
-        """The request's JSON log line."""
-        fields: dict[str, Any] = {"status": status, "texts": outcome.texts, "latency_ms": round(latency_ms, 3)}
-        if outcome.problem is not None:
-            fields["problem"] = outcome.problem
-        write = logger.error if status == 500 else logger.warning if status == 503 else logger.info
-        write("answered", extra=fields)
-
-    def measure(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
-        """The request's metrics, printed in EMF."""
-        with self._metrics_lock:
-            metrics.add_metric(name="Latency", unit=MetricUnit.Milliseconds, value=latency_ms)
-            metrics.add_metric(name="Texts", unit=MetricUnit.Count, value=outcome.texts)
-            metrics.add_metric(name="4XXError", unit=MetricUnit.Count, value=int(400 <= status < 500))
-            metrics.add_metric(name="5XXError", unit=MetricUnit.Count, value=int(status >= 500))
-            if outcome.swapped:
-                metrics.add_metric(name="ModelSwaps", unit=MetricUnit.Count, value=1)
-            if request_id is not None:
-                metrics.add_metadata(key="function_request_id", value=request_id)
-            if outcome.version is not None:
-                metrics.add_metadata(key="model_version", value=outcome.version)
-            metrics.flush_metrics()
-            for label, count in sorted(outcome.predicted.items()):
-                with single_metric(
-                    name="Predictions", unit=MetricUnit.Count, value=count, namespace=metrics.namespace
-                ) as metric:
-                    metric.add_dimension(name="predicted_class", value=label)
+    def write(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
+        """The request's line on stdout, and to the capture sink where it holds records."""
+        try:
+            namespace = self.store.settings.metrics_namespace
+        except SettingsError:
+            namespace = Settings.from_env({}).metrics_namespace
+        lines = request_lines(status, latency_ms, outcome, request_id, namespace, math.floor(time.time() * 1000))
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        if outcome.captures and outcome.model is not None and self.capture_sink is not None:
+            try:
+                self.capture_sink(outcome.model.model_name, lines[0])
+            except Exception as exc:  # locally, a store that can't be written never fails an answer
+                logger.error("capture not written: %s: %s", type(exc).__name__, exc)
 
 
 service = Service(ContainerStore())

@@ -157,9 +157,10 @@ def _fetch(source: Source, key: str, target: Path, expected: str) -> None:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A verified bundle, ready to answer: the version and the digest of the manifest it was verified against, and
-    the seconds its load took, phase by phase (``load_version``)."""
+    """A verified bundle, ready to answer: champion.json's model name and version, the digest of the manifest it was
+    verified against, and the seconds its load took, phase by phase (``load_version``)."""
 
+    model_name: str
     version: int
     manifest_sha256: str
     predictor: Predictor
@@ -196,7 +197,7 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
         raise NoModelError(UNLOADABLE, f"version {pointer.version} in {folder}: {type(exc).__name__}: {exc}") from exc
     marks = (began, manifest_read, fetched, created, time.perf_counter())
     load_s = {name: end - start for name, (start, end) in zip(LOAD_PHASES, itertools.pairwise(marks), strict=True)}
-    return LoadedModel(pointer.version, pointer.manifest_sha256, predictor, folder, load_s)
+    return LoadedModel(pointer.model_name, pointer.version, pointer.manifest_sha256, predictor, folder, load_s)
 
 
 class ModelStore:

@@ -20,8 +20,12 @@ It has no Hydra: environment variables are its config, with every default here.
   per version and manifest digest in it: ``/tmp/models/<key>/<version>-<manifest sha256[:12]>/``. Two checkouts or
   two functions on one machine never share one.
 
-Logs and metrics (handler.py) take Powertools' own variables: ``POWERTOOLS_LOG_LEVEL`` (INFO),
-``POWERTOOLS_METRICS_NAMESPACE`` (agnews), ``POWERTOOLS_METRICS_DISABLED``.
+- ``CAPTURE_RATE`` (1.0): the share of texts answered whose capture record the request's line carries, drawn at
+  random per text (bundle/capture.py); 0 keeps none.
+- ``CAPTURE_TEXT`` (false): ``true`` puts each captured text itself in its record; otherwise a record holds the
+  text's sha256 and never the text.
+- ``METRICS_NAMESPACE`` (agnews): the CloudWatch namespace of the metrics. ``LOG_LEVEL`` (INFO): of the other log
+  lines (a model's load, errors); the request's own line is always written.
 
 Standard library only, so that the handler's event parsing runs without the model's dependencies.
 """
@@ -41,7 +45,11 @@ DEFAULTS = {
     "MAX_TEXT_CHARS": "200000",
     "MAX_BATCH": "64",
     "MODEL_CACHE_DIR": "/tmp/models",
+    "CAPTURE_RATE": "1.0",
+    "CAPTURE_TEXT": "false",
+    "METRICS_NAMESPACE": "agnews",
 }
+BOOLEANS = {"true": True, "false": False}
 NO_MODEL = (
     "no model configured: set MODEL_URI, or S3_BUCKET and MODEL_PREFIX "
     "(<storage.model_prefix>/<registry.model_name>, e.g. models/distilbert-agnews)"
@@ -81,6 +89,13 @@ def _number(env: Mapping[str, str], name: str, kind: type[Number], minimum: floa
     return value
 
 
+def _rate(env: Mapping[str, str], name: str) -> float:
+    rate = _number(env, name, float, 0)
+    if not rate <= 1:  # NaN too
+        raise SettingsError(f"{name}={env.get(name)!r} must be between 0 and 1")
+    return rate
+
+
 def canonical_uri(model_uri: str) -> str:
     """The store that ``model_uri`` names, one spelling per store: ``s3://bucket/prefix`` without a trailing slash,
     or an absolute, resolved local path."""
@@ -92,6 +107,13 @@ def canonical_uri(model_uri: str) -> str:
 def cache_key(model_uri: str) -> str:
     """The name of the store's folder in the download cache."""
     return hashlib.sha256(canonical_uri(model_uri).encode()).hexdigest()[:CACHE_KEY_DIGITS]
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name) or DEFAULTS[name]
+    if raw.lower() not in BOOLEANS:
+        raise SettingsError(f"{name}={raw!r} must be true or false")
+    return BOOLEANS[raw.lower()]
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,9 @@ class Settings:
     max_text_chars: int
     max_batch: int
     cache_root: Path
+    capture_rate: float
+    capture_text: bool
+    metrics_namespace: str
 
     @property
     def cache_dir(self) -> Path:
@@ -126,4 +151,7 @@ class Settings:
             max_text_chars=_number(env, "MAX_TEXT_CHARS", int, 1),
             max_batch=_number(env, "MAX_BATCH", int, 1),
             cache_root=Path(env.get("MODEL_CACHE_DIR") or DEFAULTS["MODEL_CACHE_DIR"]),
+            capture_rate=_rate(env, "CAPTURE_RATE"),
+            capture_text=_flag(env, "CAPTURE_TEXT"),
+            metrics_namespace=env.get("METRICS_NAMESPACE") or DEFAULTS["METRICS_NAMESPACE"],
         )

@@ -13,7 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -146,11 +149,48 @@ LAMBDA_ENV = (
     "MAX_BATCH",
     "MODEL_CACHE_DIR",
     "AWS_LAMBDA_FUNCTION_NAME",
-    "POWERTOOLS_LOG_LEVEL",
-    "POWERTOOLS_METRICS_NAMESPACE",
-    "POWERTOOLS_METRICS_DISABLED",
-    "POWERTOOLS_DEV",
+    "CAPTURE_RATE",
+    "CAPTURE_TEXT",
+    "METRICS_NAMESPACE",
+    "LOG_LEVEL",
 )
+
+
+def lambda_process(mirror_root: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for a separate handler process."""
+    env = {name: value for name, value in os.environ.items() if name not in LAMBDA_ENV}
+    return env | {"MODEL_URI": str(mirror_root), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+
+
+class LocalServer:
+    """lambda/local.py in a process of its own, on a free port; its stdout (logs and metrics) is read as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(LAMBDA_DIR / "local.py"), "--port", "0", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.url = json.loads(self.process.stdout.readline())["listening"]
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def request(self, method: str = "POST", data: bytes | None = None) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url, data=data, method=method), timeout=60) as ok:
+                assert ok.headers["Content-Type"] == "application/json"
+                return ok.status, json.load(ok)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc) if exc.headers["Content-Type"] == "application/json" else {}
+
+    def stop(self) -> list[str]:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.reader.join(timeout=10)
+        return self.lines
 
 
 def cache_folder(cache_root: Path, model_uri: str | Path, layout_root: Path, version: int) -> Path:
@@ -286,16 +326,29 @@ def upload_tree(root: Path, endpoint: str, bucket: str, prefix: str) -> None:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
 
 
-# ---- The README's command sequences, run as written ----
+# ---- The command sequences of the README and docs/, run as written ----
 
 README = PROJECT_ROOT / "README.md"
+# The README and the reference pages: where a `<!-- sequence: NAME -->` line may mark the bash block after it.
+DOCUMENTS = (README, *sorted((PROJECT_ROOT / "docs").glob("*.md")))
+SEQUENCE = re.compile(r"<!-- sequence: ([\w-]+) -->\n```bash\n(.*?)```", re.DOTALL)
+
+
+def sequences() -> dict[str, tuple[Path, str]]:
+    """Every marked block by its name: the document that holds it, and the block. A name used twice fails."""
+    found: dict[str, tuple[Path, str]] = {}
+    for document in DOCUMENTS:
+        for name, block in SEQUENCE.findall(document.read_text()):
+            assert name not in found, f"sequence {name!r} is marked in {found[name][0].name} and in {document.name}"
+            found[name] = (document, block)
+    return found
 
 
 def readme_sequence(name: str) -> str:
-    """The bash block that follows ``<!-- sequence: name -->`` in the README."""
-    found = re.search(rf"<!-- sequence: {re.escape(name)} -->\n```bash\n(.*?)```", README.read_text(), re.DOTALL)
-    assert found, f"no sequence {name!r} in README.md"
-    return found.group(1)
+    """The bash block that follows ``<!-- sequence: name -->`` in the README or a page of docs/."""
+    found = sequences().get(name)
+    assert found, f"no sequence {name!r} in README.md or docs/"
+    return found[1]
 
 
 def checkout(tmp_path: Path) -> Path:
@@ -337,7 +390,8 @@ class Sequence:
 @contextlib.contextmanager
 def run_as_written(block: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Sequence]:
     """``block`` in bash, stopping at the first failing command, in ``env`` (default: this environment less
-    UNSET_FOR_SEQUENCES). Yields once bash has exited; what the block left running is stopped afterwards."""
+    UNSET_FOR_SEQUENCES). Yields once bash has exited; what the block left running is stopped afterwards, and waited
+    for (an `mlflow server` takes seconds to stop its workers), so that its ports are free again."""
     if env is None:
         env = {key: value for key, value in os.environ.items() if key not in UNSET_FOR_SEQUENCES}
     log = cwd.parent / "sequence.log"
@@ -354,8 +408,18 @@ def run_as_written(block: str, cwd: Path, env: dict[str, str] | None = None) -> 
         bash.wait(timeout=900)
         yield Sequence(bash.returncode, log)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(bash.pid, signal.SIGTERM)
+        stop_group(bash.pid)
+
+
+def stop_group(group: int, within_s: float = 60) -> None:
+    """SIGTERM to process group ``group``, then SIGKILL to what is left of it after ``within_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)  # ProcessLookupError once every member has exited
+            time.sleep(0.5)
+        os.killpg(group, signal.SIGKILL)
 
 
 # ---- Compose's .env, as `cp .env.example .env` and an editor leave it ----

@@ -5,6 +5,7 @@ metrics, the command line and the local server."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -13,8 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,9 +22,20 @@ import numpy as np
 import pytest
 
 from agnews.config import PROJECT_ROOT
+from bundle.capture import parse_line
 from bundle.layout import INPUTS, OUTPUT
-from bundle.predictor import Predictor
-from tests.helpers import LABELS, LAMBDA_DIR, LAMBDA_ENV, SEED_TEXT, cache_folder, mirror_version
+from bundle.predictor import Predictor, Reading
+from tests.helpers import (
+    LABELS,
+    LAMBDA_DIR,
+    MODEL_NAME,
+    SEED_TEXT,
+    LocalServer,
+    cache_folder,
+    lambda_process,
+    mirror_version,
+    stored_folder,
+)
 
 PREDICTION_KEYS = {"predicted_class", "confidence", "probabilities", "model_version"}
 
@@ -78,6 +88,7 @@ def check_prediction(body: dict, version: int = 1) -> None:
 
 # The event tests: the adapter over a fake store, whose answer depends on the text alone. No bundle, no onnxruntime.
 FAKE_VERSION = 7
+FAKE_MANIFEST = "f" * 64
 
 
 class FakePredictor:
@@ -88,9 +99,9 @@ class FakePredictor:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
 
-    def predict(self, texts: list[str]) -> list[dict]:
+    def predict_read(self, texts: list[str]) -> tuple[list[dict], list[Reading]]:
         self.asked.append(texts)
-        return [fake_result(text) for text in texts]
+        return [fake_result(text) for text in texts], [Reading(len(text.split()), False) for text in texts]
 
 
 def fake_result(text: str) -> dict:
@@ -110,7 +121,9 @@ class FakeStore:
     def get(self) -> SimpleNamespace:
         if self.problem is not None:
             raise self.problem
-        return SimpleNamespace(version=FAKE_VERSION, predictor=self.predictor)
+        return SimpleNamespace(
+            model_name=MODEL_NAME, version=FAKE_VERSION, manifest_sha256=FAKE_MANIFEST, predictor=self.predictor
+        )
 
 
 @pytest.fixture
@@ -416,68 +429,80 @@ def test_the_work_on_any_text_is_bounded_by_what_the_model_reads(predictor: Pred
     assert predictor.most_chars == 32 * 128  # MOST_CHARS_PER_TOKEN times the tiny bundle's max_length
 
 
-# Logs and metrics: JSON lines and EMF, on stdout, where Lambda sends them to CloudWatch.
+# The request's line: its log fields, EMF metrics and capture records in one JSON line on stdout, where Lambda sends
+# it to CloudWatch Logs; other log lines (a load, errors) are JSON too.
 def printed(out: str) -> tuple[list[dict], list[dict]]:
-    """The JSON log lines and the EMF blobs among the lines the handler printed."""
+    """The other JSON log lines, and the lines with EMF metrics (the requests' and their further predictions')."""
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return [line for line in lines if "_aws" not in line], [line for line in lines if "_aws" in line]
 
 
 def metrics_of(blobs: list[dict]) -> dict[str, float]:
-    """Each metric's total over ``blobs``, by name (``Predictions`` by predicted class)."""
+    """Each metric's total over ``blobs``, by name (``Predictions`` by predicted class), each directive with the one
+    dimension its metrics have had since they were first extracted."""
     totals: dict[str, float] = {}
     for blob in blobs:
-        (directive,) = blob["_aws"]["CloudWatchMetrics"]
-        assert directive["Namespace"] == "agnews"
-        for metric in directive["Metrics"]:
-            name = metric["Name"]
-            key = f"{name}:{blob['predicted_class']}" if name == "Predictions" else name
-            values = blob[name] if isinstance(blob[name], list) else [blob[name]]
-            totals[key] = totals.get(key, 0) + sum(values)
+        for directive in blob["_aws"]["CloudWatchMetrics"]:
+            assert directive["Namespace"] == "agnews"
+            for metric in directive["Metrics"]:
+                name = metric["Name"]
+                dimension = "predicted_class" if name == "Predictions" else "service"
+                assert directive["Dimensions"] == [[dimension]]
+                assert metric["Unit"] == ("Milliseconds" if name == "Latency" else "Count")
+                key = f"{name}:{blob['predicted_class']}" if name == "Predictions" else name
+                totals[key] = totals.get(key, 0) + blob[name]
     return totals
 
 
-def test_each_request_logs_json_with_its_request_id_and_model_version_and_prints_emf_metrics(
+def test_each_request_writes_one_line_with_its_log_fields_metrics_and_captures(
     serve, mirror_root: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     invoke = serve(mirror_root, MODEL_REFRESH_SECONDS="0")
 
-    def handle(event: object, request_id: str) -> tuple[dict, list[dict], dict[str, float]]:
+    def handle(event: object, request_id: str) -> tuple[dict, dict, list[dict], dict[str, float]]:
         capsys.readouterr()
         response = invoke(event, SimpleNamespace(aws_request_id=request_id))
         logs, blobs = printed(capsys.readouterr().out)
-        assert all(log["function_request_id"] == request_id for log in logs)
-        for blob in blobs[:1]:  # the request's blob; the predictions' follow it
-            assert blob["function_request_id"] == request_id
-        (answered,) = [log for log in logs if log["message"] == "answered"]
-        return response, [answered, *logs], metrics_of(blobs)
+        assert all(log["request_id"] == request_id for log in logs)
+        line, *more = blobs
+        assert line["request_id"] == request_id
+        assert all(set(blob) == {"_aws", "predicted_class", "Predictions"} for blob in more)
+        return response, line, logs, metrics_of(blobs)
 
     texts = [SEED_TEXT, "The Lakers beat the Celtics in overtime", "Oil prices rose"]
-    response, (answered, *logs), metrics = handle(v2_event(json.dumps({"texts": texts})), "req-1")
+    response, line, logs, metrics = handle(v2_event(json.dumps({"texts": texts})), "req-1")
     assert response["statusCode"] == 200
-    assert (answered["status"], answered["texts"], answered["model_version"]) == (200, 3, 1)
-    assert answered["service"] == "agnews"
+    manifest = hashlib.sha256((stored_folder(mirror_root, 1) / "manifest.json").read_bytes()).hexdigest()
+    assert (line["level"], line["status"], line["service"]) == ("INFO", 200, "agnews")
+    assert (line["model"], line["version"], line["manifest_sha256"]) == (MODEL_NAME, 1, manifest)
     assert any(log["message"].startswith("serving version 1") for log in logs)  # the load, in this request
-    predicted = [body["predicted_class"] for body in json.loads(response["body"])]
+    answers = json.loads(response["body"])
+    predicted = [body["predicted_class"] for body in answers]
     assert metrics == {
-        "Latency": pytest.approx(answered["latency_ms"], abs=0.01),
+        "Latency": line["Latency"],
         "Texts": 3,
         "4XXError": 0,
         "5XXError": 0,
         **{f"Predictions:{label}": predicted.count(label) for label in set(predicted)},
     }
+    records = parse_line(json.dumps(line))
+    assert [record.predicted_class for record in records] == predicted
+    assert [record.text_sha256 for record in records] == [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    assert {record.request_id for record in records} == {"req-1"}
+    assert all(record.text is None for record in records)
 
-    response, (answered, *_), metrics = handle({"text": ""}, "req-2")
+    response, line, _, metrics = handle({"text": ""}, "req-2")
     assert response["statusCode"] == 400
-    assert (answered["status"], answered["problem"]) == (400, '"text" is empty')
-    assert "model_version" not in answered  # no model answered, and req-1's keys are gone
+    assert (line["status"], line["problem"]) == (400, '"text" is empty')
+    assert "version" not in line  # no model answered
+    assert "captures" not in line
     assert (metrics["4XXError"], metrics["5XXError"], metrics["Texts"]) == (1, 0, 0)
 
     mirror_version(tiny_bundle, mirror_root, 2)  # a promotion: the next request swaps
-    response, (answered, *_), metrics = handle({"text": SEED_TEXT}, "req-3")
-    assert (response["body"]["model_version"], answered["model_version"]) == (2, 2)
+    response, line, _, metrics = handle({"text": SEED_TEXT}, "req-3")
+    assert (response["body"]["model_version"], line["version"]) == (2, 2)
     assert metrics["ModelSwaps"] == 1
-    response, _, metrics = handle({"text": SEED_TEXT}, "req-4")
+    response, _, _, metrics = handle({"text": SEED_TEXT}, "req-4")
     assert "ModelSwaps" not in metrics
 
 
@@ -487,7 +512,8 @@ def test_a_503_counts_as_a_5xx_error(lambda_module, capsys: pytest.CaptureFixtur
     response = lambda_module.Service(store).handle({"text": SEED_TEXT}, SimpleNamespace(aws_request_id="r"))
     assert response == {"statusCode": 503, "body": {"error": "no model available: gone"}}
     logs, blobs = printed(capsys.readouterr().out)
-    assert [(log["level"], log["problem"]) for log in logs] == [("WARNING", "s3://secret/champion")]
+    assert logs == []
+    assert [(line["level"], line["problem"]) for line in blobs] == [("WARNING", "s3://secret/champion")]
     assert metrics_of(blobs) | {"Latency": 0} == {"Latency": 0, "Texts": 0, "4XXError": 0, "5XXError": 1}
 
 
@@ -500,12 +526,14 @@ from settings import Settings
 
 class Predictor:
     labels = ["World", "Sports"]
-    def predict(self, texts):
-        return [{"predicted_class": "World", "confidence": 0.9, "probabilities": {"World": 0.9, "Sports": 0.1}}
-                for _ in texts]
+    def predict_read(self, texts):
+        answer = {"predicted_class": "World", "confidence": 0.9, "probabilities": {"World": 0.9, "Sports": 0.1}}
+        return [answer for _ in texts], [(3, False) for _ in texts]
 
 class Model:
+    model_name = "m"
     version = 3
+    manifest_sha256 = "0" * 64
     predictor = Predictor()
 
 class Store:
@@ -516,15 +544,14 @@ class Store:
 service = handler.Service(Store())
 events = [{"text": "x"}, {"texts": ["x", "y"]}, {"text": ""}, {"httpMethod": "GET"}, {"httpMethod": "PUT"}]
 answers = [service.handle(event, None) for event in events]
-heavy = {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "bundle", "model_store", "boto3"}
+heavy = {"torch", "transformers", "onnxruntime", "numpy", "tokenizers", "model_store", "boto3", "aws_lambda_powertools"}
 loaded = {m.split(".")[0] for m in sys.modules}
-powertools = "aws_lambda_powertools" in loaded
-print(json.dumps({"answers": answers, "loaded": sorted(loaded & heavy), "powertools": powertools}))
+print(json.dumps({"answers": answers, "loaded": sorted(loaded & heavy)}))
 """
 
 
 def test_event_handling_needs_no_model_dependencies() -> None:
-    """The standard library and Powertools only: no torch, and not even onnxruntime, numpy or tokenizers."""
+    """The standard library only: no torch, not even onnxruntime, numpy or tokenizers, and no Powertools."""
     env = {name: value for name, value in os.environ.items() if name != "AWS_LAMBDA_FUNCTION_NAME"}
     done = subprocess.run(
         [sys.executable, "-I", "-c", TORCH_FREE_PROBE, str(LAMBDA_DIR), str(PROJECT_ROOT)],
@@ -537,13 +564,13 @@ def test_event_handling_needs_no_model_dependencies() -> None:
     assert [answer["statusCode"] for answer in probe["answers"]] == [200, 200, 400, 200, 405]
     assert probe["answers"][0]["body"]["model_version"] == 3
     assert probe["loaded"] == []
-    assert probe["powertools"]
 
 
 def test_no_model_gives_503_with_a_short_reason_and_logs_the_details(
-    serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    serve, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     invoke = serve(tmp_path / "nothing-here")
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="agnews"):
         response = invoke(v2_event(json.dumps({"text": SEED_TEXT})))
     assert response["statusCode"] == 503
@@ -552,8 +579,8 @@ def test_no_model_gives_503_with_a_short_reason_and_logs_the_details(
     assert str(tmp_path) not in response["body"]
     details = f"cannot read {tmp_path / 'nothing-here' / 'champion.json'}: No such file or directory"
     assert f"no model to serve: {details}" in caplog.messages  # the store's attempt
-    (answered,) = [record for record in caplog.records if record.getMessage() == "answered"]
-    assert (answered.levelname, answered.status, answered.problem) == ("WARNING", 503, details)
+    _, (line,) = printed(capsys.readouterr().out)
+    assert (line["level"], line["status"], line["problem"]) == ("WARNING", 503, details)
     assert invoke({"text": ""})["statusCode"] == 400  # input is still checked first
 
 
@@ -596,12 +623,6 @@ def test_bad_settings_give_500_naming_the_variable(
     # a configuration error comes first, whatever the event
     response = lambda_module.lambda_handler(v2_event(None, method="DELETE"), None)
     assert (response["statusCode"], json.loads(response["body"])) == (500, expected)
-
-
-def lambda_process(mirror_root: Path, tmp_path: Path) -> dict[str, str]:
-    """Environment for a separate handler process."""
-    env = {name: value for name, value in os.environ.items() if name not in LAMBDA_ENV}
-    return env | {"MODEL_URI": str(mirror_root), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
 
 
 def last_line(stdout: str) -> object:
@@ -652,37 +673,6 @@ def test_command_line_without_a_model_exits_1(tmp_path: Path) -> None:
     assert f"cannot read {tmp_path / 'none' / 'champion.json'}" in done.stderr.decode()
 
 
-class LocalServer:
-    """lambda/local.py in a process of its own, on a free port; its stdout (logs and metrics) is read as it comes."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(LAMBDA_DIR / "local.py"), "--port", "0", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.url = json.loads(self.process.stdout.readline())["listening"]
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
-        self.reader.start()
-
-    def request(self, method: str = "POST", data: bytes | None = None) -> tuple[int, dict]:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(self.url, data=data, method=method), timeout=60) as ok:
-                assert ok.headers["Content-Type"] == "application/json"
-                return ok.status, json.load(ok)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.load(exc) if exc.headers["Content-Type"] == "application/json" else {}
-
-    def stop(self) -> list[str]:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        self.reader.join(timeout=10)
-        return self.lines
-
-
 @pytest.fixture
 def local_server(mirror_root: Path, tmp_path: Path):
     server = LocalServer(lambda_process(mirror_root, tmp_path))
@@ -699,9 +689,9 @@ def test_local_server_answers_real_http(local_server: LocalServer) -> None:
         assert status == expected
         assert "error" in body if expected != 200 else body["model_version"] == 1
     # each request is logged with a request id of its own, as in Lambda
-    logs = [json.loads(line) for line in local_server.stop() if '"message":"answered"' in line]
+    logs = [json.loads(line) for line in local_server.stop() if '"status":' in line]
     assert [log["status"] for log in logs] == [200, 400, 405, 200]
-    assert len({log["function_request_id"] for log in logs}) == 4
+    assert len({log["request_id"] for log in logs}) == 4
 
 
 def listen_backlog(port: int) -> int:

@@ -26,6 +26,7 @@ CODE = {
     "lambda/model_store.py": "model_store.py",
     "lambda/settings.py": "settings.py",
     "bundle/__init__.py": "bundle/__init__.py",
+    "bundle/capture.py": "bundle/capture.py",
     "bundle/layout.py": "bundle/layout.py",
     "bundle/predictor.py": "bundle/predictor.py",
 }
@@ -42,18 +43,13 @@ def pins(path: Path) -> dict[str, str]:
 
 def test_requirements_pin_the_runtime_wheels_and_the_project_tokenizer() -> None:
     lambda_pins = pins(LAMBDA_DIR / "requirements.txt")
-    powertools = {"aws-lambda-powertools", "jmespath", "typing_extensions"}  # Powertools and what it imports
-    assert set(lambda_pins) == {"numpy", "onnxruntime", "snapshot-restore-py", "tokenizers"} | powertools
+    assert set(lambda_pins) == {"numpy", "onnxruntime", "snapshot-restore-py", "tokenizers"}
     # tokenizer.json is written by the project's tokenizers, and the bundle by its onnxruntime: the Lambda reads
     # them with the same releases
     project = pins(PROJECT_ROOT / "requirements.txt")
     for name in ("tokenizers", "onnxruntime"):
         assert lambda_pins[name] == project[name] == version(name)
-    # the handler runs here (tests, lambda/local.py) with the Powertools it ships
     dev = pins(PROJECT_ROOT / "requirements-dev.txt")
-    assert lambda_pins["aws-lambda-powertools"] == dev["aws-lambda-powertools"] == version("aws-lambda-powertools")
-    for name in powertools:
-        assert lambda_pins[name] == version(name)
     # the SnapStart hooks' registry, the same release here as in the zip
     assert lambda_pins["snapshot-restore-py"] == dev["snapshot-restore-py"] == version("snapshot-restore-py")
 
@@ -163,7 +159,7 @@ def test_lambda_zip_fits_and_targets_the_runtime(lambda_package: LambdaPackage) 
     assert f"{unzipped / 2**20:.1f} MiB unzipped (AWS limit 250 MiB)" in lambda_package.make_output
     assert shipped == {source: (PROJECT_ROOT / source).read_bytes() for source in CODE}
     top_level = {name for name in names if name.endswith(".py") and "/" not in name}
-    assert top_level - set(CODE.values()) == {"typing_extensions.py", "snapshot_restore_py.py"}  # wheels' modules
+    assert top_level - set(CODE.values()) == {"snapshot_restore_py.py"}  # the wheel's module
     # bytecode for the runtime's Python, valid whatever mtimes the unzip gives (PEP 552 flags: hash-based, unchecked)
     tag = f"cpython-{target.replace('.', '')}"
     pycs = {name for name in names if name.endswith(".pyc")}

@@ -1,0 +1,167 @@
+"""The capture record: what the Lambda keeps of each answer, and how a reader parses it back.
+
+The Lambda writes one JSON line per request on stdout (lambda/handler.py): its log fields, its CloudWatch metrics in
+the embedded metric format (``_aws``) and, under ``captures``, one entry per text answered (a random share of them,
+``CAPTURE_RATE``). The fields that every text of a request shares are written once, at the top of the line, and
+shared with the log and the metrics; so a capture record is the line's request fields joined with one entry:
+
+- time: ``_aws.Timestamp``, milliseconds since the epoch, the metrics' own timestamp;
+- ``request_id``: the Lambda request id (null where there is none, as on the command line);
+- ``model``, ``version``, ``manifest_sha256``: the model that answered (``champion.json``'s name, version and the
+  sha256 of the manifest it was verified against);
+- ``Latency``: milliseconds of the whole request (the metric);
+- per entry: ``class`` (the predicted class), ``probabilities`` (label: probability, rounded to ``DECIMALS``; the
+  confidence is the predicted class's), ``tokens`` (the text's tokens that the model read), ``cut`` (whether the
+  model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, so that labels given later can
+  be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
+
+Lines without ``captures`` (errors, GET, a rate that kept none) are log lines only, and never reach the capture
+store. The store holds the lines as Amazon Data Firehose delivers them: ``captures/<model>/YYYY/MM/DD/HH/<object>``
+(UTC), each object JSON lines; ``lambda/local.py`` writes the same layout. ``parse_line`` reads one line strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bundle.layout import SHA256, ContractError, sha256
+
+CAPTURES = "captures"  # the key of the line's entries, and the store's prefix
+DECIMALS = 4  # of each captured probability
+PARTITION = "%Y/%m/%d/%H"  # Firehose's default time partition of a prefix, in UTC
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """One text answered: the request's fields and the text's entry (see the module's docstring)."""
+
+    time: datetime
+    request_id: str | None
+    model_name: str
+    model_version: int
+    manifest_sha256: str
+    predicted_class: str
+    confidence: float
+    probabilities: dict[str, float]
+    tokens: int
+    cut: bool
+    latency_ms: float
+    text_sha256: str
+    text: str | None
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of a text's UTF-8 bytes, as captured."""
+    return sha256(text.encode("utf-8"))
+
+
+def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: bool) -> dict[str, Any]:
+    """The line's entry for one text, from its answer (``Predictor.results``' dict): the text itself only if
+    ``keep_text``."""
+    doc = {
+        "class": result["predicted_class"],
+        "probabilities": {label: round(p, DECIMALS) for label, p in result["probabilities"].items()},
+        "tokens": tokens,
+        "cut": cut,
+        "text_sha256": text_sha256(text),
+    }
+    return doc | {"text": text} if keep_text else doc
+
+
+def object_prefix(model_name: str, when: datetime) -> str:
+    """The store's prefix for the objects of ``when`` (UTC): ``captures/<model>/YYYY/MM/DD/HH/``."""
+    return f"{CAPTURES}/{model_name}/{when.astimezone(UTC).strftime(PARTITION)}/"
+
+
+def _get(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in doc:
+        raise ContractError(f"{where} lacks {name!r}")
+    value = doc[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ContractError(f"{where}: {name!r} is {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ContractError(f"{where}: {name!r} is not a finite number")
+    return value
+
+
+def _digest(doc: dict[str, Any], name: str, where: str) -> str:
+    value = _get(doc, name, str, where)
+    if not SHA256.fullmatch(value):
+        raise ContractError(f"{where}: {name!r} is not a sha256 hex digest")
+    return value
+
+
+def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> CaptureRecord:
+    if not isinstance(item, dict):
+        raise ContractError(f"{where} is not a JSON object")
+    probabilities = _get(item, "probabilities", dict, where)
+    if not probabilities:
+        raise ContractError(f"{where}: 'probabilities' is empty")
+    for label in probabilities:
+        probability = _get(probabilities, label, (int, float), f"{where} probabilities")
+        if not 0 <= probability <= 1:
+            raise ContractError(f"{where}: the probability of {label!r} is not in [0, 1]")
+    predicted = _get(item, "class", str, where)
+    if predicted not in probabilities:
+        raise ContractError(f"{where}: 'class' {predicted!r} is not among the probabilities' labels")
+    tokens = _get(item, "tokens", int, where)
+    if tokens < 0:
+        raise ContractError(f"{where}: 'tokens' is negative")
+    digest = _digest(item, "text_sha256", where)
+    text = _get(item, "text", str, where) if "text" in item else None
+    if text is not None and text_sha256(text) != digest:
+        raise ContractError(f"{where}: 'text_sha256' is not the sha256 of 'text'")
+    request_id = line.get("request_id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ContractError(f"{where}: 'request_id' is {type(request_id).__name__}")
+    version = _get(line, "version", int, where)
+    if version < 1:
+        raise ContractError(f"{where}: 'version' {version} is not a version number")
+    latency = _get(line, "Latency", (int, float), where)
+    return CaptureRecord(
+        time=time,
+        request_id=request_id,
+        model_name=_get(line, "model", str, where),
+        model_version=version,
+        manifest_sha256=_digest(line, "manifest_sha256", where),
+        predicted_class=predicted,
+        confidence=float(probabilities[predicted]),
+        probabilities={label: float(p) for label, p in probabilities.items()},
+        tokens=tokens,
+        cut=_get(item, "cut", bool, where),
+        latency_ms=float(latency),
+        text_sha256=digest,
+        text=text,
+    )
+
+
+def parse_line(data: str | bytes, where: str = "capture line") -> list[CaptureRecord]:
+    """The capture records of one line (none for a log line without ``captures``); a line that breaks the schema
+    raises ContractError naming the field."""
+    try:
+        line = json.loads(data)
+    except ValueError as exc:
+        raise ContractError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(line, dict):
+        raise ContractError(f"{where} is not a JSON object")
+    if CAPTURES not in line:
+        return []
+    entries = _get(line, CAPTURES, list, where)
+    stamp = _get(_get(line, "_aws", dict, where), "Timestamp", int, f"{where} _aws")
+    time = datetime.fromtimestamp(stamp / 1000, UTC)
+    return [_record(line, time, item, f"{where} {CAPTURES}[{i}]") for i, item in enumerate(entries)]
+
+
+def parse_lines(data: str | bytes, where: str = "capture object") -> list[CaptureRecord]:
+    """The capture records of an object of JSON lines (blank lines skipped)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            records.extend(parse_line(line, f"{where} line {number}"))
+    return records
