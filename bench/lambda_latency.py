@@ -1,5 +1,7 @@
-"""The Lambda against the torch pyfunc, side by side in one run: cold start, warm latency, deployment size; the
-costliest request against a normal one; and all of it against the figures before (the last commit's).
+"""The Lambda at its floor, and against the torch pyfunc, in one run: the three ratios of serving at the floor
+(overhead, cold start, cost), the memory the template should ask for, cold start, warm latency and deployment size
+against the pyfunc, the costliest request against a normal one; and all of it against the figures before (the last
+commit's).
 
     python bench/lambda_latency.py tracking.uri=sqlite:///mlflow/mlflow.db [more overrides...]
 
@@ -18,13 +20,26 @@ requirements.txt pins).
   no request waits for, is kept beside it);
 - warm: p50 and p95 over ``--warm-runs`` calls of one text, and of a batch of 32, each side in a process of its
   own;
+- overhead ratio: the p50 of a warm one-text request (a Function URL event with a request id: event parsing, the
+  cut, tokenization, the run, softmax, the capture record and the request's one line on stdout) against the p50 of
+  a bare ``session.run`` on the same token ids, in the same process, over the same 200-text pool;
+- cold-start ratio: the Lambda's cold start (above) against its floor, a fresh process that imports onnxruntime,
+  numpy and tokenizers, makes a session from the bundle's local file (the handler's session options) and runs it
+  once (``COLD_FLOOR``), the medians of ``--cold-runs`` on the same CPU;
+- cost ratio: the cost of a million one-text answers (the request fee, the GB-seconds of the warm p50 rounded up to
+  Lambda's 1 ms at the template's MemorySize, and the log bytes ingested: the request's line as measured,
+  CloudWatch's 26 bytes per event, and Lambda's START, END and REPORT lines unless the template's PlatformLogLevel
+  leaves them out) against the request fee and compute alone, at the prices named below with their date;
+- memory sweep: the warm one-text p50 and the cost per million at 512, 1024, 1769 and 2048 MB, each as the share
+  of one CPU that Lambda gives it (memory / 1,769 MB, at most one CPU for this one-thread session), imposed on the
+  pinned process by a duty cycle of SIGSTOP and SIGCONT (``DUTY_PERIOD_S``): the cheapest within 10% of the p50 on
+  one full vCPU is the memory to ask for (``recommended_memory_mb``);
 - phases: where a warm request's time goes inside the handler (bench/lambda_phases.py): event parsing, the cut,
-  tokenization, the onnxruntime run, softmax, the log line and the metrics, and Powertools' share of the request;
+  tokenization, the onnxruntime run, softmax, the capture records and the line, and the share outside the run;
 - onnxruntime releases: the phases again, on this project's Python with each release of ``--onnxruntime`` (and
   the zip's) installed for it, on the same bundle: the release is all that differs;
 - size: the unzipped Lambda zip (``make lambda-zip``) against the installed size of torch and transformers with
-  their dependencies, each with its model files; and Powertools' share of the zip (with jmespath and
-  typing_extensions) and of the cold start (the time to import it), against the issue's 10%;
+  their dependencies, each with its model files;
 - request cost: CPU seconds (median of ``--cost-runs``) and peak RSS of a process of its own that answers one kind
   of request, over HTTP-API events with JSON bodies as a Function URL sends them: a normal request (one text), the
   most the model reads (``MAX_BATCH`` texts of real news, each longer than the model reads), and requests built to
@@ -46,18 +61,21 @@ Figures go to bench/results/lambda.json (``--output`` elsewhere).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import math
 import os
-import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
@@ -65,6 +83,7 @@ from typing import Any
 import boto3
 import mlflow
 import numpy as np
+from cfnlint.decode import decode
 from lambda_phases import function_url_event
 from machine import machine
 from moto.server import ThreadedMotoServer
@@ -78,18 +97,37 @@ from agnews.promotion.mirror import mirror
 from agnews.pyfunc import BUNDLE_PATH
 from agnews.tracking import connect
 from agnews.training import INPUT_EXAMPLE
+from bundle.layout import ONNX_FILE
+from bundle.predictor import Predictor
 
 LAMBDA_ZIP = PROJECT_ROOT / "build" / "lambda.zip"
 BENCH_DIR = Path(__file__).resolve().parent
 BUCKET = "bench-models"
 BATCH = 32
 TORCH_PACKAGE = ("torch", "transformers")  # what a torch-based Lambda would have to ship
-# issue 21's goals, on one CPU; Powertools' share is of the warm p50 of one text
-TARGETS = {"warm_p50_speedup": 10.0, "cold_start_speedup": 15.0, "size_ratio": 0.10, "powertools_share": 0.05}
+# The goals of serving at the floor, on one CPU; the pyfunc ratios are kept beside them, without one.
+TARGETS = {"overhead_ratio": 1.08, "cold_start_ratio": 1.6, "cost_ratio": 1.5}
+# Prices: AWS us-east-1 list prices, x86, as published on PRICES_DATE (the first tier of each).
+PRICES_DATE = "2025-06-01"
+REQUEST_PRICE = 0.20 / 1e6  # $ per Lambda request
+GB_SECOND_PRICE = 0.0000166667  # $ per Lambda GB-second (x86)
+LOG_GB_PRICE = 0.50  # $ per GB (2^30 bytes) ingested into CloudWatch Logs
+LOG_EVENT_OVERHEAD = 26  # bytes that CloudWatch Logs counts for each log event beside its message
+# What Lambda writes for each invocation in its Text log format, beside the function's own lines.
+PLATFORM_LINES = (
+    "START RequestId: c6af9ac6-7b61-11e6-9a41-93e8deadbeef Version: 12",
+    "END RequestId: c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
+    "REPORT RequestId: c6af9ac6-7b61-11e6-9a41-93e8deadbeef\tDuration: 4.42 ms\tBilled Duration: 5 ms\t"
+    "Memory Size: 2048 MB\tMax Memory Used: 181 MB\t",
+)
+PLATFORM_LOG_BYTES = sum(len(line) + 1 + LOG_EVENT_OVERHEAD for line in PLATFORM_LINES)
+FULL_VCPU_MB = 1769  # Lambda gives a function one full vCPU at 1,769 MB, and CPU in proportion to memory
+MEMORY_SWEEP_MB = (512, 1024, 1769, 2048)
+WITHIN_FULL_VCPU = 1.10  # the recommended memory keeps the warm p50 within 10% of one full vCPU's
+DUTY_PERIOD_S = 0.02  # the duty cycle's period: a CPU share of s runs s * 20 ms of every 20 ms
 ONNXRUNTIME_BEFORE = "1.16.3"  # the python3.11 runtime's release, which served the first wave's figures
 NUMPY_FOR_RELEASES = "numpy==1.26.4"  # one numpy that every release compared runs with (1.16.3 predates numpy 2)
 MB = 1e6
-POWERTOOLS = ("aws_lambda_powertools", "jmespath", "typing_extensions")  # top-level names in the zip
 PAYLOAD_LIMIT = 6 * 1024 * 1024  # Lambda's synchronous request payload
 MAX_BATCH, MAX_TEXT_CHARS = 64, 200_000  # lambda/settings.py's defaults
 
@@ -100,8 +138,6 @@ LAMBDA_COLD = """
 import hashlib, json, sys, time
 start = time.perf_counter()
 sys.path[:0] = [sys.argv[1]]
-import aws_lambda_powertools
-powertools = time.perf_counter()
 import handler
 imported = time.perf_counter()
 import model_store  # numpy, onnxruntime, tokenizers: the first request would import them
@@ -119,7 +155,6 @@ for path in sorted(model.folder.iterdir()):  # what the fetch spent on sha256, o
         hashlib.file_digest(stream, "sha256")
 print(json.dumps({
     "answered_at": answered_at,
-    "powertools_import_s": powertools - start,
     "import_s": imported - start,
     "model_imports_s": model_imported - imported,
     "boto3_import_s": boto3_imported - model_imported,
@@ -129,13 +164,26 @@ print(json.dumps({
 }))
 """
 
+# The cold start's floor: a fresh process that imports what the model needs, makes a session from the bundle's local
+# file with the handler's options, and runs it once on the token ids of one text.
+COLD_FLOOR = """
+import json, sys, time
+sys.path[:0] = [sys.argv[1]]
+import numpy, onnxruntime, tokenizers
+from bundle.predictor import this_process_options
+session = onnxruntime.InferenceSession(sys.argv[2], this_process_options(), providers=["CPUExecutionProvider"])
+ids = numpy.array([json.loads(sys.argv[3])], dtype=numpy.int64)
+session.run(["logits"], {"input_ids": ids, "attention_mask": numpy.ones_like(ids)})
+print(json.dumps({"answered_at": time.time()}))
+"""
+
 # The packaged handler's warm figures, in a process of its own: latencies of direct invokes, and the phases of a
 # Function URL request (bench/lambda_phases.py), with the onnxruntime release and the threads it runs.
 LAMBDA_WARM = """
-import json, sys
+import contextlib, io, json, sys, uuid
 sys.path[:0] = sys.argv[1:3]
 import handler, onnxruntime
-from lambda_phases import phases
+from lambda_phases import function_url_event, phases
 from timing import timings
 request = json.load(sys.stdin)
 pool = request["pool"]
@@ -144,11 +192,38 @@ def call(batch):
     response = handler.lambda_handler({"texts": batch}, None)
     assert response["statusCode"] == 200, response
 
+class Context:
+    def __init__(self):
+        self.aws_request_id = str(uuid.uuid4())
+
+def one_text(batch):
+    response = handler.lambda_handler(function_url_event({"text": batch[0]}), Context())
+    assert response["statusCode"] == 200, response
+
+call(pool[:1])  # the model loads
+predictor = handler.model_store().get().predictor
+inputs = {text: predictor.batches([predictor.cut(text)])[0][1] for text in pool}
+
+def bare(batch):
+    predictor.session.run(["logits"], inputs[batch[0]])
+
+overhead = {}
+if request["overhead_runs"]:
+    lines = io.StringIO()
+    with contextlib.redirect_stdout(lines):
+        for text in pool:
+            one_text([text])
+    overhead = {
+        "line_bytes": len(lines.getvalue().encode()) / len(pool),
+        "request": timings(one_text, pool, 1, request["overhead_runs"]),
+        "bare": timings(bare, pool, 1, request["overhead_runs"]) if request["bare"] else [],
+    }
 print(json.dumps({
     "onnxruntime": onnxruntime.__version__,
-    "threads": handler.model_store().get().predictor.session.get_session_options().intra_op_num_threads,
+    "threads": predictor.session.get_session_options().intra_op_num_threads,
     "times": {name: timings(call, pool, size, runs) for name, (size, runs) in request["sizes"].items()},
     "phases": {name: phases(handler, pool[:size], request["phase_runs"]) for name, size in request["phases"].items()},
+    "overhead": overhead,
 }))
 """
 
@@ -245,17 +320,15 @@ def installed_size(roots: tuple[str, ...]) -> tuple[int, list[str]]:
     return sum(seen.values()), sorted(seen)
 
 
-def lambda_package(folder: Path) -> tuple[int, int]:
+def lambda_package(folder: Path) -> int:
     """Build (or find up to date) the deployment zip with ``make lambda-zip``, unpack it into ``folder``, and return
-    its unzipped bytes, and those of Powertools and what it imports."""
+    its unzipped bytes."""
     subprocess.run(
         ["make", "-o", ".venv/.installed", "lambda-zip", f"PY={sys.executable}"], cwd=PROJECT_ROOT, check=True
     )
     with zipfile.ZipFile(LAMBDA_ZIP) as archive:
         archive.extractall(folder)
-        infos = archive.infolist()
-    powertools = re.compile(rf"({'|'.join(POWERTOOLS)})([-./]|$)")
-    return sum(info.file_size for info in infos), sum(i.file_size for i in infos if powertools.match(i.filename))
+        return sum(info.file_size for info in archive.infolist())
 
 
 def lambda_python() -> str:
@@ -317,20 +390,109 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "runs": len(times)}
 
 
-def lambda_warm(python: str, paths: list[str], env: dict[str, str], request: dict, cpu: int | None) -> dict[str, Any]:
-    """The handler's warm figures (LAMBDA_WARM) in a process of its own on ``cpu``, with the handler and the bench's
-    modules first on its path (``paths``)."""
-    done = subprocess.run(
+@contextlib.contextmanager
+def duty_cycle(pid: int, share: float) -> Iterator[None]:
+    """Process ``pid`` held to ``share`` of its CPU while the block runs: stopped (SIGSTOP) for the rest of every
+    ``DUTY_PERIOD_S``, as a CPU quota throttles it; nothing for a share of 1 or more."""
+    if share >= 1:
+        yield
+        return
+    done = threading.Event()
+
+    def cycle() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            while not done.is_set():
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(share * DUTY_PERIOD_S)
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep((1 - share) * DUTY_PERIOD_S)
+            os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def lambda_warm(
+    python: str, paths: list[str], env: dict[str, str], request: dict, cpu: int | None, share: float = 1.0
+) -> dict[str, Any]:
+    """The handler's warm figures (LAMBDA_WARM) in a process of its own on ``cpu`` (held to ``share`` of it), with
+    the handler and the bench's modules first on its path (``paths``)."""
+    process = subprocess.Popen(
         [python, "-c", LAMBDA_WARM, *paths],
-        input=json.dumps(request),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=env,
         preexec_fn=pinned(cpu),
-        capture_output=True,
         text=True,
-        check=True,
     )
-    result = json.loads(done.stdout.splitlines()[-1])
+    with duty_cycle(process.pid, share):
+        out, err = process.communicate(json.dumps(request))
+    if process.returncode != 0:
+        raise RuntimeError(f"the warm process failed: {err[-2000:]}")
+    result = json.loads(out.splitlines()[-1])
+    overhead = result["overhead"]
+    if overhead:
+        overhead |= {name: summary(overhead[name]) for name in ("request", "bare") if overhead[name]}
     return result | {"times": {name: summary(times) for name, times in result["times"].items()}}
+
+
+def cost_per_million(p50_ms: float, memory_mb: int, line_bytes: float, platform_bytes: int) -> dict[str, float]:
+    """Dollars for a million one-text answers at ``memory_mb``: the request fee, the compute (the p50 billed by
+    Lambda's 1 ms), and the log bytes ingested (the line and CloudWatch's per-event bytes, and ``platform_bytes`` of
+    Lambda's own lines); ``ratio`` is the total against the fee and compute alone."""
+    million = 1e6
+    request = REQUEST_PRICE * million
+    compute = math.ceil(p50_ms) / 1000 * memory_mb / 1024 * GB_SECOND_PRICE * million
+    log_bytes = line_bytes + LOG_EVENT_OVERHEAD + platform_bytes
+    logs = log_bytes * million / 2**30 * LOG_GB_PRICE
+    total = request + compute + logs
+    return {
+        "request": request,
+        "compute": compute,
+        "logs": logs,
+        "log_bytes": log_bytes,
+        "total": total,
+        "ratio": total / (request + compute),
+    }
+
+
+def template_defaults() -> tuple[int, int]:
+    """The MemorySize that lambda/template.yaml asks for by default, and the bytes of Lambda's own lines an invocation
+    at its default PlatformLogLevel (none at WARN)."""
+    template, problems = decode(str(PROJECT_ROOT / "lambda" / "template.yaml"))
+    assert not problems, problems
+    parameters = template["Parameters"]
+    platform = 0 if parameters["PlatformLogLevel"]["Default"] == "WARN" else PLATFORM_LOG_BYTES
+    return int(parameters["MemorySize"]["Default"]), platform
+
+
+def memory_sweep(
+    python: str, paths: list[str], env: dict[str, str], pool: list[str], runs: int, cpu: int
+) -> dict[str, Any]:
+    """The warm one-text p50 and the cost per million at each of MEMORY_SWEEP_MB, as its share of ``cpu``; and the
+    cheapest memory whose p50 is within WITHIN_FULL_VCPU of one full vCPU's."""
+    request = {"pool": pool, "sizes": {}, "phases": {}, "phase_runs": 0, "overhead_runs": runs, "bare": False}
+    _, platform = template_defaults()
+    sweep = {}
+    for memory in MEMORY_SWEEP_MB:
+        share = min(1.0, memory / FULL_VCPU_MB)
+        overhead = lambda_warm(python, paths, env, request, cpu, share)["overhead"]
+        p50 = overhead["request"]["p50_ms"]
+        sweep[str(memory)] = {
+            "cpu_share": share,
+            "p50_ms": p50,
+            "cost_per_million": cost_per_million(p50, memory, overhead["line_bytes"], platform),
+        }
+    full = sweep[str(FULL_VCPU_MB)]["p50_ms"]
+    within = [m for m in MEMORY_SWEEP_MB if sweep[str(m)]["p50_ms"] <= WITHIN_FULL_VCPU * full]
+    recommended = min(within, key=lambda m: sweep[str(m)]["cost_per_million"]["total"])
+    return {"settings": sweep, "duty_period_s": DUTY_PERIOD_S, "recommended_memory_mb": recommended}
 
 
 def pyfunc_warm(pyfunc_dir: str, pool: list[str], sizes: dict[str, tuple[int, int]], cpu: int | None) -> dict:
@@ -489,6 +651,7 @@ def main() -> None:
     parser.add_argument("--batch-runs", type=int, default=40)
     parser.add_argument("--phase-runs", type=int, default=200, help="rounds of the phase breakdown")
     parser.add_argument("--cost-runs", type=int, default=3, help="runs of each request whose cost is measured")
+    parser.add_argument("--sweep-runs", type=int, default=100, help="one-text requests at each memory of the sweep")
     parser.add_argument("--cpu", type=int, help="the one CPU of the headline (default: the last this process may use)")
     parser.add_argument(
         "--onnxruntime", nargs="*", default=[ONNXRUNTIME_BEFORE], help="releases to compare with the zip's"
@@ -525,57 +688,74 @@ def main() -> None:
     phase_sizes = {name: size for name, (size, _) in sizes.items()}
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "package"
-        package_bytes, powertools_bytes = lambda_package(package)
+        package_bytes = lambda_package(package)
         runtime = runtime_packages(python, Path(tmp) / "runtime")
         lambda_env = os.environ | s3_env | {"MODEL_URI": model_root, "PYTHONPATH": str(runtime)}
         pyfunc_dir = mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.model_name}@{CHAMPION}", dst_path=tmp)
         warm_env = lambda_env | {"MODEL_CACHE_DIR": str(Path(tmp) / "cache")}
+        bundle_dir = Path(pyfunc_dir) / BUNDLE_PATH
+        local = Predictor(bundle_dir)
+        ids = local.batches([local.cut(pool[0])])[0][1]["input_ids"][0].tolist()
+        floor_args = [str(package), str(bundle_dir / ONNX_FILE), json.dumps(ids)]
         cold, warm = {}, {}
         for placement, cpu in placements.items():
             cold[placement] = {
                 "lambda": cold_starts(python, LAMBDA_COLD, [str(package), pool[0]], lambda_env, args.cold_runs, cpu),
+                "floor": cold_starts(python, COLD_FLOOR, floor_args, lambda_env, args.cold_runs, cpu),
                 "pyfunc": cold_starts(
                     sys.executable, PYFUNC_COLD, [pyfunc_dir, pool[0]], dict(os.environ), args.cold_runs, cpu
                 ),
             }
             # the phases on the headline's CPU only
             request = {"pool": pool, "sizes": sizes, "phases": phase_sizes if cpu is not None else {}}
-            request["phase_runs"] = args.phase_runs
+            request |= {"phase_runs": args.phase_runs, "overhead_runs": args.warm_runs if cpu is not None else 0}
+            request["bare"] = True
             warm[placement] = {
                 "lambda": lambda_warm(python, [str(package), str(BENCH_DIR)], warm_env, request, cpu),
                 "pyfunc": pyfunc_warm(pyfunc_dir, pool, sizes, cpu),
             }
         one_cpu = placements["one_cpu"]
+        paths = [str(package), str(BENCH_DIR)]
+        sweep = memory_sweep(python, paths, warm_env, pool, args.sweep_runs, one_cpu)
         releases_request = {"pool": pool, "sizes": {}, "phases": phase_sizes, "phase_runs": args.phase_runs}
+        releases_request |= {"overhead_runs": 0, "bare": False}
         zip_release = warm["one_cpu"]["lambda"]["onnxruntime"]
         releases = onnxruntime_releases(
             [*args.onnxruntime, zip_release], Path(tmp) / "releases", warm_env, releases_request, one_cpu
         )
-        cost = request_costs(python, package, warm_env, pool, args.cost_runs)
+        request_cost = request_costs(python, package, warm_env, pool, args.cost_runs)
         torch_model = folder_size(Path(pyfunc_dir) / "artifacts" / "model")
         bundle = folder_size(Path(pyfunc_dir) / BUNDLE_PATH)
 
     torch_package, torch_dists = installed_size(TORCH_PACKAGE)
     size = {
         "lambda_package_mb": package_bytes / MB,
-        "powertools_mb": powertools_bytes / MB,
         "lambda_model_mb": bundle / MB,
         "torch_package_mb": torch_package / MB,
         "torch_model_mb": torch_model / MB,
         "torch_package_distributions": torch_dists,
     }
     headline = speedups(cold["one_cpu"], warm["one_cpu"])
-    powertools_share = warm["one_cpu"]["lambda"]["phases"]["one_text"]["powertools_share"]
-    ratios = headline | {
-        "on_all_cpus": speedups(cold["all_cpus"], warm["all_cpus"]),
-        "size_ratio": (size["lambda_package_mb"] + size["lambda_model_mb"])
-        / (size["torch_package_mb"] + size["torch_model_mb"]),
-        "powertools_share_of_warm_p50": powertools_share,
-        # Powertools against the zip and the cold start without it
-        "powertools_share_of_package": powertools_bytes / (package_bytes - powertools_bytes),
-        "powertools_share_of_cold_start": cold["one_cpu"]["lambda"]["phases_s"]["powertools_import_s"]
-        / (cold["one_cpu"]["lambda"]["median_s"] - cold["one_cpu"]["lambda"]["phases_s"]["powertools_import_s"]),
+    overhead = warm["one_cpu"]["lambda"]["overhead"]
+    memory, platform = template_defaults()
+    answer_cost = cost_per_million(overhead["request"]["p50_ms"], memory, overhead["line_bytes"], platform)
+    floor = {
+        "overhead_ratio": overhead["request"]["p50_ms"] / overhead["bare"]["p50_ms"],
+        "cold_start_ratio": cold["one_cpu"]["lambda"]["median_s"] / cold["one_cpu"]["floor"]["median_s"],
+        "cost_ratio": answer_cost["ratio"],
     }
+    ratios = (
+        floor
+        | {"pyfunc": headline}
+        | {
+            "on_all_cpus": speedups(cold["all_cpus"], warm["all_cpus"]),
+            "size_ratio": (size["lambda_package_mb"] + size["lambda_model_mb"])
+            / (size["torch_package_mb"] + size["torch_model_mb"]),
+            "outside_the_model_share_of_warm_p50": warm["one_cpu"]["lambda"]["phases"]["one_text"][
+                "outside_the_model_share"
+            ],
+        }
+    )
     result = {
         "model": f"models:/{cfg.registry.model_name}/{mirrored.version}",
         "placements": placements,
@@ -585,14 +765,21 @@ def main() -> None:
         "size": size,
         "ratios": ratios,
         "targets": TARGETS,
-        "targets_met": {
-            "warm_p50": min(headline["warm_p50_speedup_one_text"], headline[f"warm_p50_speedup_batch_{BATCH}"])
-            >= TARGETS["warm_p50_speedup"],
-            "cold_start": headline["cold_start_speedup"] >= TARGETS["cold_start_speedup"],
-            "size": ratios["size_ratio"] <= TARGETS["size_ratio"],
-            "powertools": powertools_share <= TARGETS["powertools_share"],
+        "targets_met": {name: floor[name] <= goal for name, goal in TARGETS.items()},
+        "floor": {
+            "overhead": overhead,
+            "cold_start_s": {name: cold["one_cpu"][name]["median_s"] for name in ("lambda", "floor")},
+            "cost_per_million": answer_cost | {"memory_mb": memory},
+            "prices": {
+                "date": PRICES_DATE,
+                "request": REQUEST_PRICE,
+                "gb_second": GB_SECOND_PRICE,
+                "log_gb": LOG_GB_PRICE,
+                "platform_log_bytes": platform,
+            },
         },
-        "request_cost": cost,
+        "memory_sweep": sweep,
+        "request_cost": request_cost,
         "runtime": {"python": python, "python_version": platform_version(python)},
         "command": " ".join(["python bench/lambda_latency.py", *sys.argv[1:]]),
         "machine": machine() | {"load_avg_before": list(load_before), "load_avg_after": list(os.getloadavg())},

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
 SERVICE = LOGGER  # the metrics' "service" dimension
-LEVELS = {500: "ERROR", 503: "WARNING"}  # a request's log level by status; INFO otherwise
+LEVELS = {500: "ERROR", 503: "WARN"}  # a request's log level by status; INFO otherwise
+# Lambda's level names (its log-level filtering knows WARN, not Python's WARNING)
+LAMBDA_LEVELS = {"WARNING": "WARN", "CRITICAL": "FATAL"}
 _request = threading.local()  # the request id of the request a thread answers, for the other log lines
 
 
@@ -68,7 +70,8 @@ class JsonFormatter(logging.Formatter):
     BUILT_IN = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"level": record.levelname, "message": record.getMessage()}
+        level = LAMBDA_LEVELS.get(record.levelname, record.levelname)
+        doc: dict[str, Any] = {"level": level, "message": record.getMessage()}
         doc["request_id"] = getattr(_request, "id", None)
         doc |= {key: value for key, value in vars(record).items() if key not in self.BUILT_IN}
         if record.exc_info:

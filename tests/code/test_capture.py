@@ -348,7 +348,10 @@ def test_the_template_sends_capture_lines_to_the_model_bucket_only_when_asked() 
     assert [p["Type"] for p in processors] == ["Decompression", "CloudWatchLogProcessing", "AppendDelimiterToRecord"]
     assert processors[1]["Parameters"] == [{"ParameterName": "DataMessageExtraction", "ParameterValue": "true"}]
     function = resources["ClassifierFunction"]["Properties"]
-    assert function["LoggingConfig"] == {"LogGroup": {"Ref": "ClassifierLogGroup"}}
+    assert function["LoggingConfig"]["LogGroup"] == {"Ref": "ClassifierLogGroup"}
+    # JSON is what lets Lambda leave out its START, END and REPORT lines; the function's own lines stay as printed
+    assert function["LoggingConfig"]["LogFormat"] == "JSON"
+    assert function["LoggingConfig"]["SystemLogLevel"] == {"Ref": "PlatformLogLevel"}
     assert function["Environment"]["Variables"]["CAPTURE_RATE"] == {"Ref": "CaptureRate"}
     assert resources["CaptureSubscription"]["Properties"]["LogGroupName"] == {"Ref": "ClassifierLogGroup"}
 

@@ -513,7 +513,7 @@ def test_a_503_counts_as_a_5xx_error(lambda_module, capsys: pytest.CaptureFixtur
     assert response == {"statusCode": 503, "body": {"error": "no model available: gone"}}
     logs, blobs = printed(capsys.readouterr().out)
     assert logs == []
-    assert [(line["level"], line["problem"]) for line in blobs] == [("WARNING", "s3://secret/champion")]
+    assert [(line["level"], line["problem"]) for line in blobs] == [("WARN", "s3://secret/champion")]
     assert metrics_of(blobs) | {"Latency": 0} == {"Latency": 0, "Texts": 0, "4XXError": 0, "5XXError": 1}
 
 
@@ -580,7 +580,7 @@ def test_no_model_gives_503_with_a_short_reason_and_logs_the_details(
     details = f"cannot read {tmp_path / 'nothing-here' / 'champion.json'}: No such file or directory"
     assert f"no model to serve: {details}" in caplog.messages  # the store's attempt
     _, (line,) = printed(capsys.readouterr().out)
-    assert (line["level"], line["status"], line["problem"]) == ("WARNING", 503, details)
+    assert (line["level"], line["status"], line["problem"]) == ("WARN", 503, details)
     assert invoke({"text": ""})["statusCode"] == 400  # input is still checked first
 
 
