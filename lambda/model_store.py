@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import itertools
 import logging
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 from settings import LOGGER, NO_MODEL, NoModelError, Settings
 
 from bundle.layout import POINTER, ContractError, Pointer, parse_manifest, parse_pointer, sha256
-from bundle.predictor import Predictor
+
+if TYPE_CHECKING:
+    from bundle.predictor import Predictor
+
+PREDICTOR = "bundle.predictor"  # onnxruntime, numpy and tokenizers: imported beside the first load's reads
 
 CHUNK = 1024 * 1024
 WARMUP_TEXT = "warm-up"
@@ -111,6 +117,12 @@ def open_source(settings: Settings) -> Source:
     return LocalSource(Path(settings.model_uri.removeprefix("file://")).expanduser())
 
 
+def _import_predictor() -> None:
+    """Import ``bundle.predictor``; a failure is left for the load, whose own import raises it again."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(PREDICTOR)
+
+
 def _read(source: Source, key: str) -> bytes:
     with source.open(key) as stream:
         return stream.read()
@@ -171,7 +183,7 @@ class LoadedModel:
 def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedModel:
     """Download (or keep) and verify the files of the version that ``pointer`` names, then load them. Its phases:
     the manifest read and checked, the files fetched (downloaded and hashed as they stream), the onnxruntime
-    session and tokenizer created, and the first run."""
+    session and tokenizer created (on a first load, with what is left of importing them), and the first run."""
     began = time.perf_counter()
     data = _read(source, pointer.manifest)
     if sha256(data) != pointer.manifest_sha256:
@@ -190,6 +202,8 @@ def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedMod
         _fetch(source, posixpath.join(posixpath.dirname(pointer.manifest), name), folder / name, expected)
     fetched = time.perf_counter()
     try:
+        from bundle.predictor import Predictor  # waits for the import that _swap_to_champion started, if under way
+
         predictor = Predictor(folder)
         created = time.perf_counter()
         predictor.predict([WARMUP_TEXT])
@@ -261,6 +275,11 @@ class ModelStore:
         self.refresh()
 
     def _swap_to_champion(self) -> None:
+        if PREDICTOR not in sys.modules:
+            # The first load imports the model's libraries on a thread of their own while this one imports boto3 and
+            # reads the store: a cold start waits for the longer of the two, not for both (the reads wait on the
+            # network, and Lambda's init phase may run on more than one CPU).
+            threading.Thread(target=_import_predictor, daemon=True).start()
         source = self._source = self._source or open_source(self.settings)
         pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
         old = self._current
