@@ -38,6 +38,19 @@ RUN --mount=type=bind,source=requirements.txt,target=/tmp/build/requirements.txt
     pip install --find-links /tmp/build/wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -r /tmp/build/requirements.txt
 
+# The predict step's Spark engine (predict.engine=spark): `--build-arg SPARK=true` adds pyspark, the extra `spark`
+# (requirements-spark.txt), and the Java runtime it runs on (the distribution's default JRE: 17 or 21).
+ARG SPARK=false
+# hadolint ignore=DL3008
+RUN --mount=type=bind,source=requirements-spark.txt,target=/tmp/build/requirements-spark.txt \
+    --mount=type=cache,target=/root/.cache/pip \
+    if [ "$SPARK" = true ]; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends default-jre-headless \
+        && rm -rf /var/lib/apt/lists/* \
+        && pip install -r /tmp/build/requirements-spark.txt; \
+    fi
+
 # uid 1000 is `ubuntu` in the Ubuntu 24.04 images (the CUDA base): that account goes, so that `app` gets it.
 RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu; fi \
     && useradd --create-home --uid 1000 app \

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container lint bench lambda-zip clean
+.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container test-spark lint bench lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ test-slow: $(STAMP)
 
 test-container: $(STAMP)
 	$(PY) -m pytest -m container
+
+# The predict step on Spark local mode (tests marked spark): needs the extra, `pip install -e '.[spark]'`, and Java.
+test-spark: $(STAMP)
+	$(PY) -m pytest -m spark
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -246,6 +246,46 @@ class WebhookSettings(Schema):
         }
 
 
+ENGINES = ("local", "spark")  # predict.engine: agnews/scoring/local.py and agnews/scoring/spark.py
+INPUT_FORMATS = ("auto", "csv", "json", "parquet")  # predict.format; auto: by the files' extensions
+
+
+@dataclass
+class SparkSettings:  # predict.spark; its ranges are PredictSettings'
+    master: str | None = MISSING
+    partitions: int = MISSING
+    conf: dict[str, str] = MISSING
+
+
+@dataclass
+class PredictSettings(Schema):
+    prefix: ClassVar[str] = "predict"
+    model: str = MISSING
+    input: str | None = MISSING
+    format: str = MISSING
+    text_column: str = MISSING
+    keep_columns: list[str] = MISSING
+    output: str | None = MISSING
+    overwrite: bool = MISSING
+    engine: str = MISSING
+    workers: int = MISSING
+    chunk_rows: int = MISSING
+    max_chars: int = MISSING
+    progress: bool = MISSING
+    spark: SparkSettings = field(default_factory=SparkSettings)
+
+    def ranges(self) -> dict[str, tuple[bool, str]]:
+        return {
+            "model": (self.model.startswith("models:/"), "a models:/<name>/<version> or models:/<name>@<alias> URI"),
+            "format": (self.format in INPUT_FORMATS, f"one of {', '.join(INPUT_FORMATS)}"),
+            "engine": (self.engine in ENGINES, f"one of {', '.join(ENGINES)}"),
+            "workers": (self.workers >= 0, ">= 0 (0: a process per usable CPU)"),
+            "chunk_rows": (self.chunk_rows > 0, "> 0"),
+            "max_chars": (self.max_chars > 0, "> 0"),
+            "spark.partitions": (self.spark.partitions >= 0, ">= 0 (0: as Spark reads the input)"),
+        }
+
+
 # Each config group's schema, as conf/<group>/*.yaml take it (`defaults: [schema, _self_]`).
 SCHEMAS: dict[str, type[Schema]] = {
     "data": DataSettings,
@@ -255,6 +295,7 @@ SCHEMAS: dict[str, type[Schema]] = {
     "tracking": TrackingSettings,
     "tune": TuneSettings,
     "webhook": WebhookSettings,
+    "predict": PredictSettings,
 }
 for _group, _schema in SCHEMAS.items():
     ConfigStore.instance().store(group=_group, name="schema", node=_schema)

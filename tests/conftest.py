@@ -71,6 +71,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 INTEGRATION_FIXTURES = {
     *("moto_server", "postgres", "lambda_package", "train_runs", "webhook_receiver"),
     *("trained", "local", "tiny", "auth_server", "served"),
+    "registered_tiny",
 }
 
 
@@ -520,3 +521,62 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
         if receiver.webhook_id:
             client.delete_webhook(receiver.webhook_id)
         stop_receiver(receiver.process)
+
+
+# ---- Batch scoring (tests/code/test_predict*.py): a registered version with a bundle, and AG News rows to score ----
+
+SCORING_ROWS = 10_000
+
+
+@pytest.fixture(scope="session")
+def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The tiny random model (preset=test) uploaded, trained and registered as @champion of its model name (gate
+    opened) in a local SQLite store, and mirrored to local storage: returns the overrides that reach it."""
+    from agnews.ingest import upload_and_log
+    from agnews.promotion.register import register
+    from agnews.tracking import step_run
+    from agnews.training import train
+
+    root = tmp_path_factory.mktemp("registered-tiny")
+    overrides = [
+        f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+        f"storage.uri={root / 'store'}",
+        f"train.output_dir={root / 'checkpoints'}",
+        f"data.source={require_agnews()}",
+        "preset=test",
+        "registry.min_accuracy=0",
+        "registry.min_behaviour_pass_rate=0",
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("S3_BUCKET", raising=False)
+        settings = compose(overrides)
+        with step_run(settings, "upload"):
+            upload_and_log(settings)
+        with step_run(settings, "train"):
+            train(settings)
+        with step_run(settings, "register"):
+            verdict = register(settings.registry, settings.storage, settings.tracking.experiment)
+    assert verdict.version == 1
+    return overrides
+
+
+@pytest.fixture
+def scoring(registered_tiny: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``registered_tiny``'s overrides for the predict step: rows kept by ``id``, no progress bar."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("S3_BUCKET", raising=False)
+    return [*registered_tiny, "predict.keep_columns=[id]", "predict.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def agnews_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first SCORING_ROWS rows of AG News' train split as parquet: ``id`` and ``text`` (title and description)."""
+    import pandas as pd
+
+    from agnews.data import parse_csv
+
+    texts = parse_csv(require_agnews() / "train.csv", 4).text.head(SCORING_ROWS)
+    path = tmp_path_factory.mktemp("agnews-rows") / "rows.parquet"
+    pd.DataFrame({"id": range(len(texts)), "text": texts}).to_parquet(path)
+    return path

@@ -451,3 +451,10 @@ def read_env(path: Path) -> dict[str, str]:
 def write_env(path: Path, values: dict[str, str]) -> Path:
     path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
     return path
+
+
+def read_scored(output: Path) -> Any:
+    """The predict step's parquet dataset at ``output`` as a DataFrame, in the order of its ``id`` column."""
+    import pyarrow.dataset as ds
+
+    return ds.dataset(output).to_table().to_pandas().sort_values("id").reset_index(drop=True)
