@@ -54,3 +54,11 @@ How = Literal["gate", "manual", "rollback", "ui", "reconcile"]
 # secrets it stores.
 WEBHOOK_SECRET_ENV = "AGNEWS_WEBHOOK_SECRET"
 WEBHOOK_KEY_ENV = "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"
+
+# The reference profile: the model's own answers on the validation split, which the train step logs as this run
+# artifact and the mirror copies beside the bundle; `monitor` compares the captured answers with it.
+REFERENCE_ARTIFACT = "reference/reference.parquet"
+
+# What `monitor` tags on its run and on each version it judged, and its verdicts.
+MONITOR_VERDICT_TAG = "monitor.verdict"
+OK, DRIFT, TOO_FEW, NO_REFERENCE = "ok", "drift", "too few answers", "no reference"

@@ -532,18 +532,23 @@ SCORING_ROWS = 10_000
 def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The tiny random model (preset=test) uploaded, trained and registered as @champion of its model name (gate
     opened) in a local SQLite store, and mirrored to local storage: returns the overrides that reach it."""
+    return register_trained(tmp_path_factory.mktemp("registered-tiny"), "preset=test")
+
+
+def register_trained(root: Path, *train: str) -> list[str]:
+    """Upload, train with ``train`` overrides and register as @champion (gate opened) in a SQLite store under
+    ``root``, mirrored to local storage there: returns the overrides that reach it."""
     from agnews.ingest import upload_and_log
     from agnews.promotion.register import register
     from agnews.tracking import step_run
-    from agnews.training import train
+    from agnews.training import train as train_model
 
-    root = tmp_path_factory.mktemp("registered-tiny")
     overrides = [
         f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
         f"storage.uri={root / 'store'}",
         f"train.output_dir={root / 'checkpoints'}",
         f"data.source={require_agnews()}",
-        "preset=test",
+        *train,
         "registry.min_accuracy=0",
         "registry.min_behaviour_pass_rate=0",
     ]
@@ -554,7 +559,7 @@ def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         with step_run(settings, "upload"):
             upload_and_log(settings)
         with step_run(settings, "train"):
-            train(settings)
+            train_model(settings)
         with step_run(settings, "register"):
             verdict = register(settings.registry, settings.storage, settings.tracking.experiment)
     assert verdict.version == 1

@@ -25,7 +25,7 @@ from agnews.config import PROJECT_ROOT, compose
 from agnews.tracking import step_run
 from tests.helpers import ENV_EXAMPLE, FILLED, answers, free_port, read_env, unavailable, write_env
 
-PROFILES = [None, "manual", "train", "pipeline", "auth", "minio", "postgres"]
+PROFILES = [None, "manual", "train", "pipeline", "auth", "minio", "postgres", "monitor"]
 CREDENTIALS = [name for name in FILLED if not name.startswith("MLFLOW_TRACKING_")]
 
 
@@ -148,6 +148,18 @@ def test_the_seeds_commands_run_the_projects_steps(cli: list[str], env_file: Pat
     holders = {name for name, s in everything.items() if "MINIO_ROOT_PASSWORD" in (s.get("environment") or {})}
     assert holders == {"minio", "minio-init"}
     assert environment["AWS_ACCESS_KEY_ID"] == FILLED["AWS_ACCESS_KEY_ID"] != FILLED["MINIO_ROOT_USER"]
+
+
+def test_the_monitor_profile_runs_the_monitor_step_against_the_stack(cli: list[str], env_file: Path) -> None:
+    """`docker compose --profile monitor run --rm monitor`, as a crontab line runs it: the monitor step, with the
+    steps' tracking server and bucket."""
+    started = services(cli, env_file, "monitor", profile="monitor")
+    assert list(started) == ["monitor"]
+    monitor = started["monitor"]
+    assert [*monitor["entrypoint"], *(monitor.get("command") or [])] == ["entrypoint", "python", "-m", "steps.monitor"]
+    assert importlib.util.find_spec("steps.monitor") is not None
+    assert monitor["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert monitor["environment"]["S3_BUCKET"] == "agnews"
 
 
 @pytest.mark.parametrize(("sample_size", "expected"), [("", 5000), ("1234", 1234), ("0", 0)])

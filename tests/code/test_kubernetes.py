@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -97,3 +98,24 @@ def test_writable_paths_match_the_config_and_the_image(monkeypatch: pytest.Monke
     for written in (cfg.storage.uri, str(Path(cfg.train.output_dir).parent)):
         assert written.startswith(root)
         assert written.replace(root, "/mlflow/projects/code", 1) in mounts, written
+
+
+def test_monitor_cronjob_runs_the_monitor_step_locked_down_like_the_job() -> None:
+    """kubernetes/monitor-cronjob.yaml: a valid CronJob (strict schema) that runs `python -m steps.monitor` once at
+    a time, without retries, with the job template's pod and container security, in the same namespace."""
+    cron = yaml.safe_load((PROJECT_ROOT / "kubernetes" / "monitor-cronjob.yaml").read_text())
+    kubernetes_validate.validate(cron, kubernetes_validate.latest_version(), strict=True)
+    job = yaml.safe_load((PROJECT_ROOT / "kubernetes" / "job-template.yaml").read_text())
+    assert cron["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    job_pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"] == job_pod["securityContext"]
+    (container,) = pod["containers"]
+    (job_container,) = job_pod["containers"]
+    assert container["securityContext"] == job_container["securityContext"]
+    assert container["envFrom"] == job_container["envFrom"]
+    assert container["command"][:3] == ["python", "-m", "steps.monitor"]
+    assert importlib.util.find_spec("steps.monitor") is not None
+    scratch = {v["name"] for v in pod["volumes"] if v.get("emptyDir") == {}}
+    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]}.get("/tmp") in scratch
