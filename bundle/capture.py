@@ -22,13 +22,12 @@ store. The store holds the lines as Amazon Data Firehose delivers them: ``captur
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bundle.layout import SHA256, ContractError, sha256
+from bundle.layout import ContractError, _field, _object, _sha, _version, sha256
 
 CAPTURES = "captures"  # the key of the line's entries, and the store's prefix
 DECIMALS = 4  # of each captured probability
@@ -77,63 +76,43 @@ def object_prefix(model_name: str, when: datetime) -> str:
     return f"{CAPTURES}/{model_name}/{when.astimezone(UTC).strftime(PARTITION)}/"
 
 
-def _get(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if name not in doc:
-        raise ContractError(f"{where} lacks {name!r}")
-    value = doc[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ContractError(f"{where}: {name!r} is {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ContractError(f"{where}: {name!r} is not a finite number")
-    return value
-
-
-def _digest(doc: dict[str, Any], name: str, where: str) -> str:
-    value = _get(doc, name, str, where)
-    if not SHA256.fullmatch(value):
-        raise ContractError(f"{where}: {name!r} is not a sha256 hex digest")
-    return value
-
-
 def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> CaptureRecord:
     if not isinstance(item, dict):
         raise ContractError(f"{where} is not a JSON object")
-    probabilities = _get(item, "probabilities", dict, where)
+    probabilities = _field(item, "probabilities", dict, where)
     if not probabilities:
         raise ContractError(f"{where}: 'probabilities' is empty")
     for label in probabilities:
-        probability = _get(probabilities, label, (int, float), f"{where} probabilities")
-        if not 0 <= probability <= 1:
+        probability = _field(probabilities, label, (int, float), f"{where} probabilities")
+        if not 0 <= probability <= 1:  # NaN too
             raise ContractError(f"{where}: the probability of {label!r} is not in [0, 1]")
-    predicted = _get(item, "class", str, where)
+    predicted = _field(item, "class", str, where)
     if predicted not in probabilities:
         raise ContractError(f"{where}: 'class' {predicted!r} is not among the probabilities' labels")
-    tokens = _get(item, "tokens", int, where)
+    tokens = _field(item, "tokens", int, where)
     if tokens < 0:
         raise ContractError(f"{where}: 'tokens' is negative")
-    digest = _digest(item, "text_sha256", where)
-    text = _get(item, "text", str, where) if "text" in item else None
+    digest = _sha(item, "text_sha256", where)
+    text = _field(item, "text", str, where) if "text" in item else None
     if text is not None and text_sha256(text) != digest:
         raise ContractError(f"{where}: 'text_sha256' is not the sha256 of 'text'")
     request_id = line.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise ContractError(f"{where}: 'request_id' is {type(request_id).__name__}")
-    version = _get(line, "version", int, where)
-    if version < 1:
-        raise ContractError(f"{where}: 'version' {version} is not a version number")
-    latency = _get(line, "Latency", (int, float), where)
+    latency = _field(line, "Latency", (int, float), where)
+    if not math.isfinite(latency) or latency < 0:
+        raise ContractError(f"{where}: 'Latency' {latency} is not a duration")
     return CaptureRecord(
         time=time,
         request_id=request_id,
-        model_name=_get(line, "model", str, where),
-        model_version=version,
-        manifest_sha256=_digest(line, "manifest_sha256", where),
+        model_name=_field(line, "model", str, where),
+        model_version=_version(line, where),
+        manifest_sha256=_sha(line, "manifest_sha256", where),
         predicted_class=predicted,
         confidence=float(probabilities[predicted]),
         probabilities={label: float(p) for label, p in probabilities.items()},
         tokens=tokens,
-        cut=_get(item, "cut", bool, where),
+        cut=_field(item, "cut", bool, where),
         latency_ms=float(latency),
         text_sha256=digest,
         text=text,
@@ -143,16 +122,11 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
 def parse_line(data: str | bytes, where: str = "capture line") -> list[CaptureRecord]:
     """The capture records of one line (none for a log line without ``captures``); a line that breaks the schema
     raises ContractError naming the field."""
-    try:
-        line = json.loads(data)
-    except ValueError as exc:
-        raise ContractError(f"{where} is not valid JSON: {exc}") from None
-    if not isinstance(line, dict):
-        raise ContractError(f"{where} is not a JSON object")
+    line = _object(data.encode("utf-8") if isinstance(data, str) else data, where)
     if CAPTURES not in line:
         return []
-    entries = _get(line, CAPTURES, list, where)
-    stamp = _get(_get(line, "_aws", dict, where), "Timestamp", int, f"{where} _aws")
+    entries = _field(line, CAPTURES, list, where)
+    stamp = _field(_field(line, "_aws", dict, where), "Timestamp", int, f"{where} _aws")
     time = datetime.fromtimestamp(stamp / 1000, UTC)
     return [_record(line, time, item, f"{where} {CAPTURES}[{i}]") for i, item in enumerate(entries)]
 
