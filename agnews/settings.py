@@ -254,7 +254,6 @@ INPUT_FORMATS = ("auto", "csv", "json", "parquet")  # predict.format; auto: by t
 class SparkSettings:  # predict.spark; its ranges are PredictSettings'
     master: str | None = MISSING
     partitions: int = MISSING
-    conf: dict[str, str] = MISSING
 
 
 @dataclass

@@ -101,6 +101,4 @@ def target(output: str | None, overwrite: bool) -> Target:
         raise StorageError(f"predict.output {location.url} cannot be checked: {exc}") from None
     if found and not overwrite:
         raise StorageError(f"predict.output {location.url} exists: choose another, or set predict.overwrite=true")
-    if not location.s3:
-        location.fs.create_dir(location.path.rpartition("/")[0], recursive=True)
     return Target(location, sibling(location, "tmp"))

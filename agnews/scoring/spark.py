@@ -33,14 +33,12 @@ ROWS = "rows"
 
 
 def session(spark: SparkSettings) -> SparkSession:
-    """The Spark session on ``predict.spark.master`` (unset: spark-submit's, or ``local[*]``) with
-    ``predict.spark.conf``; local workers run this Python."""
+    """The Spark session on ``predict.spark.master`` (unset: spark-submit's, or ``local[*]``); local workers run
+    this Python."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(APP_NAME)
     if spark.master:
         builder = builder.master(spark.master)
-    for key, value in spark.conf.items():
-        builder = builder.config(key, value)
     return builder.getOrCreate()
 
 
