@@ -5,7 +5,7 @@
 # The CUDA variant is the same file with two build args, a CUDA base image and PyTorch's CUDA wheel index:
 #   docker build -t agnews-mlops --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# and runs with the GPUs passed in: `mlflow run . -e main -A gpus=all ...` (README, "GPU").
+# and runs with the GPUs passed in: `mlflow run . -e main -A gpus=all ...` (docs/docker.md, "GPU").
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 

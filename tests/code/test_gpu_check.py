@@ -16,7 +16,7 @@ import torch
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.precision import Device, detect, for_config
-from tests.helpers import require_agnews
+from tests.helpers import DOCUMENTS, require_agnews
 
 SCRIPT = PROJECT_ROOT / "bench" / "gpu_check.sh"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -150,8 +150,9 @@ def test_dockerfile_build_args_resolve_for_both_variants() -> None:
         "TORCH_INDEX_URL": (False, "https://download.pytorch.org/whl/cpu"),
     }
     assert steps[from_index][1] == "${BASE_IMAGE}"
-    # every --build-arg that the README and the Dockerfile show is one the Dockerfile declares (Docker ignores others)
-    shown = re.findall(r"--build-arg (\w+)=(\S+)", (PROJECT_ROOT / "README.md").read_text() + DOCKERFILE.read_text())
+    # every --build-arg that the README, docs/ and the Dockerfile show is one the Dockerfile declares (Docker ignores
+    # others)
+    shown = re.findall(r"--build-arg (\w+)=(\S+)", "".join(doc.read_text() for doc in (*DOCUMENTS, DOCKERFILE)))
     assert {name for name, _ in shown} <= set(declared)
     assert set(CUDA_ARGS.items()) <= set(shown)
 

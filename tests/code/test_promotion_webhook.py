@@ -397,7 +397,7 @@ def test_unregister_through_the_database_when_no_worker_can_decrypt_the_secret(
 def test_the_readmes_webhook_setup_as_written_serves_a_move_made_in_the_ui(
     keyed_runs: TrainRuns, s3_env: str, bucket: str, tmp_path: Path
 ) -> None:
-    """README, "Promoting by hand in the MLflow UI": its block, as written, in a checkout, against a server with its
+    """README, "Promote in the MLflow UI": its webhook block, as written, in a checkout, against a server with its
     default 4 workers and the three settings. The receiver it leaves running serves @champion moved with the UI's own
     call, on a delivery from the webhook it registered (not only the timer)."""
     name = compose([]).registry.model_name  # the block runs on conf/'s defaults

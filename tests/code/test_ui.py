@@ -1,8 +1,8 @@
 """A user moves @champion in the MLflow UI (headless Chromium, driven by Selenium), and the Lambda follows by itself:
 the webhook receiver mirrors the new champion, champion.json names it, the handler answers with it.
 
-The `ui` suite (`make test-ui`): it needs Debian's `chromium` and `chromium-driver`. The steps are the README's
-"Promoting by hand in the MLflow UI"; the test saves a screenshot of the alias dialog, which
+The `ui` suite (`make test-ui`): it needs Debian's `chromium` and `chromium-driver`. The steps are those of
+docs/promotion.md, "In the UI"; the test saves a screenshot of the alias dialog, which
 `UPDATE_SCREENSHOT=1 make test-ui` copies to docs/promote-champion.png.
 """
 
@@ -110,7 +110,7 @@ def text(label: str) -> str:
 
 
 def move_champion_in_the_ui(browser: WebDriver, server: str, name: str, version: int, screenshot: Path) -> None:
-    """The README's steps: Model training, Model registry, the model, the version, the pencil next to Aliases, type
+    """The documented steps: Model training, Model registry, the model, the version, the pencil next to Aliases, type
     champion, Enter, Save aliases."""
     browser.get(server)
     click(browser, f"//button[normalize-space(.)='Model training'] | {text('Model training')}")  # leave GenAI mode
