@@ -3,7 +3,6 @@ profile, live accuracy from labels, the verdict, its exit status, and a retrain 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import boto3
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -22,10 +22,10 @@ from agnews.config import PROJECT_ROOT, compose
 from agnews.data import parse_csv
 from agnews.errors import ConfigError, DataError
 from agnews.monitoring.captures import read_window, window
-from agnews.monitoring.labels import read_labels
+from agnews.monitoring.labels import matched, read_labels
 from agnews.names import MONITOR_VERDICT_TAG, REFERENCE_ARTIFACT
-from agnews.storage import LocalStorage
-from bundle.capture import object_prefix
+from agnews.storage import LocalStorage, open_storage
+from bundle.capture import object_prefix, text_sha256
 from tests.conftest import register_trained
 from tests.helpers import MODEL_NAME, LocalServer, lambda_process, mirror_version, require_agnews
 
@@ -33,11 +33,13 @@ DRIFT_STATUS = 3  # steps/monitor.py's exit status on drift
 WINDOW_TEXTS = 400  # test-split texts per window
 
 
-def serve_texts(model_root: Path, tmp_path: Path, texts: list[str], **env: str) -> tuple[str, str]:
-    """Post ``texts`` to lambda/local.py serving ``model_root``, 20 a request; the window that holds their captures
-    (since, until) as ISO times."""
+def serve_texts(
+    model_root: Path, tmp_path: Path, texts: list[str], captures: str | None = None, **env: str
+) -> tuple[str, str]:
+    """Post ``texts`` to lambda/local.py serving ``model_root`` (its captures in its store, or in ``captures``), 20 a
+    request; the window that holds their captures (since, until) as ISO times."""
     since = datetime.now(UTC)
-    server = LocalServer(lambda_process(model_root, tmp_path) | env)
+    server = LocalServer(lambda_process(model_root, tmp_path) | env, *(["--captures", captures] if captures else []))
     try:
         for start in range(0, len(texts), 20):
             status, body = server.request(data=json.dumps({"texts": texts[start : start + 20]}).encode())
@@ -126,6 +128,21 @@ def test_lines_that_do_not_parse_are_counted_and_skipped(mirror_root: Path, tmp_
     assert read.bad.count == 2
     (sample,) = read.bad.samples
     assert "broken line 1" in sample and "'version' is str" in sample
+
+
+def test_captures_and_labels_are_read_from_s3(mirror_root: Path, tmp_path: Path, s3_env: str, bucket: str) -> None:
+    """lambda/local.py writing its captures to a bucket (the moto server), read back through the S3 store, and a
+    labels file there, joined to them."""
+    texts = ["Stocks fell sharply on Monday", "The Lakers won again"]
+    since, until = serve_texts(mirror_root, tmp_path, texts, captures=f"s3://{bucket}/served")
+    settings = compose([f"storage.uri=s3://{bucket}/served", f"monitor.since={since}", f"monitor.until={until}"])
+    span = window(settings.monitor, datetime.now(UTC))
+    read = read_window(open_storage(settings.storage), MODEL_NAME, span, settings.monitor, 0)
+    assert len(read.answers) == len(texts) and read.objects == 1 and read.bad.count == 0
+    body = "".join(json.dumps({"text_sha256": text_sha256(t), "label": "Sports"}) + "\n" for t in texts)
+    boto3.client("s3", endpoint_url=s3_env).put_object(Bucket=bucket, Key="labels.jsonl", Body=body.encode())
+    labels = read_labels(f"s3://{bucket}/labels.jsonl")
+    assert matched(read.answers, labels) == len(texts) and labels.rows == len(texts)
 
 
 def test_an_empty_window_is_one_line_and_status_0(make_cfg, tmp_path: Path) -> None:
@@ -233,9 +250,7 @@ def test_the_served_texts_are_ok_and_longer_texts_drift(served: Served) -> None:
 
 
 def write_labels(path: Path, texts: list[str], labels: list[str], unknown: int = 0) -> Path:
-    rows = [
-        {"text_sha256": hashlib.sha256(t.encode()).hexdigest(), "label": y} for t, y in zip(texts, labels, strict=True)
-    ]
+    rows = [{"text_sha256": text_sha256(text), "label": label} for text, label in zip(texts, labels, strict=True)]
     rows += [{"text_sha256": f"{random.Random(i).getrandbits(256):064x}", "label": "World"} for i in range(unknown)]
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -318,7 +333,7 @@ def test_on_drift_retrain_runs_main_as_a_child_whose_model_goes_through_the_gate
     client = MlflowClient(served.tracking_uri)
     parent = last_monitor_run(served.tracking_uri)
     (main,) = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.step = 'main'"
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.step = 'main'"
     )
     assert main.data.tags["registered_alias"] == "challenger" and main.data.tags["registered_version"] == "2"
     assert client.get_registered_model(MODEL_NAME).aliases == {"champion": "1", "challenger": "2"}

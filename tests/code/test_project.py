@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
-ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history", "tune"]
+ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history", "tune", "monitor"]
 # `webhook` has a subcommand first
-HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune"]
+HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune", "monitor"]
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
