@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 
 from agnews.errors import DataError
+from agnews.names import REFERENCE_ARTIFACT
 from bundle.predictor import Predictor
 
 PREDICTED, CONFIDENCE, TOKENS, CUT, TEXT = "predicted_class", "confidence", "tokens", "cut", "text"
@@ -46,6 +48,12 @@ def write(frame: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path, index=False)
     return path
+
+
+def log_profile(predictor: Predictor, texts: list[str], workdir: Path) -> None:
+    """The profile of ``texts`` (the validation split's), logged as the active run's ``REFERENCE_ARTIFACT``."""
+    path = write(profile(predictor, texts), workdir / REFERENCE_ARTIFACT)
+    mlflow.log_artifact(str(path), str(Path(REFERENCE_ARTIFACT).parent))
 
 
 def read(path: Path) -> pd.DataFrame:
