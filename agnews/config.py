@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib.resources
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ParamSpec
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agnews.errors import ConfigError, PipelineError
-from agnews.settings import one_line, validate
+from agnews.settings import Settings, one_line, validate
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -75,7 +76,7 @@ def split_overrides(args: list[str]) -> list[str]:
     return [o for o in overrides if not re.fullmatch(r"[\w.+~/@-]+=", o)]
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def _compose(overrides: list[str]) -> DictConfig:  # composition itself: the one place a DictConfig lives
     """Hydra's compose; what it refuses is one ConfigError line, naming the key for a value of the wrong type
     (``train.epochs=abc``)."""
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -129,14 +130,12 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"{o.input_line}: no such key{_closest(key, keys)}")
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the config as the entry points do (for tests and library use); an unknown key, or a value out of its
-    key's type or range (agnews/settings.py), fails in one line."""
+def compose(overrides: list[str] | None = None) -> Settings:
+    """The typed settings, composed as the entry points compose them (for tests and library use); an unknown key, or
+    a value out of its key's type or range (agnews/settings.py), fails in one line."""
     overrides = split_overrides(overrides or [])
     check_overrides(overrides)
-    cfg = _compose(overrides)
-    validate(cfg)
-    return cfg
+    return validate(_compose(overrides))
 
 
 # The user info of a URI (`scheme://user:password@host`): a tracking server's or a database's credentials. After
@@ -164,18 +163,8 @@ def _redacted(node: Any) -> Any:
     return redact(node) if isinstance(node, str) else node
 
 
-def to_dict(node: DictConfig) -> dict[str, Any]:
-    """A config node as a plain, resolved dict (``OmegaConf.to_container``, whose type also allows a list or a str)."""
-    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
-
-
-def merged(cfg: DictConfig, *others: Any) -> DictConfig:
-    """``OmegaConf.merge`` onto a config, which is a config again (OmegaConf types it ``DictConfig | ListConfig``)."""
-    return cast(DictConfig, OmegaConf.merge(cfg, *others))
-
-
-def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """Flatten the resolved config into dotted keys, as MLflow params (URI credentials redacted)."""
+def flatten(settings: Settings) -> dict[str, Any]:
+    """Flatten the settings into dotted keys, as MLflow params (URI credentials redacted)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -185,13 +174,13 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix.rstrip(".")] = json.dumps(node) if isinstance(node, list) else node
 
-    walk(_redacted(OmegaConf.to_container(cfg, resolve=True)), "")
+    walk(_redacted(dataclasses.asdict(settings)), "")
     return out
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML (URI credentials redacted), as each step logs it."""
-    return OmegaConf.to_yaml(OmegaConf.create(_redacted(OmegaConf.to_container(cfg, resolve=True))))
+def to_yaml(settings: Settings) -> str:
+    """The settings as YAML (URI credentials redacted), as each step logs it."""
+    return OmegaConf.to_yaml(OmegaConf.create(_redacted(dataclasses.asdict(settings))))
 
 
 def code_version() -> str:
@@ -212,29 +201,40 @@ def code_version() -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
-def entrypoint(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
-    """Wrap ``task(cfg)`` as a Hydra command line that reports PipelineErrors as one line.
+Args = ParamSpec("Args")
 
-    The overrides are checked, and the config composed and validated, before Hydra runs the task: Hydra itself would
-    report a bad key or value in several lines."""
 
-    @functools.wraps(task)
-    def guarded(cfg: DictConfig) -> None:
+def command(main: Callable[Args, None]) -> Callable[Args, None]:
+    """Wrap a command line's ``main`` so that a PipelineError ends it as one line, ``error: <message>``, with exit
+    status 1. Every entry point goes through it: the Hydra steps through ``entrypoint``, the argparse ones directly."""
+
+    @functools.wraps(main)
+    def guarded(*args: Args.args, **kwargs: Args.kwargs) -> None:
         try:
-            task(cfg)
+            main(*args, **kwargs)
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
 
-    hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(guarded)
+    return guarded
 
+
+def entrypoint(task: Callable[[Settings], Any]) -> Callable[[], None]:
+    """Wrap ``task(settings)`` as a Hydra command line that reports PipelineErrors as one line (``command``).
+
+    The overrides are checked, and the config composed and validated, before Hydra runs the task: Hydra itself would
+    report a bad key or value in several lines. The task gets the typed settings (agnews/settings.py)."""
+
+    @functools.wraps(task)
+    def typed(cfg: DictConfig) -> None:
+        task(validate(cfg))
+
+    hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(command(typed))
+
+    @command
     def main() -> None:
         sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
-        try:
-            compose([arg for arg in sys.argv[1:] if _OVERRIDE.fullmatch(arg)])
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+        compose([arg for arg in sys.argv[1:] if _OVERRIDE.fullmatch(arg)])
         hydra_main()
 
     return main

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
-from omegaconf import DictConfig
 
 from agnews.errors import DataError, NotFoundError
+from agnews.settings import DataSettings
 from agnews.storage import Storage
 from bundle.layout import digest, sha256
 
@@ -153,13 +153,13 @@ def load_hub(name: str, n_labels: int) -> dict[str, pd.DataFrame]:
     return {split: parse_records(Path(f"{name}[{split}]"), loaded[split].to_pandas(), n_labels) for split in SPLITS}
 
 
-def load_source(data: DictConfig) -> dict[str, pd.DataFrame]:
+def load_source(data: DataSettings) -> dict[str, pd.DataFrame]:
     """Read both splits from ``data.train_file``/``data.test_file``, a folder, or the Hub."""
     n_labels = len(data.labels)
-    files = {split: data.get(f"{split}_file") for split in SPLITS}
-    if all(files.values()):
+    if data.train_file and data.test_file:
+        files = {"train": data.train_file, "test": data.test_file}
         return {split: parse_file(Path(files[split]).expanduser(), n_labels) for split in SPLITS}
-    if any(files.values()):
+    if data.train_file or data.test_file:
         raise DataError("set both data.train_file and data.test_file, or neither")
     source = str(data.source)
     folder = Path(source).expanduser()

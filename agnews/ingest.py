@@ -9,23 +9,24 @@ import warnings
 import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
-from omegaconf import DictConfig
 
 from agnews.config import code_version
 from agnews.data import INFO, build_info, load_source, read_info, store_dataset, to_jsonl
 from agnews.lease import held, lock_key
+from agnews.settings import Settings
 from agnews.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 
-def upload(cfg: DictConfig) -> tuple[dict[str, pd.DataFrame], dict, bool]:
+def upload(cfg: Settings) -> tuple[dict[str, pd.DataFrame], dict, bool]:
     """Parse and validate both splits, then publish them under the dataset's lease; returns (splits, info, changed)."""
     splits = load_source(cfg.data)
     files = {f"{split}.jsonl": to_jsonl(frame) for split, frame in splits.items()}
     storage = open_storage(cfg.storage)
     prefix = cfg.storage.dataset_prefix
-    source = " + ".join(str(cfg.data[f"{s}_file"]) for s in splits) if cfg.data.train_file else str(cfg.data.source)
+    data = cfg.data
+    source = f"{data.train_file} + {data.test_file}" if data.train_file else str(data.source)
     info = build_info(splits, files, list(cfg.data.labels), source, code_version())
     with held(storage, lock_key(prefix), f"upload {prefix}", cfg.storage) as lease:
         changed = store_dataset(storage, prefix, files, info, lease.check)
@@ -50,7 +51,7 @@ def log_frame(frame: pd.DataFrame, source: str, name: str, context: str) -> None
         mlflow.log_input(dataset, context=context)
 
 
-def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) -> None:
+def log_dataset(cfg: Settings, splits: dict[str, pd.DataFrame], info: dict) -> None:
     """Log each split as an mlflow.data input, plus row counts and info.json."""
     storage = open_storage(cfg.storage)
     prefix = cfg.storage.dataset_prefix
@@ -65,7 +66,7 @@ def log_dataset(cfg: DictConfig, splits: dict[str, pd.DataFrame], info: dict) ->
     mlflow.log_dict(info, INFO)
 
 
-def upload_and_log(cfg: DictConfig) -> bool:
+def upload_and_log(cfg: Settings) -> bool:
     """The step's work in the active run: publish, tag whether the dataset changed, log it; True when uploaded."""
     splits, info, changed = upload(cfg)
     mlflow.set_tag("dataset.changed", str(changed).lower())

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import requests
 from huggingface_hub import constants
-from omegaconf import DictConfig
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -16,8 +15,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from agnews.config import to_dict
 from agnews.errors import ModelError
+from agnews.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 # The classification heads that AutoModelForSequenceClassification adds on top of a pretrained encoder.
@@ -51,7 +50,7 @@ def _from_pretrained(loader, name: str, timeout_s: float, **kwargs):
         raise ModelError(f"cannot load '{name}' from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
 
 
-def load_tokenizer(model: DictConfig) -> PreTrainedTokenizerFast:
+def load_tokenizer(model: ModelSettings) -> PreTrainedTokenizerFast:
     return _from_pretrained(AutoTokenizer, str(model.tokenizer), model.hub_timeout_s)
 
 
@@ -59,7 +58,7 @@ def _errors_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
-def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+def load_model(model: ModelSettings, labels: list[str], tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A sequence classifier with a fresh head for ``labels``; random weights when ``model.init`` is set."""
     label_maps = {
         "num_labels": len(labels),
@@ -67,7 +66,7 @@ def load_model(model: DictConfig, labels: list[str], tokenizer: PreTrainedTokeni
         "label2id": {name: i for i, name in enumerate(labels)},
     }
     if model.init is not None:
-        init = to_dict(model.init)
+        init = dict(model.init)
         config = AutoConfig.for_model(
             init.pop("model_type"),
             vocab_size=tokenizer.vocab_size,

@@ -8,19 +8,19 @@ child fails the parent, and both carry its error as the ``error`` tag.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from omegaconf import DictConfig
 
-from agnews.config import merged
 from agnews.errors import ConfigError
 from agnews.ingest import upload_and_log
-from agnews.promotion import register
-from agnews.registry import Verdict
+from agnews.promotion.register import register
+from agnews.promotion.registry import Verdict
+from agnews.settings import Settings
 from agnews.tracking import step_run
 from agnews.training import train
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def child(cfg: DictConfig, step: str, parent: Run) -> Iterator[Run]:
+def child(cfg: Settings, step: str, parent: Run) -> Iterator[Run]:
     """A nested run for ``step``, named on the parent; an error is tagged on both runs and fails both."""
     client = MlflowClient()
     with step_run(cfg, step, nested=True) as run:
@@ -44,26 +44,27 @@ def child(cfg: DictConfig, step: str, parent: Run) -> Iterator[Run]:
             raise
 
 
-def pipeline(cfg: DictConfig) -> Verdict:
-    """Upload (skipped when storage holds the identical dataset), train, and register the run just trained."""
+def pipeline(cfg: Settings, nested: bool = False) -> Verdict:
+    """Upload (skipped when storage holds the identical dataset), train, and register the run just trained; ``nested``:
+    as a child of the active run (``monitor.on_drift=retrain``)."""
     if cfg.registry.rollback or cfg.registry.version is not None or cfg.registry.run_id:
         raise ConfigError(
             "main registers the run it trains: use `python -m steps.register` for registry.run_id, "
             "registry.version or registry.rollback"
         )
-    with step_run(cfg, "main") as parent:
+    with step_run(cfg, "main", nested=nested) as parent:
         with child(cfg, "upload", parent):
             uploaded = upload_and_log(cfg)
         mlflow.set_tag("upload", "uploaded" if uploaded else "skipped")
         return train_and_register(cfg, parent)
 
 
-def train_and_register(cfg: DictConfig, parent: Run) -> Verdict:
+def train_and_register(cfg: Settings, parent: Run) -> Verdict:
     """Train, then register that run, as child runs of the active ``parent``, which gets the verdict's tags."""
     with child(cfg, "train", parent) as trained:
         train(cfg)
-    register_cfg = merged(cfg, {"registry": {"run_id": trained.info.run_id}})
+    register_cfg = dataclasses.replace(cfg, registry=dataclasses.replace(cfg.registry, run_id=trained.info.run_id))
     with child(register_cfg, "register", parent):
-        outcome = register(register_cfg)
+        outcome = register(cfg.registry, cfg.storage, cfg.tracking.experiment, trained.info.run_id)
     mlflow.set_tags(outcome.tags())
     return outcome

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from agnews import hardware
 from agnews.errors import ConfigError
+from agnews.settings import TrainSettings
 
 # What `train.pad_to_multiple_of: auto` pads to on CUDA: the tensor-core tile for half precision, and at most
 # max_length / 8 distinct sequence lengths instead of one per length.
@@ -127,7 +127,7 @@ def resolve(
     return Resolved(precision, device, pad, kwargs)
 
 
-def for_config(t: DictConfig, device: Device | None = None) -> Resolved:
+def for_config(t: TrainSettings, device: Device | None = None) -> Resolved:
     """``resolve`` for the ``train`` config group on this machine's device (or ``device``)."""
     return resolve(
         t.precision,

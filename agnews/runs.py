@@ -23,8 +23,8 @@ import mlflow
 import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus, ViewType
-from omegaconf import DictConfig
 
+from agnews.settings import CleanupSettings
 from agnews.tracking import HOST_TAG, PID_TAG, STARTED_TAG
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _step(run: Run) -> str:
     return run.data.tags.get("step") or run.info.run_name or "?"
 
 
-def close_stale(settings: DictConfig, exclude: str | None = None) -> list[Stale]:
+def close_stale(settings: CleanupSettings, exclude: str | None = None) -> list[Stale]:
     """Mark every stale RUNNING run KILLED (with ``tracking.cleanup.dry_run``, only list them); returns them.
 
     ``settings`` is ``tracking.cleanup``. Expects MLflow connected (``connect`` or ``step_run``); ``exclude`` is the

@@ -13,9 +13,11 @@ run's parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from operator import attrgetter
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -24,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from agnews.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: agnews/precision.py resolves each
+WINDOW = re.compile(r"\d+[mhd]")  # monitor.window: minutes, hours or days
 
 
 def _positive_or_none(value: int | float | None) -> bool:
@@ -112,6 +115,37 @@ class TrainSettings(Schema):
             "dataloader_workers": (self.dataloader_workers >= 0, ">= 0"),
             "pad_to_multiple_of": (pad_ok, "auto, null or >= 0 (0 or null: no padding beyond the longest text)"),
         }
+
+
+@dataclass
+class ModelRecipe:  # the training settings a model needs, which train/default.yaml takes; TrainSettings checks them
+    learning_rate: int | float = MISSING
+    warmup_ratio: int | float = MISSING
+    label_smoothing: int | float = MISSING
+
+
+@dataclass
+class ModelSettings(Schema):
+    prefix: ClassVar[str] = "model"
+    name: str = MISSING
+    display_name: str = MISSING
+    tokenizer: str = MISSING
+    init: dict[str, Any] | None = MISSING  # a random model's config (``model_type`` and its arguments), or null
+    hub_timeout_s: int | float = MISSING
+    recipe: ModelRecipe = field(default_factory=ModelRecipe)
+    search: dict[str, Any] = MISSING  # each key a train setting, with Optuna's suggest_<type> arguments
+
+    def ranges(self) -> dict[str, tuple[bool, str]]:
+        return {"hub_timeout_s": (self.hub_timeout_s > 0, "> 0")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        settings = {f.name for f in fields(TrainSettings)}
+        for key, spec in self.search.items():
+            if key not in settings:
+                raise ConfigError(f"model.search.{key}: no such train setting to search")
+            if not isinstance(spec, dict) or "type" not in spec:
+                raise ConfigError(f"model.search.{key}: give its type (float, int or categorical) and arguments")
 
 
 @dataclass
@@ -205,7 +239,7 @@ class TuneSettings(Schema):
     startup_trials: int = MISSING
     pruner: PrunerSettings = field(default_factory=PrunerSettings)
     early_stopping_patience: int | None = MISSING
-    heartbeat_s: int | float = MISSING
+    heartbeat_s: int = MISSING  # Optuna's heartbeat_interval: whole seconds
     retrain: bool = MISSING
     join_timeout_s: int | float = MISSING
     recipe_dir: str = MISSING
@@ -285,19 +319,89 @@ class PredictSettings(Schema):
         }
 
 
+def _time_or_none(text: str | None) -> bool:
+    try:
+        return text is None or bool(datetime.fromisoformat(text))
+    except ValueError:
+        return False
+
+
+FAIL_ON = ("drift", "never")  # monitor.fail_on: whether a drift verdict ends the step with a non-zero status
+ON_DRIFT = ("none", "retrain")  # monitor.on_drift: what a drift verdict does besides tagging
+
+
+@dataclass
+class MonitorSettings(Schema):
+    prefix: ClassVar[str] = "monitor"
+    window: str = MISSING
+    since: str | None = MISSING
+    until: str | None = MISSING
+    min_answers: int = MISSING
+    low_confidence: int | float = MISSING
+    drift_share: int | float = MISSING
+    text_sample: int = MISSING
+    labels: str | None = MISSING
+    max_accuracy_drop: int | float = MISSING
+    confidence_level: int | float = MISSING
+    bad_line_samples: int = MISSING
+    fail_on: str = MISSING
+    on_drift: str = MISSING
+
+    def ranges(self) -> dict[str, tuple[bool, str]]:
+        return {
+            "window": (WINDOW.fullmatch(self.window) is not None and int(self.window[:-1]) > 0, "<n>m, <n>h or <n>d"),
+            "since": (_time_or_none(self.since), "an ISO 8601 time or null"),
+            "until": (_time_or_none(self.until), "an ISO 8601 time or null"),
+            "min_answers": (self.min_answers > 0, "> 0"),
+            "low_confidence": (0 < self.low_confidence < 1, "in (0, 1)"),
+            "drift_share": (0 < self.drift_share <= 1, "in (0, 1]"),
+            "text_sample": (self.text_sample > 0, "> 0"),
+            "max_accuracy_drop": (0 <= self.max_accuracy_drop <= 1, "in [0, 1]"),
+            "confidence_level": (0 < self.confidence_level < 1, "in (0, 1)"),
+            "bad_line_samples": (self.bad_line_samples >= 0, ">= 0"),
+            "fail_on": (self.fail_on in FAIL_ON, f"one of {', '.join(FAIL_ON)}"),
+            "on_drift": (self.on_drift in ON_DRIFT, f"one of {', '.join(ON_DRIFT)}"),
+        }
+
+
 # Each config group's schema, as conf/<group>/*.yaml take it (`defaults: [schema, _self_]`).
 SCHEMAS: dict[str, type[Schema]] = {
     "data": DataSettings,
     "train": TrainSettings,
+    "model": ModelSettings,
     "storage": StorageSettings,
     "registry": RegistrySettings,
     "tracking": TrackingSettings,
     "tune": TuneSettings,
     "webhook": WebhookSettings,
     "predict": PredictSettings,
+    "monitor": MonitorSettings,
 }
 for _group, _schema in SCHEMAS.items():
     ConfigStore.instance().store(group=_group, name="schema", node=_schema)
+
+SEEDS = 2**32  # numpy's seeds, which transformers' set_seed passes it: 0 to 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The composed config, typed: each group's schema object, and the seed of every random choice."""
+
+    data: DataSettings
+    train: TrainSettings
+    model: ModelSettings
+    storage: StorageSettings
+    registry: RegistrySettings
+    tracking: TrackingSettings
+    tune: TuneSettings
+    webhook: WebhookSettings
+    predict: PredictSettings
+    monitor: MonitorSettings
+    seed: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEEDS:
+            raise ConfigError(f"seed={self.seed} is out of range: it must be an integer in [0, {SEEDS})")
 
 
 def one_line(exc: OmegaConfBaseException) -> str:
@@ -308,13 +412,20 @@ def one_line(exc: OmegaConfBaseException) -> str:
     return f"{exc.full_key}: {message}" if exc.value is None else f"{exc.full_key}={exc.value}: {message}"
 
 
-def validate(cfg: DictConfig) -> None:
-    """Instantiate each typed group of ``cfg``: resolves its interpolations against the types and checks the ranges.
+def validate(cfg: DictConfig) -> Settings:
+    """The typed settings of a composed config: each group instantiated from its schema, which resolves its
+    interpolations against the types and checks the ranges.
 
     Raises ConfigError, in one line that names the key, for the first value out of its type or range.
     """
+    groups: dict[str, Any] = {}
     for group in SCHEMAS:
         try:
-            OmegaConf.to_object(cfg[group])
+            groups[group] = OmegaConf.to_object(cfg[group])
         except OmegaConfBaseException as exc:
             raise ConfigError(one_line(exc)) from None
+    try:
+        seed = cfg.seed
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line(exc)) from None
+    return Settings(seed=seed, **groups)

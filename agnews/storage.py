@@ -27,9 +27,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-from omegaconf import DictConfig
 
 from agnews.errors import NotFoundError, StorageError
+from agnews.settings import StorageSettings
 
 MB = 1024 * 1024
 # S3's answers to a conditional request that lost: the condition failed, the key is gone, or another conditional
@@ -320,7 +320,7 @@ def s3_client(config: BotoConfig | None = None):
     )
 
 
-def open_storage(storage: DictConfig) -> Storage:
+def open_storage(storage: StorageSettings) -> Storage:
     """The store that ``storage`` (a config's ``storage`` group) names by ``uri``: ``s3://bucket/prefix``,
     ``file:///path`` or a folder."""
     uri = str(storage.uri)

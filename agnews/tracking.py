@@ -16,10 +16,10 @@ import psutil
 import requests
 from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
-from omegaconf import DictConfig
 
 from agnews.config import code_version, flatten, redact, to_yaml
 from agnews.errors import TrackingError
+from agnews.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def quiet_artifact_bars() -> None:
         os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")
 
 
-def connect(cfg: DictConfig) -> None:
+def connect(cfg: Settings) -> None:
     """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds.
 
     Under ``mlflow run``, which has started the run already, the run's own experiment stays.
@@ -113,7 +113,7 @@ def connect(cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def step_run(cfg: DictConfig, step: str, nested: bool = False) -> Iterator[Run]:
+def step_run(cfg: Settings, step: str, nested: bool = False) -> Iterator[Run]:
     """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
     connect(cfg)
     with mlflow.start_run(run_name=step, nested=nested) as run:

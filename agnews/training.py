@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
-from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
 from torch.utils.data import SequentialSampler
 from transformers import (
@@ -37,8 +36,9 @@ from agnews.data import StoredDataset, rows_sha256
 from agnews.errors import DataError
 from agnews.ingest import log_frame
 from agnews.modeling import load_model, load_tokenizer
+from agnews.names import TEST_ROWS_TAG
 from agnews.progress import phase
-from agnews.registry import TEST_ROWS_TAG
+from agnews.settings import Settings, TrainSettings
 from agnews.storage import open_storage
 from bundle import layout
 from bundle.predictor import Predictor, softmax
@@ -103,7 +103,7 @@ def by_length(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[frame.text.str.len().argsort(kind="stable")]
 
 
-def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: DictConfig) -> datasets.Dataset:
+def tokenize(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerFast, t: TrainSettings) -> datasets.Dataset:
     padding = "max_length" if t.pad_to_max_length else False
     ds = datasets.Dataset.from_pandas(frame.rename(columns={"label": "labels"}), preserve_index=False)
     return ds.map(
@@ -153,7 +153,7 @@ class TrainingClock(TrainerCallback):
         self.seconds += time.perf_counter() - self._started
 
 
-def training_args(cfg: DictConfig, output_dir: Path, resolved: precision.Resolved) -> TrainingArguments:
+def training_args(cfg: Settings, output_dir: Path, resolved: precision.Resolved) -> TrainingArguments:
     """The Trainer's arguments: the recipe from ``train``, with the precision and DataLoader settings resolved for
     the device."""
     t = cfg.train
@@ -207,7 +207,7 @@ class Fitted(FineTuned):
     probs: np.ndarray  # test rows x classes, from the kept checkpoint
 
 
-def fine_tune(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
+def fine_tune(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
     """Load the training and validation rows and the model, and fine-tune with validation choosing the checkpoint.
 
     The test split is neither read nor predicted: a hyperparameter search trial (agnews/tuning.py) stops here.
@@ -251,7 +251,7 @@ def fine_tune(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[Train
     return FineTuned(trainer, tokenizer, train_metrics, resolved, train_frame, val_frame)
 
 
-def fit(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
+def fit(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
     """Fine-tune (``fine_tune``), then predict the test split once with the kept (best) checkpoint.
 
     The test rows are drawn first, so that a bad ``data.test_size`` fails before any training.
@@ -267,7 +267,7 @@ def fit(cfg: DictConfig, dataset: StoredDataset, callbacks: Sequence[TrainerCall
     return Fitted(**vars(tuned), test_frame=test_frame, probs=probs)
 
 
-def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[str, float]:
+def log_evaluation(cfg: Settings, fitted: Fitted, labels: list[str]) -> dict[str, float]:
     """Test metrics (``test_*``), the kept checkpoint, confusion matrix, classification report, misclassified texts."""
     y_true = fitted.test_frame.label.to_numpy()
     y_pred = fitted.probs.argmax(1)
@@ -299,7 +299,7 @@ def log_evaluation(cfg: DictConfig, fitted: Fitted, labels: list[str]) -> dict[s
     return final
 
 
-def log_model(cfg: DictConfig, fitted: Fitted, labels: list[str], workdir: Path) -> dict[str, float]:
+def log_model(cfg: Settings, fitted: Fitted, labels: list[str], workdir: Path) -> dict[str, float]:
     """Save the model and its int8 bundle, check the bundle against torch, log the pyfunc, and run the behavioural
     checks on both (the pyfunc as logged, the bundle as the Lambda runs it)."""
     model_dir, bundle_dir = workdir / pyfunc.WEIGHTS_ARTIFACT, workdir / pyfunc.BUNDLE_ARTIFACT
@@ -364,7 +364,7 @@ def log_inputs(dataset: StoredDataset, fitted: Fitted) -> None:
         log_frame(frame[["text", "label"]], dataset.url(split), f"ag_news-{context}", context)
 
 
-def train(cfg: DictConfig, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
+def train(cfg: Settings, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
     """Fine-tune and, on the main process, log metrics, artifacts and the model into the active run."""
     dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
     fitted = fit(cfg, dataset, callbacks)

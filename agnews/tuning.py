@@ -10,6 +10,7 @@ train step's own code and registered behind the gate, as the main pipeline does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -25,17 +26,17 @@ import optuna
 import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna.visualization import matplotlib as plots
 from transformers import TrainerCallback
 
-from agnews.config import merged, redact, to_dict
+from agnews.config import redact
 from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import train_and_register
-from agnews.registry import Verdict
-from agnews.settings import validate
+from agnews.promotion.registry import Verdict
+from agnews.settings import Settings
 from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune
@@ -52,7 +53,7 @@ STATE_TAG = "trial.state"  # a trial run's Optuna state: COMPLETE, PRUNED or FAI
 SCHEMA_ATTEMPTS = 5
 
 
-def storage_url(cfg: DictConfig) -> str:
+def storage_url(cfg: Settings) -> str:
     """``tune.storage``, or, when null, ``optuna.db`` beside the SQLite tracking store."""
     if cfg.tune.storage:
         return str(cfg.tune.storage)
@@ -75,7 +76,7 @@ def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
     log.warning("trial %d of study '%s' lost its worker: marked failed", trial.number, study.study_name)
 
 
-def study_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+def study_storage(cfg: Settings) -> optuna.storages.RDBStorage:
     """The study's RDB storage, with heartbeats: a trial whose worker dies is failed (not re-queued) by the next
     worker that asks for a trial, which also fails its MLflow run (``mark_lost``)."""
     url = storage_url(cfg)
@@ -99,7 +100,7 @@ def study_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
         raise TuneError(f"tune.storage={redact(url)} cannot be opened: {type(exc).__name__}: {reason}") from None
 
 
-def open_study(cfg: DictConfig) -> tuple[optuna.Study, bool]:
+def open_study(cfg: Settings) -> tuple[optuna.Study, bool]:
     """Create ``tune.study`` or join it; True when this process created it (creation is atomic in the RDB).
 
     The creator seeds TPE with ``seed``; a joining worker draws its own seed, or it would propose the same points.
@@ -109,7 +110,7 @@ def open_study(cfg: DictConfig) -> tuple[optuna.Study, bool]:
     def sampler(seed: int | None) -> optuna.samplers.TPESampler:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
 
-    pruner = optuna.pruners.MedianPruner(**cfg.tune.pruner)
+    pruner = optuna.pruners.MedianPruner(**dataclasses.asdict(cfg.tune.pruner))
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, direction="maximize", sampler=sampler(cfg.seed), pruner=pruner
@@ -132,9 +133,15 @@ def parent_of(study: optuna.Study, timeout_s: float) -> str:
     return parent
 
 
-def recipe(cfg: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
+def recipe(cfg: Settings, params: dict[str, Any]) -> dict[str, Any]:
     """The ``train`` settings of a trial: its parameters, with the study's early stopping."""
     return {"train": {**params, "early_stopping_patience": cfg.tune.early_stopping_patience}}
+
+
+def with_recipe(cfg: Settings, params: dict[str, Any], **train: Any) -> Settings:
+    """``cfg`` with a trial's parameters (``recipe``) and ``train`` as its train settings; the schema checks their
+    ranges again (agnews/settings.py)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **recipe(cfg, params)["train"], **train))
 
 
 class PruneOnValidation(TrainerCallback):
@@ -149,16 +156,16 @@ class PruneOnValidation(TrainerCallback):
             raise optuna.TrialPruned(f"validation accuracy {metrics['eval_accuracy']:.4f} at epoch {state.epoch:.0f}")
 
 
-def suggest(trial: Trial, space: DictConfig) -> dict[str, Any]:
+def suggest(trial: Trial, space: dict[str, Any]) -> dict[str, Any]:
     """One point of the search space: each key a ``train`` setting, with Optuna's ``suggest_<type>`` arguments."""
     params = {}
-    for name, spec in to_dict(space).items():
-        kind = spec.pop("type")
-        params[name] = getattr(trial, f"suggest_{kind}")(name, **spec)
+    for name, spec in space.items():
+        arguments = {key: value for key, value in spec.items() if key != "type"}
+        params[name] = getattr(trial, f"suggest_{spec['type']}")(name, **arguments)
     return params
 
 
-def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
+def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
     """Fine-tune one point of the search space in a child run of ``parent``; returns the best validation accuracy.
 
     The run ends FINISHED for a complete or pruned trial and FAILED for a crash, with ``trial.state`` as its tag.
@@ -178,8 +185,8 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
             params = suggest(trial, cfg.model.search)
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
-                settings = merged(cfg, recipe(cfg, params), {"train": {"output_dir": tmp, "resume": False}})
-                validate(settings)  # the point's values against the schema's ranges, before anything loads
+                # the point's values against the schema's ranges, before anything loads
+                settings = with_recipe(cfg, params, output_dir=tmp, resume=False)
                 dataset = StoredDataset.open(open_storage(settings.storage), settings.storage.dataset_prefix)
                 value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).kept()[1]
             mlflow.log_metric("best_val_accuracy", value)
@@ -196,7 +203,7 @@ def run_trial(cfg: DictConfig, trial: Trial, parent: Run) -> float:
     return value
 
 
-def search(cfg: DictConfig, study: optuna.Study, parent: Run) -> None:
+def search(cfg: Settings, study: optuna.Study, parent: Run) -> None:
     """Run trials until the study's budget (``tune.trials``, over every worker) or this worker's ``tune.timeout_s``
     is spent. A trial that crashes is recorded failed and the study goes on."""
     budget = cfg.tune.trials
@@ -220,7 +227,7 @@ def wait_for_workers(study: optuna.Study, poll_s: float) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def recipe_text(cfg: DictConfig, study: optuna.Study) -> str:
+def recipe_text(cfg: Settings, study: optuna.Study) -> str:
     """The best trial's settings as a config file that ``recipe=<study>`` applies over the model's own recipe."""
     best = study.best_trial
     return (
@@ -250,7 +257,7 @@ def log_study(study: optuna.Study) -> None:
         mlflow.log_figure(plot(study).figure, f"plots/{name}.png")
 
 
-def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
+def finish(cfg: Settings, study: optuna.Study, parent: Run) -> Verdict:
     """Wait for the other workers, record the study, write its recipe, re-train the winner and register it."""
     wait_for_workers(study, cfg.tune.heartbeat_s)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -270,7 +277,7 @@ def finish(cfg: DictConfig, study: optuna.Study, parent: Run) -> Verdict:
         log.warning("could not write the recipe to %s (%s): it is the run's artifact %s", path, exc.strerror, name)
         where = f"the run's artifact {name}"
     log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, where)
-    return train_and_register(merged(cfg, OmegaConf.create(text)), parent)
+    return train_and_register(with_recipe(cfg, study.best_params), parent)
 
 
 def adopt_worker_run(parent_id: str) -> None:
@@ -282,7 +289,7 @@ def adopt_worker_run(parent_id: str) -> None:
         client.set_tag(run_id, "tune.parent_run_id", parent_id)
 
 
-def tune(cfg: DictConfig) -> Verdict | None:
+def tune(cfg: Settings) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
     connect(cfg)
     study, created = open_study(cfg)
@@ -290,7 +297,7 @@ def tune(cfg: DictConfig) -> Verdict | None:
         with step_run(cfg, "tune") as parent:
             study.set_user_attr(PARENT_ATTR, parent.info.run_id)
             mlflow.set_tags({"tune.study": study.study_name, "tune.storage": redact(storage_url(cfg))})
-            mlflow.log_dict(to_dict(cfg.model.search), "search_space.json")
+            mlflow.log_dict(cfg.model.search, "search_space.json")
             search(cfg, study, parent)
             return finish(cfg, study, parent) if cfg.tune.retrain else None
     parent_id = parent_of(study, cfg.tune.join_timeout_s)

@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from machine import machine
-from omegaconf import DictConfig
 from timing import on_cpu, timings
 from train_bench import ACCURACY, AGNEWS_DIR, RESULTS
 from transformers import PreTrainedModel
@@ -41,6 +40,7 @@ from agnews.config import compose
 from agnews.data import StoredDataset
 from agnews.export import export_bundle
 from agnews.ingest import upload
+from agnews.settings import Settings
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from bundle.predictor import Predictor
@@ -89,7 +89,7 @@ def distillation_sets(teacher: training.FineTuned) -> tuple[datasets.Dataset, da
 
 
 def distil(
-    cfg: DictConfig,
+    cfg: Settings,
     teacher: training.FineTuned,
     sets: tuple[datasets.Dataset, datasets.Dataset],
     layers: int,
@@ -115,7 +115,7 @@ def distil(
 
 
 def measure(
-    cfg: DictConfig, tuned: training.FineTuned, labels: list[str], test: pd.DataFrame, bundle_dir: Path, cpu: int
+    cfg: Settings, tuned: training.FineTuned, labels: list[str], test: pd.DataFrame, bundle_dir: Path, cpu: int
 ) -> dict[str, Any]:
     """Export the int8 bundle, predict the test split once, and time one text and a batch of 32 on ``cpu``, from
     the test texts in the file's order."""

@@ -1,12 +1,11 @@
 """The `main` step: upload -> train -> register (with mirror), as nested child runs of one parent run."""
 
-from omegaconf import DictConfig
-
 from agnews.config import entrypoint
+from agnews.settings import Settings
 
 
 @entrypoint
-def main(cfg: DictConfig) -> None:
+def main(cfg: Settings) -> None:
     # torch and transformers load after the config has composed: a bad override is answered in a second, not ten
     from agnews.pipeline import pipeline
 

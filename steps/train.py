@@ -3,14 +3,13 @@
 Under torchrun or ``accelerate launch`` every rank trains, and only rank 0 opens the run and logs.
 """
 
-from omegaconf import DictConfig
-
 from agnews.config import entrypoint
+from agnews.settings import Settings
 from agnews.tracking import step_run
 
 
 @entrypoint
-def main(cfg: DictConfig) -> None:
+def main(cfg: Settings) -> None:
     # torch and transformers load after the config has composed: a bad override is answered in a second, not ten
     from agnews.training import is_main_process, train
 

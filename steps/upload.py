@@ -1,14 +1,13 @@
 """The `upload` step: AG News from the Hub or local files into storage as checked JSONL."""
 
-from omegaconf import DictConfig
-
 from agnews.config import entrypoint
 from agnews.ingest import upload_and_log
+from agnews.settings import Settings
 from agnews.tracking import step_run
 
 
 @entrypoint
-def main(cfg: DictConfig) -> None:
+def main(cfg: Settings) -> None:
     with step_run(cfg, "upload"):
         upload_and_log(cfg)
 

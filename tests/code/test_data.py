@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from omegaconf import DictConfig, OmegaConf
 
 from agnews.config import compose
 from agnews.data import build_info, load_source, parse_csv, parse_file, parse_jsonl, read_split, sha256, to_jsonl
 from agnews.errors import DataError
 from agnews.ingest import upload
+from agnews.settings import Settings
 from agnews.storage import LocalStorage
 from tests.helpers import LABELS
 
@@ -174,7 +175,7 @@ BAD_INPUTS = {
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, Path]:
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     """A store that already holds a dataset, and the config that uploaded it."""
     root = tmp_path_factory.mktemp("stored")
     write(root / "good" / "train.csv", CSV)
@@ -204,9 +205,7 @@ def test_bad_input_one_error_and_storage_unchanged(tmp_path: Path, stored, case)
     before = snapshot(root / "store")
     where = f"{path}:{line}: " if line else f"{path}: "
     with pytest.raises(DataError) as caught:
-        upload(
-            OmegaConf.merge(cfg, {"data": {"train_file": str(path), "test_file": str(root / "good" / "test.jsonl")}})
-        )
+        upload(replace(cfg, data=replace(cfg.data, train_file=str(path), test_file=str(root / "good" / "test.jsonl"))))
     message = str(caught.value)
     assert message.startswith(where + problem), message
     assert "\n" not in message

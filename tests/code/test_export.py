@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from agnews.config import compose
 from agnews.data import parse_csv
 from agnews.export import export_bundle
 from agnews.modeling import load_model, load_tokenizer
+from agnews.settings import TrainSettings
 from bundle.predictor import Predictor
 
 # A short fit of the tiny model on AG News, enough that its predictions depend on the text and spread over the
@@ -35,7 +35,7 @@ class Tiny:
     tokenizer: PreTrainedTokenizerFast
     labels: list[str]
     texts: list[str]
-    train: DictConfig  # the train config group: max_length, serving_batch_size, onnx_opset
+    train: TrainSettings  # the train config group: max_length, serving_batch_size, onnx_opset
 
     def logits(self, model: PreTrainedModel) -> np.ndarray:
         """Float32 torch logits of ``model``'s weights for the texts, truncated as the bundle truncates them."""

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_plan_runs_each_comparison_on_the_same_model_and_rows(tmp_path: Path) ->
         assert arguments[:2] == ["-m", "steps.train"]
         cfgs[label] = cfg = compose(arguments[2:])
         init = cfg.model.init
-        assert (init.dim, init.hidden_dim, init.n_layers, init.n_heads) == (768, 3072, 6, 12)
+        assert init is not None
+        assert (init["dim"], init["hidden_dim"], init["n_layers"], init["n_heads"]) == (768, 3072, 6, 12)
         assert cfg.tracking.experiment == f"gpu-{label}"
     short = [label for label in TRAIN_STEPS if label != "full"]
     assert {(cfgs[x].data.sample_size, cfgs[x].data.test_size, cfgs[x].train.epochs) for x in short} == {
@@ -73,7 +75,7 @@ def test_plan_runs_each_comparison_on_the_same_model_and_rows(tmp_path: Path) ->
     assert on_h100["ours_no_pad"].precision == "bf16" and on_h100["ours_no_pad"].pad_to_multiple_of is None
     # ours differs from ours_fp32 in precision alone, and from ours_no_pad in padding alone
     for other, key in (("ours_fp32", "precision"), ("ours_no_pad", "pad_to_multiple_of")):
-        a, b = dict(cfgs["ours"].train), dict(cfgs[other].train)
+        a, b = asdict(cfgs["ours"].train), asdict(cfgs[other].train)
         assert {k for k in a if a[k] != b[k]} - {"output_dir", "tf32"} == {key}
 
 
@@ -81,7 +83,8 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
     steps = plan(tmp_path, SAMPLE="300", DIMS="64,128,2,2", EPOCHS="1", STEPS="ours full", EXTRA="train.batch_size=16")
     assert list(steps) == ["env", "upload", "ours", "full"]
     ours, full = (compose(steps[label][2:]) for label in ("ours", "full"))
-    assert ours.data.sample_size == 300 and ours.model.init.dim == 64 and ours.model.init.n_heads == 2
+    assert ours.data.sample_size == 300 and ours.model.init is not None
+    assert (ours.model.init["dim"], ours.model.init["n_heads"]) == (64, 2)
     assert full.train.epochs == 1 and ours.train.batch_size == full.train.batch_size == 16
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from omegaconf import DictConfig
 
 from agnews.modeling import load_model, load_tokenizer
+from agnews.settings import Settings
 from agnews.tracking import connect
 
 
@@ -34,7 +34,7 @@ def test_artifact_transfers_draw_no_bars_in_a_log(
     """A step's stderr here is captured, not a terminal, as in a log file: MLflow's artifact bars stay off."""
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset below, restored after the test")
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    cfg: DictConfig = make_cfg()
+    cfg: Settings = make_cfg()
     connect(cfg)
     files = tmp_path / "files"
     files.mkdir()

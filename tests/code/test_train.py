@@ -16,7 +16,6 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from agnews.checkpoints import CheckpointError
@@ -24,6 +23,7 @@ from agnews.config import PROJECT_ROOT, compose
 from agnews.data import read_split, rows_sha256
 from agnews.errors import DataError, ModelError, PipelineError
 from agnews.ingest import upload
+from agnews.settings import Settings
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from agnews.training import split_train, stratified_sample, train
@@ -33,7 +33,7 @@ TINY = ["preset=test", "data.sample_size=400", "data.val_size=200", "data.test_s
 RESUME = ["train.epochs=2", "data.sample_size=200", "data.val_size=100", "data.test_size=100"]  # after TINY
 
 
-def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
+def tiny_cfg(root: Path, *overrides: str) -> Settings:
     return compose(
         [
             f"storage.uri={root / 'store'}",
@@ -47,7 +47,7 @@ def tiny_cfg(root: Path, *overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, str, dict]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, str, dict]:
     """One tiny training run on real rows, shared by the tests that inspect it."""
     root = tmp_path_factory.mktemp("train")
     # enough rows and epochs for the tiny model to beat chance, so that misaligned predictions would show
@@ -58,7 +58,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, str, 
     return cfg, run.info.run_id, final
 
 
-def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]) -> None:
+def test_run_logs_metrics_plots_and_config(trained: tuple[Settings, str, dict]) -> None:
     cfg, run_id, final = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = MlflowClient()
@@ -135,7 +135,7 @@ def test_run_logs_metrics_plots_and_config(trained: tuple[DictConfig, str, dict]
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
-def test_logged_model_has_signature_example_and_bundle(trained: tuple[DictConfig, str, dict]) -> None:
+def test_logged_model_has_signature_example_and_bundle(trained: tuple[Settings, str, dict]) -> None:
     cfg, run_id, _ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
@@ -151,7 +151,7 @@ def test_logged_model_has_signature_example_and_bundle(trained: tuple[DictConfig
     assert (local / "artifacts" / "model" / "model.safetensors").is_file()
 
 
-def test_model_predicts_in_a_fresh_process(trained: tuple[DictConfig, str, dict]) -> None:
+def test_model_predicts_in_a_fresh_process(trained: tuple[Settings, str, dict]) -> None:
     cfg, run_id, _ = trained
     script = (
         "import sys, mlflow, pandas as pd\n"
@@ -181,7 +181,7 @@ def test_model_predicts_in_a_fresh_process(trained: tuple[DictConfig, str, dict]
             assert row["confidence"] == pytest.approx(max(row[label] for label in LABELS))
 
 
-def test_mlflow_models_serve_answers_invocations(trained: tuple[DictConfig, str, dict], tmp_path: Path) -> None:
+def test_mlflow_models_serve_answers_invocations(trained: tuple[Settings, str, dict], tmp_path: Path) -> None:
     cfg, run_id, _ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
@@ -294,7 +294,7 @@ def test_cli_sample_larger_than_data_and_server_down_fail_in_one_line(tmp_path: 
     assert "Traceback" not in down.stderr and "upload" not in down.stderr
 
 
-def test_predictions_frame_shape(trained: tuple[DictConfig, str, dict]) -> None:
+def test_predictions_frame_shape(trained: tuple[Settings, str, dict]) -> None:
     cfg, run_id, _ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
@@ -302,7 +302,7 @@ def test_predictions_frame_shape(trained: tuple[DictConfig, str, dict]) -> None:
     assert list(frame.columns) == ["predicted_class", "confidence", *LABELS] and len(frame) == 3
 
 
-def test_model_layer_runs_against_a_logged_model(trained: tuple[DictConfig, str, dict]) -> None:
+def test_model_layer_runs_against_a_logged_model(trained: tuple[Settings, str, dict]) -> None:
     """`pytest tests/model --model-uri ...` checks any MLflow model: here the run's own, through its tracking store
     (with no minimum pass rate: the tiny model is not meant to pass the behavioural checks)."""
     cfg, run_id, _ = trained

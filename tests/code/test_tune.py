@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
+from operator import attrgetter
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
 
 from agnews import config, data
 from agnews.config import CONF_DIR, PROJECT_ROOT, compose
@@ -146,11 +146,11 @@ def test_an_unreachable_study_storage_fails_in_one_line_without_its_password(mak
     assert "s3cret" not in str(error.value) and "\n" not in str(error.value)
 
 
-def worker(cfg: DictConfig, moto_server: str, log: Path, *overrides: str) -> subprocess.Popen:
+def worker(cfg: Settings, moto_server: str, log: Path, *overrides: str) -> subprocess.Popen:
     """``python -m steps.tune`` as its own process group, on ``cfg``'s tracking server, storage and study."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "MLFLOW_RUN_ID")}
     keys = ("tracking.uri", "storage.uri", "train.output_dir", "tune.storage", "tune.study", "tune.recipe_dir")
-    settings = [f"{key}={OmegaConf.select(cfg, key)}" for key in keys]
+    settings = [f"{key}={attrgetter(key)(cfg)}" for key in keys]
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "steps.tune", *settings, *QUICK, *overrides],
@@ -163,7 +163,7 @@ def worker(cfg: DictConfig, moto_server: str, log: Path, *overrides: str) -> sub
 
 
 @pytest.fixture
-def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database: str, tmp_path: Path) -> DictConfig:
+def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database: str, tmp_path: Path) -> Settings:
     """A study on PostgreSQL, tracked by a real `mlflow server`, with the data in a local store."""
     study = f"shared-{uuid.uuid4().hex[:8]}"
     overrides = (
@@ -177,7 +177,7 @@ def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database
     return cfg
 
 
-def test_two_workers_share_one_study_on_postgresql(shared_study: DictConfig, moto_server: str, tmp_path: Path) -> None:
+def test_two_workers_share_one_study_on_postgresql(shared_study: Settings, moto_server: str, tmp_path: Path) -> None:
     cfg = shared_study
     workers = [worker(cfg, moto_server, tmp_path / f"worker-{n}.log", "tune.trials=4", NO_RETRAIN) for n in range(2)]
     for n, process in enumerate(workers):
@@ -198,7 +198,7 @@ def test_two_workers_share_one_study_on_postgresql(shared_study: DictConfig, mot
 
 
 def test_a_worker_killed_with_sigkill_leaves_its_trial_failed_and_another_finishes_the_study(
-    shared_study: DictConfig, moto_server: str, tmp_path: Path
+    shared_study: Settings, moto_server: str, tmp_path: Path
 ) -> None:
     cfg = shared_study
     doomed = worker(cfg, moto_server, tmp_path / "doomed.log", "tune.trials=2", "tune.heartbeat_s=1", ENDLESS)
@@ -230,7 +230,7 @@ def test_a_worker_killed_with_sigkill_leaves_its_trial_failed_and_another_finish
     assert client.get_model_version(cfg.registry.model_name, "1").run_id == retrained.info.run_id
 
 
-def study_trials(cfg: DictConfig) -> list[optuna.trial.FrozenTrial]:
+def study_trials(cfg: Settings) -> list[optuna.trial.FrozenTrial]:
     try:
         return optuna.load_study(study_name=cfg.tune.study, storage=cfg.tune.storage).trials
     except KeyError:  # not created yet

@@ -21,13 +21,13 @@ import boto3
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 
 import agnews.ingest
 from agnews.config import PROJECT_ROOT, code_version, compose
 from agnews.data import INFO, read_info, read_split
 from agnews.errors import DataError, PipelineError, StorageError
 from agnews.ingest import upload
+from agnews.settings import StorageSettings
 from agnews.storage import Storage, open_storage
 from tests.helpers import LABELS, moto_environ
 
@@ -100,7 +100,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Recorded]]:
     def install(fail_on: str | None = None, kind: type[Recorded] = Recorded) -> list[Recorded]:
         opened: list[Recorded] = []
 
-        def open_recorded(storage: DictConfig) -> Recorded:
+        def open_recorded(storage: StorageSettings) -> Recorded:
             opened.append(kind(open_storage(storage), fail_on))
             return opened[-1]
 

@@ -9,18 +9,18 @@ import shlex
 
 import mlflow
 import pytest
-from omegaconf import DictConfig
 
 from agnews.config import compose
+from agnews.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def cfg(request: pytest.FixtureRequest) -> DictConfig:
+def cfg(request: pytest.FixtureRequest) -> Settings:
     return compose(shlex.split(request.config.getoption("--overrides")))
 
 
 @pytest.fixture(scope="session")
-def model_uri(request: pytest.FixtureRequest, cfg: DictConfig) -> str:
+def model_uri(request: pytest.FixtureRequest, cfg: Settings) -> str:
     if request.config.getoption("--champion"):
         return f"models:/{cfg.registry.model_name}@champion"
     uri = request.config.getoption("--model-uri")
@@ -30,18 +30,18 @@ def model_uri(request: pytest.FixtureRequest, cfg: DictConfig) -> str:
 
 
 @pytest.fixture(scope="session")
-def model(model_uri: str, cfg: DictConfig) -> mlflow.pyfunc.PyFuncModel:
+def model(model_uri: str, cfg: Settings) -> mlflow.pyfunc.PyFuncModel:
     mlflow.set_tracking_uri(cfg.tracking.uri)
     return mlflow.pyfunc.load_model(model_uri)
 
 
 @pytest.fixture(scope="session")
-def labels(cfg: DictConfig) -> list[str]:
+def labels(cfg: Settings) -> list[str]:
     """The class names, in the model's output order (conf/data)."""
     return list(cfg.data.labels)
 
 
 @pytest.fixture(scope="session")
-def min_pass_rate(request: pytest.FixtureRequest, cfg: DictConfig) -> float:
+def min_pass_rate(request: pytest.FixtureRequest, cfg: Settings) -> float:
     given = request.config.getoption("--min-pass-rate")
     return cfg.registry.min_behaviour_pass_rate if given is None else given
