@@ -21,12 +21,20 @@ class LeaseError(StorageError):
     """A storage lease could not be had in time, or its holder lost it (agnews/lease.py)."""
 
 
+class HistoryError(StorageError):
+    """The promotion history cannot be written, or it holds other than the chain it wrote (promotion/history.py)."""
+
+
 class NotFoundError(StorageError):
     """A key does not exist in storage."""
 
 
 class TrackingError(PipelineError):
     """The MLflow tracking server or registry cannot serve the request."""
+
+
+class CheckpointError(PipelineError):
+    """``train.resume=true`` finds checkpoints, but none that the Trainer could resume from."""
 
 
 class ModelError(PipelineError):

@@ -44,11 +44,13 @@ REGISTERED_ALIAS, REGISTERED_REASON = "registered_alias", "registered_reason"
 
 # Run tags that mirror (and a register that promotes) write.
 MIRROR_VERSION, MIRROR_POINTER, MIRROR_CHANGED = "mirror.version", "mirror.pointer", "mirror.changed"
-MIRROR_FOLDER, MIRROR_HOW, MIRROR_RECORDED = "mirror.folder", "mirror.how", "mirror.recorded"
+MIRROR_FOLDER, MIRROR_HOW, MIRROR_VIA, MIRROR_RECORDED = "mirror.folder", "mirror.how", "mirror.via", "mirror.recorded"
 
-# How @champion came to name a version: the gate, registry.version, registry.rollback, a move in the MLflow UI (or
-# its REST API), or a mirror that caught storage up with the registry.
-How = Literal["gate", "manual", "rollback", "ui", "reconcile"]
+# How @champion came to name a version: the gate, registry.version, registry.rollback, or a move outside the
+# project's steps (the MLflow UI, or its REST API).
+How = Literal["gate", "manual", "rollback", "ui"]
+# How storage learned of it: a webhook delivery, the receiver's timer, a register, or a mirror.
+Via = Literal["delivery", "timer", "register", "mirror"]
 
 # The webhook's secret, shared by `steps.webhook serve` and `register`, and the tracking server's key for the
 # secrets it stores.

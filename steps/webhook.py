@@ -50,6 +50,7 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
     from agnews.promotion.webhook_admin import (
         http_settings,
         register_webhook,
+        server_uri,
         unregister_in_database,
         unregister_webhook,
     )
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
         print(f"removed {len(removed)} webhook(s) from {where}: {', '.join(removed) or 'none was registered'}")
         return
     cfg = compose(split_overrides(args.overrides))
+    if sock is None:
+        server_uri(cfg.tracking)  # register and unregister need a tracking server: say so before connecting
     os.environ.update(http_settings(cfg.webhook))
     connect(cfg)
     where = redact(cfg.tracking.uri)

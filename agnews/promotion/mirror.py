@@ -29,9 +29,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from agnews.errors import NotFoundError, RegistryError, StorageError
+from agnews.errors import HistoryError, NotFoundError, RegistryError, StorageError
 from agnews.lease import Lease, held, lock_key
 from agnews.names import (
+    BY_GATE,
     CHAMPION,
     GATE_TAG,
     MIRROR_CHANGED,
@@ -40,12 +41,14 @@ from agnews.names import (
     MIRROR_POINTER,
     MIRROR_RECORDED,
     MIRROR_VERSION,
+    MIRROR_VIA,
     ONNX_INT8_ACCURACY,
     ONNX_INT8_AGREEMENT,
     PROMOTED_BY,
     TEST_ACCURACY,
     TEST_F1_MACRO,
     How,
+    Via,
 )
 from agnews.promotion import history
 from agnews.promotion.registry import FencedClient, aliases, record_champion
@@ -79,7 +82,8 @@ class Mirrored:
     changed: bool
     folder: str = ""
     recorded: str | None = None  # what record_champion did, when @champion had been moved outside the pipeline
-    how: How = "reconcile"
+    how: How = "gate"
+    via: Via = "mirror"
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -88,6 +92,7 @@ class Mirrored:
             MIRROR_CHANGED: str(self.changed).lower(),
             MIRROR_FOLDER: self.folder,
             MIRROR_HOW: self.how,
+            MIRROR_VIA: self.via,
         }
         return tags | ({MIRROR_RECORDED: self.recorded} if self.recorded else {})
 
@@ -209,28 +214,57 @@ def version_files(client: MlflowClient, version: ModelVersion) -> tuple[str, dic
     return version_folder(number, sha256(manifest_doc)), files | {MANIFEST: manifest_doc}
 
 
-def history_entry(version: ModelVersion, manifest_doc: bytes, previous: dict, how: How) -> history.Entry:
-    """The history entry of a move of the served champion from ``previous`` (``read_pointer``) to ``version``."""
+def history_entry(
+    version: ModelVersion,
+    to: history.Served,
+    previous: history.Served | None,
+    how: How,
+    via: Via,
+    recovered: bool = False,
+) -> history.Entry:
+    """The history entry of a move of the served champion from ``previous`` to ``to``, a manifest of ``version``."""
     who = os.environ.get(USERNAME_VARIABLE) or version.tags.get(PROMOTED_BY, "unknown")
-    return history.Entry(
-        datetime.now(UTC),
-        history.Served(int(version.version), sha256(manifest_doc)),
-        history.Served(**previous) if previous else None,
-        how,
-        who,
-        version.tags.get(GATE_TAG, ""),
+    return history.Entry(datetime.now(UTC), to, previous, how, who, version.tags.get(GATE_TAG, ""), via, recovered)
+
+
+def how_tagged(version: ModelVersion) -> How:
+    """How ``version`` became @champion as its ``promoted_by`` tag says: ``gate``, else ``manual`` (which a rollback
+    is too)."""
+    return "gate" if version.tags.get(PROMOTED_BY) == BY_GATE else "manual"
+
+
+def record_served(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -> history.Entry | None:
+    """Append the move that ``champion.json`` shows and the history lacks, marked recovered: the pointer names a
+    version that the newest entry does not (the move's append failed, or its process died between the two writes).
+    None when the two agree, or there is no pointer."""
+    pointer = read_pointer(model.storage, model.pointer)
+    newest = history.newest(model.storage, model.root)
+    if not pointer or (newest is not None and newest.to == history.Served(**pointer)):
+        return None
+    version = client.get_model_version(model.name, str(pointer["version"]))
+    previous = newest.to if newest else None
+    entry = history_entry(version, history.Served(**pointer), previous, how_tagged(version), via, recovered=True)
+    lease.check()
+    url = history.append(model.storage, model.root, entry)
+    log.warning(
+        "%s names v%s, which the promotion history lacked: recorded in %s", model.pointer, pointer["version"], url
     )
+    return entry
 
 
-def publish(model: ModelStore, lease: Lease, client: MlflowClient, how: How, recorded: str | None = None) -> Mirrored:
+def publish(
+    model: ModelStore, lease: Lease, client: MlflowClient, via: Via, how: How | None = None, recorded: str | None = None
+) -> Mirrored:
     """Copy @champion's bundle and manifest into its folder, verify them, then write the pointer and, when it moved,
-    append the move to the promotion history; every write under ``lease``, checked first. ``how`` says how
-    @champion moved; ``recorded`` what ``record_champion`` said, for the run's tags."""
+    append the move to the promotion history; every write under ``lease``, checked first. ``via`` says which step
+    does it, ``how`` how @champion moved (None: ``ui`` after ``record_champion`` completed a move made outside the
+    pipeline, else as the version's tag says, ``how_tagged``); ``recorded`` what ``record_champion`` said."""
     storage, name, root = model.storage, model.name, model.root
     number = aliases(client, name).get(CHAMPION)
     if number is None:
         raise RegistryError(f"model '{name}' has no @{CHAMPION}: run the register step first")
     version = client.get_model_version(name, str(number))
+    how = how or ("ui" if recorded else how_tagged(version))
     folder, files = version_files(client, version)
     written = []
     for file, data in files.items():  # the manifest last: a folder with a manifest is complete
@@ -242,32 +276,42 @@ def publish(model: ModelStore, lease: Lease, client: MlflowClient, how: How, rec
     moved = point_to(storage, model.pointer, name, number, files[MANIFEST])
     if moved:
         lease.check()
-        entry = history_entry(version, files[MANIFEST], previous, how)
-        log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
-    return Mirrored(number, storage.url(model.pointer), bool(written) or moved, folder, recorded, how)
+        to = history.Served(number, sha256(files[MANIFEST]))
+        entry = history_entry(version, to, history.Served(**previous) if previous else None, how, via)
+        try:
+            log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
+        except HistoryError as exc:
+            raise HistoryError(
+                f"{storage.url(model.pointer)} names {name} v{number} now, but {exc}; the next register, mirror or "
+                "webhook reconcile records the move (marked recovered)"
+            ) from None
+    return Mirrored(number, storage.url(model.pointer), bool(written) or moved, folder, recorded, how, via)
 
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """What a reconcile found: the registry's @champion, the version storage serves after it, and the mirror it
-    ran (None when storage already served @champion, or there is no @champion)."""
+    """What a reconcile found: the registry's @champion, the version storage serves after it, the mirror it ran
+    (None when storage already served @champion, or there is no @champion) and the history entry it recovered (None
+    when the history already recorded what storage served). Both None: registry, storage and history agree."""
 
     champion: int | None
     served: int | None
     mirrored: Mirrored | None
+    recovered: history.Entry | None = None
 
 
-def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, how: How | None = None) -> Reconciliation:
+def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -> Reconciliation:
     """Bring storage in line with the registry, as the first thing a register does and what the webhook receiver
-    does on each delivery and timer: complete a move of @champion made outside the pipeline (``record_champion``),
-    then mirror @champion if ``champion.json`` names another version (a move in the UI, or a promotion whose mirror
-    was killed). ``how`` says how @champion moved; None: ``ui`` when this call completed a move made outside the
-    pipeline, else ``reconcile``."""
+    does on each delivery and timer: record a move that the history lacks (``record_served``), complete a move of
+    @champion made outside the pipeline (``record_champion``), then mirror @champion if ``champion.json`` names
+    another version (a move in the UI, or a promotion whose mirror was killed). ``via``: which step or what in the
+    receiver (a delivery, its timer) runs it."""
+    found = record_served(model, lease, client, via)
     served = served_version(model)
     recorded = record_champion(client, model.name, served)
     champion = aliases(client, model.name).get(CHAMPION)
     if champion is None or champion == served:
-        return Reconciliation(champion, served, None)
+        return Reconciliation(champion, served, None, found)
     log.warning(
         "storage serves %s, but @%s is v%s: mirroring v%s first",
         f"v{served}" if served is not None else "nothing",
@@ -275,19 +319,19 @@ def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, how: How | 
         champion,
         champion,
     )
-    mirrored = publish(model, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
-    return Reconciliation(champion, mirrored.version, mirrored)
+    mirrored = publish(model, lease, client, via, recorded=recorded)
+    return Reconciliation(champion, mirrored.version, mirrored, found)
 
 
-def mirror(registry: RegistrySettings, storage: StorageSettings, how: How | None = None) -> Mirrored:
-    """Copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them, then write the
-    pointer; under the model's lease, after completing a move of @champion made outside the pipeline. ``how`` says
-    how @champion moved; None: ``ui`` when this call completed a move made outside the pipeline, else
-    ``reconcile``."""
+def mirror(registry: RegistrySettings, storage: StorageSettings) -> Mirrored:
+    """The mirror step: copy ``models:/<name>@champion``'s bundle and manifest under ``v<N>-<digest>/``, verify them,
+    then write the pointer; under the model's lease, after recording a move that the history lacks and completing a
+    move of @champion made outside the pipeline."""
     model = ModelStore.open(registry, storage)
     with model_lease(model, storage, "mirror") as (lease, client):
+        record_served(model, lease, client, "mirror")
         recorded = record_champion(client, model.name, served_version(model))
-        return publish(model, lease, client, how or ("ui" if recorded else "reconcile"), recorded)
+        return publish(model, lease, client, "mirror", recorded=recorded)
 
 
 def promotion_history(registry: RegistrySettings, storage: StorageSettings) -> list[history.Entry]:

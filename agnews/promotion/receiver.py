@@ -43,12 +43,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
-from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
 
 from agnews.errors import ConfigError, PipelineError
-from agnews.names import CHAMPION, WEBHOOK_SECRET_ENV, How
+from agnews.names import CHAMPION, WEBHOOK_SECRET_ENV, Via
 from agnews.promotion.mirror import ModelStore, model_lease, reconcile
 from agnews.settings import RegistrySettings, StorageSettings, WebhookSettings
 
@@ -158,6 +160,7 @@ class Receiver:
         self.deliveries: Counter[str] = Counter()  # the answers given to deliveries, for /health
         self.last: Reconciled | None = None
         self.agreed_at: float | None = None  # when a reconcile last found storage serving @champion
+        self.disagreed_at: float | None = None  # since when reconciles have failed or found the two sides apart
         self._worker = threading.Thread(target=self._work, name="webhook-reconcile", daemon=True)
         self._worker.start()
 
@@ -166,11 +169,24 @@ class Receiver:
         self._pending.set()
         self._worker.join()
 
+    def degraded(self) -> str | None:
+        """Why the receiver is not doing its job: its last reconcile failed, or the registry and storage have been
+        apart for more than one interval; None when it is."""
+        if self.last is not None and not self.last.ok:
+            return f"the last reconcile failed: {self.last.outcome}"
+        apart = None if self.disagreed_at is None else time.time() - self.disagreed_at
+        if apart is not None and apart > self.reconcile_s:
+            return f"the registry and storage have disagreed for {apart:.0f}s, more than one interval"
+        return None
+
     def health(self) -> dict[str, Any]:
         """What ``GET /health`` answers."""
-        since = None if self.agreed_at is None else round(time.time() - self.agreed_at, 1)
+        now = time.time()
+        since = None if self.agreed_at is None else round(now - self.agreed_at, 1)
+        why = self.degraded()
         return {
-            "status": "ok",
+            "status": "degraded" if why else "ok",
+            **({"degraded": why} if why else {}),
             "model": self.model_name,
             "reconcile_s": self.reconcile_s,
             "last_reconcile": asdict(self.last) if self.last else None,
@@ -182,7 +198,8 @@ class Receiver:
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         """The status and JSON answer to one request."""
         if method == "GET" and path.rstrip("/") in ("", "/health"):
-            return 200, self.health()
+            report = self.health()
+            return (200 if report["status"] == "ok" else 503), report
         if method != "POST":
             return 405, {"error": f"{method} is not allowed: MLflow delivers webhooks with POST"}
         status, answer = self._deliver(headers, body)
@@ -227,42 +244,49 @@ class Receiver:
             return f"alias @{event.alias}: only @{CHAMPION} is served"
         return None
 
-    def reconcile(self, how: How) -> Reconciled:
+    def reconcile(self, via: Via) -> Reconciled:
         """Compare @champion with ``champion.json`` and mirror when they differ (``mirror.reconcile``, under the
         model's lease); never raises: a failure is its outcome, and one log line."""
         registry = served = None
         try:
             model = ModelStore.open(self.registry, self.storage)
             with model_lease(model, self.storage, "reconcile") as (lease, client):
-                found = reconcile(model, lease, client, how)
+                found = reconcile(model, lease, client, via)
             registry, served = found.champion, found.served
             if found.mirrored is not None:
                 outcome = f"mirrored @{CHAMPION} v{found.mirrored.version} to {found.mirrored.pointer}"
-                log.info("reconcile (%s): %s", how, outcome)
             elif registry is None:
                 outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
             else:
                 outcome = f"storage serves @{CHAMPION} v{served}"
+            if found.recovered is not None:
+                outcome = f"recorded the move to v{found.recovered.to.version} that the history lacked; {outcome}"
+            if found.mirrored is not None or found.recovered is not None:
+                log.info("reconcile (%s): %s", via, outcome)
             ok = True
         except PipelineError as exc:
             outcome, ok = f"failed: {exc}", False
         except Exception as exc:  # the worker must outlive any one failure; the cause is the log line
             outcome, ok = f"failed: {type(exc).__name__}: {exc}", False
         if not ok:
-            log.error("reconcile (%s) %s", how, outcome)
-        elif registry is not None and registry == served:
+            log.error("reconcile (%s) %s", via, outcome)
+        if ok and registry is not None and registry == served:
             self.agreed_at = time.time()
+        if ok and (registry is None or registry == served):  # nothing to serve is no disagreement
+            self.disagreed_at = None
+        elif self.disagreed_at is None:
+            self.disagreed_at = time.time()
         at = datetime.now(UTC).isoformat(timespec="seconds")
         self.last = Reconciled(at, outcome, ok, registry, served)
         return self.last
 
     def _work(self) -> None:
-        how: How = "reconcile"  # the first look, at start-up, catches up on moves made while the receiver was down
+        via: Via = "timer"  # the first look, at start-up, catches up on moves made while the receiver was down
         while not self._closing.is_set():
-            self.reconcile(how)
+            self.reconcile(via)
             woken = self._pending.wait(self.reconcile_s)
             self._pending.clear()
-            how = "ui" if woken else "reconcile"
+            via = "delivery" if woken else "timer"
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method, length = environ["REQUEST_METHOD"], environ.get("CONTENT_LENGTH", "")
@@ -281,15 +305,31 @@ class Receiver:
         return [data]
 
 
-def make_receiver_server(
-    receiver: Receiver, sock: socket.socket, webhook: WebhookSettings
-) -> BaseWSGIServer | MultiSocketServer:
+class EvictingServer(TcpWSGIServer):
+    """waitress' TCP server, except at its connection limit: where waitress stops accepting until a connection
+    closes (stalled clients then keep ``/health`` and deliveries waiting in the backlog for ``read_timeout_s``, round
+    after round), this one closes the connection that has been idle longest, without a request in progress, and
+    takes the next."""
+
+    def readable(self) -> bool:
+        super().readable()  # the periodic clean-up of connections silent for longer than channel_timeout
+        return bool(self.accepting)
+
+    def handle_accept(self) -> None:
+        open_channels: dict[int, HTTPChannel] = cast(Any, self.active_channels)  # the stubs type it as one channel
+        channels = list(open_channels.values())
+        idle = [channel for channel in channels if not channel.requests]
+        if len(channels) >= self.adj.connection_limit and idle:
+            min(idle, key=lambda channel: channel.last_activity).handle_close()
+        super().handle_accept()
+
+
+def make_receiver_server(receiver: Receiver, sock: socket.socket, webhook: WebhookSettings) -> EvictingServer:
     """A waitress server for ``receiver`` on ``sock``: requests are read without a thread, so a stalled client holds
-    none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open, a connection silent for
-    ``webhook.read_timeout_s`` is closed, and headers over MAX_HEADERS or a body over MAX_DELIVERY_BYTES are refused
-    before they are parsed or read."""
-    return create_server(
-        receiver,
+    none; ``webhook.threads`` answer at once, at most ``webhook.connections`` are open (a new one closes the one idle
+    longest: ``EvictingServer``), a connection silent for ``webhook.read_timeout_s`` is closed, and headers over
+    MAX_HEADERS or a body over MAX_DELIVERY_BYTES are refused before they are parsed or read."""
+    adjustments = Adjustments(
         sockets=[sock],
         threads=webhook.threads,
         connection_limit=webhook.connections,
@@ -299,3 +339,5 @@ def make_receiver_server(
         max_request_header_size=MAX_HEADERS,
         ident="agnews-webhook",
     )
+    where = (sock.family, sock.type, sock.proto, sock.getsockname())
+    return EvictingServer(receiver, map={}, _sock=sock, adj=adjustments, bind_socket=False, sockinfo=where)

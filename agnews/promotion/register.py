@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlflow
 
-from agnews.errors import LeaseError, PipelineError
+from agnews.errors import HistoryError, LeaseError, PipelineError
 from agnews.names import How
 from agnews.promotion.mirror import ModelStore, model_lease, publish, reconcile
 from agnews.promotion.registry import Verdict, update
@@ -36,13 +36,13 @@ def register(
     """
     model = ModelStore.open(registry, storage)
     with model_lease(model, storage, "register") as (lease, client):
-        reconcile(model, lease, client)
+        reconcile(model, lease, client, "register")
         outcome = update(client, registry, experiment, run_id)
         mlflow.set_tags(outcome.tags())
         if outcome.promoted:
             try:
-                mlflow.set_tags(publish(model, lease, client, how_promoted(registry)).tags())
-            except LeaseError:
+                mlflow.set_tags(publish(model, lease, client, "register", how_promoted(registry)).tags())
+            except (LeaseError, HistoryError):  # a HistoryError says where the pointer is
                 raise
             except PipelineError as exc:
                 raise type(exc)(

@@ -12,6 +12,7 @@ refusing the signature) removes the new webhook again, names the cause and leave
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy
 import sqlalchemy.exc
@@ -60,14 +61,25 @@ def refused(exc: MlflowException, url: str) -> TrackingError:
     return TrackingError(f"the tracking server refused the webhook to {url}: {cause}")
 
 
+def server_uri(tracking: TrackingSettings) -> str:
+    """The tracking server's URI without user info (connect() has moved those credentials to MLflow's variables,
+    which its calls read); a ConfigError, naming the URI, for a local store, which has no webhook API."""
+    uri = without_credentials(tracking.uri)[0]
+    if urlsplit(uri).scheme not in ("http", "https"):
+        raise ConfigError(
+            "webhooks need a tracking server (`mlflow server`; set MLFLOW_TRACKING_URI or tracking.uri to its "
+            f"http(s) address): the tracking URI is {redact(tracking.uri)}"
+        )
+    return uri
+
+
 def _call(
     tracking: TrackingSettings, endpoint: str, method: str, request: Message | None, response: Message, tries: int = 1
 ) -> Any:
     """One call to the tracking server's webhook API, on a connection of its own (MLflow's client keeps one open,
     so all its calls reach the same worker): a 5xx is tried again, up to ``tries`` calls, each maybe on another
     worker. MlflowException when every call fails, or one fails with a 4xx."""
-    # the URI without user info: connect() has moved those credentials to MLflow's variables, which creds read
-    creds = get_default_host_creds(without_credentials(tracking.uri)[0])
+    creds = get_default_host_creds(server_uri(tracking))
     body = None if request is None else message_to_json(request)
     for _ in range(tries - 1):
         try:

@@ -12,6 +12,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.projects._project_spec import load_project
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.errors import StorageError
+from agnews.errors import HistoryError, StorageError
 from agnews.names import CHAMPION
 from agnews.promotion.history import Entry, Served, append, entries, served_at
 from agnews.promotion.register import register
@@ -81,13 +82,13 @@ def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: Tr
 
     storage, root = open_storage(cfg.storage), f"models/{cfg.registry.model_name}"
     docs = [json.loads(storage.read_bytes(key)) for key in storage.list(f"{root}/history/")]
-    moves = [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"], d["who"]) for d in docs]
+    moves = [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"], d["who"], d["via"]) for d in docs]
     assert moves == [
-        (None, 1, "gate", "gate"),
-        (1, 2, "gate", "gate"),
-        (2, 1, "manual", "manual"),
-        (1, 2, "rollback", "manual"),
-        (2, 1, "ui", "manual"),
+        (None, 1, "gate", "gate", "register"),
+        (1, 2, "gate", "gate", "register"),
+        (2, 1, "manual", "manual", "register"),
+        (1, 2, "rollback", "manual", "register"),
+        (2, 1, "ui", "manual", "mirror"),  # how @champion moved, and how storage learned of it
     ]
     for doc in docs:  # the digest of the manifest in the version's folder
         digest = doc["to"]["manifest_sha256"]
@@ -115,3 +116,79 @@ def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: Tr
     assert "how: manual" in answer
     before = cli("history", *overrides, "--at", "2000-01-01T00:00:00").stdout.strip()
     assert before == "at 2000-01-01 00:00:00+00:00: nothing served"
+
+
+def test_a_rewritten_removed_or_forged_entry_breaks_the_chain_where_it_is(tmp_path: Path) -> None:
+    """Each entry holds its own digest and that of the entry before it: an entry edited by hand, one replaced by a
+    self-consistent forgery, or one removed stops the reading at the first broken link, named in one line."""
+    storage, root = LocalStorage(tmp_path), "models/m"
+    urls = [append(storage, root, entry(T0 + timedelta(hours=i), i + 1, i or None)) for i in range(3)]
+    first, middle, _ = (url.removeprefix(tmp_path.as_uri() + "/") for url in urls)
+    assert [e.to.version for e in entries(storage, root)] == [3, 2, 1]
+    original = storage.read_bytes(middle)
+
+    edited = json.loads(original) | {"who": "someone else"}  # a raw edit: the digest no longer matches
+    storage.write_bytes(middle, json.dumps(edited, indent=2).encode())
+    with pytest.raises(HistoryError, match=rf"^{urls[1]}: the promotion history's chain is broken here: its fields"):
+        entries(storage, root)
+
+    forged = Entry(T0 + timedelta(hours=1), Served(2, "f" * 64), Served(1, f"{1:064x}"), "gate", "forger", "")
+    storage.write_bytes(middle, replace(forged, after=json.loads(original)["after"]).to_bytes())  # self-consistent
+    with pytest.raises(HistoryError, match=rf"^{urls[2]}: the promotion history's chain is broken here: it follows"):
+        entries(storage, root)
+
+    storage.delete(middle)
+    with pytest.raises(HistoryError, match=rf"^{urls[2]}: the promotion history's chain is broken here"):
+        entries(storage, root)
+
+    storage.write_bytes(middle, original)
+    assert [e.to.version for e in entries(storage, root)] == [3, 2, 1], "the original entry mends the chain"
+    storage.write_bytes(first, storage.read_bytes(first).replace(b'"how": "gate"', b'"how": "manual"'))
+    printed = subprocess.run(
+        [sys.executable, "-m", "steps.history", f"storage.uri={tmp_path}", "registry.model_name=m"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert printed.stderr.splitlines() == [
+        f"error: {urls[0]}: the promotion history's chain is broken here: its fields do not match its digest "
+        f"{json.loads(storage.read_bytes(first))['digest'][:12]} (the entry was rewritten)"
+    ]
+
+
+def test_a_move_whose_entry_could_not_be_written_is_recorded_by_the_next_mirror(
+    train_runs: TrainRuns, tmp_path: Path
+) -> None:
+    """A history folder that can't be written (a file in its place): the gate moves champion.json to v1, the append
+    fails, and the error says where the pointer is. The next mirror notices the pointer the history lacks and records
+    the move, marked recovered; `steps.history --at` names v1; a mirror after that has nothing to do."""
+    store, name = tmp_path / "store", f"lost-{tmp_path.name[-8:]}"
+    overrides = [
+        f"tracking.uri={train_runs.tracking_uri}",
+        "tracking.experiment=registry-tests",
+        f"storage.uri={store}",
+        f"registry.model_name={name}",
+        *GATE_OPEN,
+    ]
+    root = store / "models" / name
+    root.mkdir(parents=True)
+    (root / "history").write_text("a file where the history folder should be")
+    cfg = compose([*overrides, f"registry.run_id={train_runs.good}"])
+    with pytest.raises(HistoryError) as failed, step_run(cfg, "register"):
+        register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
+    assert f"names {name} v1 now, but cannot record the move in the promotion history" in str(failed.value)
+    assert "previous complete version" not in str(failed.value)
+    assert json.loads((root / POINTER).read_bytes())["version"] == 1
+
+    (root / "history").unlink()
+    cli("mirror", *overrides)
+    storage = LocalStorage(store)
+    [recovered] = entries(storage, f"models/{name}")
+    assert (recovered.previous, recovered.to.version, recovered.how, recovered.recovered) == (None, 1, "gate", True)
+    now = datetime.now(UTC).isoformat()
+    assert cli("history", *overrides, "--at", now).stdout.startswith(f"at {now}: v1 (manifest")
+    again = cli("mirror", *overrides)
+    assert len(entries(storage, f"models/{name}")) == 1, "pointer and history agree: nothing to do"
+    assert "already names" in again.stdout + again.stderr

@@ -367,9 +367,10 @@ def wait_until_stopped(process: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def history_moves(bucket: str, name: str) -> list[tuple[int | None, int, str]]:
+def history_moves(bucket: str, name: str) -> list[tuple[int | None, int, str, str]]:
+    """(from, to, how, via) of each entry, oldest first."""
     docs = [json.loads(data) for _, data in sorted(objects(bucket, f"models/{name}/history/").items())]
-    return [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"]) for d in docs]
+    return [(d["from"] and d["from"]["version"], d["to"]["version"], d["how"], d["via"]) for d in docs]
 
 
 def test_a_register_paused_past_its_lease_changes_nothing(
@@ -400,7 +401,7 @@ def test_a_register_paused_past_its_lease_changes_nothing(
     assert len(client.search_model_versions(f"name = '{name}'")) == 2, "the paused register created no version"
     assert client.get_model_version(name, "2").run_id == train_runs.good
     assert_storage_serves(bucket, name, 2)
-    assert history_moves(bucket, name) == [(None, 1, "gate"), (1, 2, "gate")]
+    assert history_moves(bucket, name) == [(None, 1, "gate", "register"), (1, 2, "gate", "register")]
 
 
 def test_a_register_killed_before_its_mirror_is_caught_up_by_the_next(
@@ -423,4 +424,5 @@ def test_a_register_killed_before_its_mirror_is_caught_up_by_the_next(
     assert f"{name} v3 is @challenger: rejected" in rejected.stdout
     assert aliases(client, name) == {CHAMPION: 2, PREVIOUS: 1, CHALLENGER: 3}
     assert_storage_serves(bucket, name, 2)
-    assert history_moves(bucket, name) == [(None, 1, "gate"), (1, 2, "reconcile")]
+    # the gate moved @champion; the next register is how storage learned of it
+    assert history_moves(bucket, name) == [(None, 1, "gate", "register"), (1, 2, "gate", "register")]

@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from cryptography.fernet import Fernet
 from mlflow import MlflowClient
 from mlflow.entities.webhook import WebhookEvent
 from mlflow.exceptions import MlflowException
@@ -27,6 +28,7 @@ from agnews.config import PROJECT_ROOT, compose
 from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
 from agnews.names import WEBHOOK_KEY_ENV as KEY_ENV
 from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
+from agnews.promotion.mirror import promotion_history
 from agnews.promotion.receiver import signature
 from agnews.promotion.register import register
 from agnews.promotion.registry import aliases
@@ -165,8 +167,11 @@ def test_champion_moved_through_the_rest_api_reaches_storage_and_the_lambda(
     assert pointer(bucket, name)["version"] == 1
     assert invoke({"text": SEED_TEXT})["body"]["model_version"] == 1
     log = receiver.output()
-    assert "@champion of" in log and "moved to v2" in log and "reconcile (ui): mirrored @champion v2" in log
+    assert "@champion of" in log and "moved to v2" in log and "reconcile (delivery): mirrored @champion v2" in log
     assert health(receiver)["deliveries"]["accepted"] >= 1
+    cfg = model_config(runs.tracking_uri, bucket, name)
+    moves = [(e.to.version, e.how, e.via) for e in reversed(promotion_history(cfg.registry, cfg.storage))]
+    assert moves == [(1, "gate", "register"), (2, "ui", "delivery"), (1, "rollback", "register")]
 
 
 def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_events(
@@ -263,22 +268,26 @@ def test_a_move_whose_deliveries_fail_is_served_by_the_timer(
         client.delete_webhook(hook.webhook_id)
     log = receiver.output()
     assert "refused a delivery: the signature does not match" in log
-    assert "reconcile (reconcile): mirrored @champion v2" in log
+    assert "reconcile (timer): mirrored @champion v2" in log
     assert "accepted" not in health(receiver)["deliveries"]
+    newest = promotion_history(cfg.registry, cfg.storage)[0]
+    assert (newest.to.version, newest.how, newest.via) == (2, "ui", "timer"), "a UI move, learned of by the timer"
 
 
 # ---- Set-up that can't half-work: `register` and `unregister` against 4-worker servers ----
 
 
-def webhook_command(tracking_uri: str, *args: str, secret: str | None = None) -> subprocess.CompletedProcess:
+def webhook_command(
+    tracking_uri: str, *args: str, secret: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m steps.webhook <args>` against ``tracking_uri``. Its timeout is also the bound on "fails in
     seconds": MLflow's client, retrying a 500, would take minutes."""
-    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, "MLFLOW_TRACKING_URI")}
+    inherited = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, KEY_ENV, "MLFLOW_TRACKING_URI")}
     settings = [f"tracking.uri={tracking_uri}", "tracking.experiment=registry-tests"]
     return subprocess.run(
         [sys.executable, "-m", "steps.webhook", *args, *settings],
         cwd=PROJECT_ROOT,
-        env=env | ({SECRET_ENV: secret} if secret else {}),
+        env=inherited | (env or {}) | ({SECRET_ENV: secret} if secret else {}),
         capture_output=True,
         text=True,
         timeout=120,
@@ -293,7 +302,8 @@ def test_register_tests_the_webhook_on_every_worker_and_unregister_removes_it(
     keyed_mlflow_server: str, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
 ) -> None:
     """With the key shared: register succeeds and its test deliveries reach the receiver; a second register with
-    another secret fails on the receiver's 401 and leaves no webhook; unregister removes one, then finds none."""
+    another secret fails on the receiver's 401 and leaves the working webhook as it was; unregister removes it, then
+    finds none."""
     uri = keyed_mlflow_server
     receiver = webhook_receiver(model_config(uri, bucket, f"setup-{uuid.uuid4().hex[:8]}"), register=False)
     missing = webhook_command(uri, "register", "--url", receiver.url)
@@ -306,17 +316,45 @@ def test_register_tests_the_webhook_on_every_worker_and_unregister_removes_it(
     assert health(receiver)["deliveries"]["ignored"] == 8, "every test delivery reached the receiver, signed"
     assert [hook.url for hook in named(uri)] == [receiver.url]
 
+    [working] = named(uri)
     wrong = webhook_command(uri, "register", "--url", receiver.url, secret="another-secret")
     assert wrong.returncode == 1
-    assert "the receiver refused its signature" in wrong.stderr.strip().splitlines()[-1]
-    assert named(uri) == [], "a webhook that can't deliver is not left behind"
+    last = wrong.stderr.strip().splitlines()[-1]
+    assert "the receiver refused its signature" in last, last
+    assert last.endswith(f"the webhook was removed; {working.webhook_id} to {receiver.url} left as it was"), last
+    assert [hook.webhook_id for hook in named(uri)] == [working.webhook_id], "the new one removed, the old one kept"
 
     assert webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret).returncode == 0
+    assert [hook.webhook_id for hook in named(uri)] != [working.webhook_id], "tested, then replaced the old one"
     removed = webhook_command(uri, "unregister")
     assert removed.returncode == 0, removed.stderr
     assert removed.stdout.startswith("removed 1 webhook(s)")
     assert named(uri) == []
     assert "none was registered" in webhook_command(uri, "unregister").stdout
+
+
+def test_a_register_whose_new_url_fails_leaves_the_working_webhook_in_place(
+    keyed_mlflow_server: str, webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """`register --url http://127.0.0.1:1/` (nothing listens there) against a server whose webhook works: the new URL
+    is tested before the existing webhook is touched, the command fails in one line, and the existing webhook is
+    still there and still delivers."""
+    uri = keyed_mlflow_server
+    receiver = webhook_receiver(model_config(uri, bucket, f"kept-{uuid.uuid4().hex[:8]}"), register=False)
+    assert webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret).returncode == 0
+    try:
+        [working] = named(uri)
+        moved = webhook_command(uri, "register", "--url", "http://127.0.0.1:1/", secret=receiver.secret)
+        assert moved.returncode == 1
+        last = moved.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: a test delivery to http://127.0.0.1:1/ failed: "), last
+        assert last.endswith(f"{working.webhook_id} to {receiver.url} left as it was"), last
+        assert [(hook.webhook_id, hook.url) for hook in named(uri)] == [(working.webhook_id, receiver.url)]
+        before = health(receiver)["deliveries"]["ignored"]
+        assert MlflowClient(uri).test_webhook(working.webhook_id).success, "the kept webhook still delivers"
+        assert health(receiver)["deliveries"]["ignored"] == before + 1
+    finally:
+        webhook_command(uri, "unregister")
 
 
 def test_register_refuses_a_server_whose_workers_do_not_share_the_key_and_unregister_still_works(
@@ -337,6 +375,20 @@ def test_register_refuses_a_server_whose_workers_do_not_share_the_key_and_unregi
     removed = webhook_command(uri, "unregister")
     assert removed.returncode == 0, removed.stderr
     assert removed.stdout.startswith("removed 1 webhook(s)") and named(uri) == []
+
+
+@pytest.mark.parametrize("key", [None, "set"])
+def test_register_without_a_tracking_server_says_webhooks_need_one(key: str | None, tmp_path: Path) -> None:
+    """A tracking URI that is a local store (SQLite, as without MLFLOW_TRACKING_URI): one line that says webhooks need
+    a tracking server and names the URI, with or without the encryption key, not a decryption failure."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {KEY_ENV: Fernet.generate_key().decode()} if key else {}
+    done = webhook_command(uri, "register", "--url", "http://127.0.0.1:9/", secret="s", env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: webhooks need a tracking server (`mlflow server`; set MLFLOW_TRACKING_URI or tracking.uri to its "
+        f"http(s) address): the tracking URI is {uri}"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -416,3 +468,44 @@ def test_the_readmes_webhook_setup_as_written_serves_a_move_made_in_the_ui(
         webhook_command(keyed_runs.tracking_uri, "unregister")
     assert not named(keyed_runs.tracking_uri)
     assert aliases(MlflowClient(keyed_runs.tracking_uri), name) == {CHAMPION: 2, PREVIOUS: 1}
+
+
+# Alias moves on connections of their own before the webhook exists: all 4 workers see one but in 4 * 0.75^32 = 4e-4.
+WARM_UP_MOVES = 32
+
+
+def test_a_move_right_after_register_is_delivered_by_a_server_started_as_the_readme_says(
+    webhook_receiver: Callable[..., WebhookReceiver], s3_env: str, bucket: str, tmp_path: Path
+) -> None:
+    """MLflow's workers cache the webhooks of each event for MLFLOW_WEBHOOK_CACHE_TTL seconds (60 by default) from
+    the first event they deliver. A server started by the README's `ui-server` block, as written, whose workers
+    have all seen an alias move before the webhook was registered: a move of @champion right after `register` is
+    delivered (and so mirrored before the receiver's timer, set to 10 minutes here, would)."""
+    root = checkout(tmp_path)
+    (root / "mlflow").mkdir(exist_ok=True)
+    with run_as_written(readme_sequence("ui-server"), root) as started:
+        assert started.returncode == 0, started.output()[-3000:]
+        uri, name = "http://127.0.0.1:5000", f"cached-{uuid.uuid4().hex[:8]}"
+        client = MlflowClient(uri)
+        client.create_registered_model(name)
+        for _ in range(2):
+            client.create_model_version(name, source=f"s3://{bucket}/nothing-to-serve")
+        for _ in range(WARM_UP_MOVES):  # each on a connection of its own, so that every worker delivers one
+            moved = requests.post(
+                f"{uri}/api/2.0/mlflow/registered-models/alias",
+                json={"name": name, "alias": CHALLENGER, "version": "2"},
+                headers={"Connection": "close"},
+                timeout=30,
+            )
+            moved.raise_for_status()
+        receiver = webhook_receiver(model_config(uri, bucket, name, "webhook.reconcile_s=600"), register=False)
+        try:
+            registered = webhook_command(uri, "register", "--url", receiver.url, secret=receiver.secret)
+            assert registered.returncode == 0, registered.stderr
+            move_champion(uri, name, 1)
+            deadline = time.monotonic() + DEADLINE_S / 2  # well inside the 60 s that a cached empty list lasts
+            while health(receiver)["deliveries"].get("accepted", 0) == 0:
+                assert time.monotonic() < deadline, f"the move was not delivered: {health(receiver)}"
+                time.sleep(0.2)
+        finally:
+            webhook_command(uri, "unregister")

@@ -5,6 +5,7 @@ on waitress), with local storage and a SQLite tracking store; it prints its addr
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import requests
 from agnews.config import PROJECT_ROOT
 from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
 from agnews.promotion.receiver import MAX_DELIVERY_BYTES, signature
-from tests.helpers import WEBHOOK_START_S, start_receiver, stop_receiver
+from tests.helpers import WEBHOOK_START_S, free_port, start_receiver, stop_receiver
 
 pytestmark = pytest.mark.integration  # each test serves a receiver
 
@@ -170,3 +171,88 @@ def test_serve_on_a_port_in_use_fails_with_one_line(served: Served) -> None:
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{served.port}: Address already in use")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def health_answer(port: int) -> requests.Response | None:
+    """/health's answer, whatever its status; None while the receiver does not answer (it listens before it loads)."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except requests.RequestException:
+        return None
+
+
+def test_health_is_degraded_with_503_while_storage_fails_and_ok_once_it_recovers(tmp_path) -> None:
+    """Storage that refuses every write (a file where its models folder should be): each reconcile fails to take the
+    model's lease, and /health says so with HTTP 503; once storage works again, the next reconcile makes it 200."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "models").write_text("a file where the models folder should be")
+    overrides = [f"storage.uri={store}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "webhook.reconcile_s=1"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
+    port = free_port()
+    with (tmp_path / "receiver.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + WEBHOOK_START_S
+        while (answer := health_answer(port)) is None or answer.json()["last_reconcile"] is None:
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "receiver.log").read_text()
+            time.sleep(0.2)
+        assert answer.status_code == 503, answer.json()
+        report = answer.json()
+        assert report["status"] == "degraded" and report["degraded"].startswith("the last reconcile failed: ")
+        assert "cannot" in report["last_reconcile"]["outcome"]
+
+        (store / "models").unlink()
+        while (answer := health_answer(port)) is None or answer.status_code != 200:
+            assert time.monotonic() < deadline + 60, answer.json() if answer else "no answer"
+            time.sleep(0.2)
+        assert answer.json()["status"] == "ok" and answer.json()["last_reconcile"]["ok"]
+    finally:
+        stop_receiver(process)
+
+
+STARVING = 1_000  # stalled connections, ten times the receiver's connection limit
+
+
+def test_health_answers_while_a_thousand_stalled_clients_hold_connections(tmp_path) -> None:
+    """1,000 loopback clients that send half a request and stop, against a receiver with its default connection
+    limit (100) and read timeout (10 s): /health still answers, within its client's 10 s timeout. Where the server
+    stops accepting at its limit, the request waits behind the stalled ones for a read timeout per hundred."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < STARVING + 200:
+        pytest.skip(f"{STARVING} sockets need more open files than this process may have ({hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * STARVING)), hard))
+    overrides = [f"storage.uri={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
+    process, url = start_receiver(overrides, env, tmp_path / "receiver.log", cwd=tmp_path)
+    port = urlsplit(url).port
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(STARVING):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stalled.append(conn)
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes never come
+        answer = requests.get(f"{url}health", timeout=10)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+    finally:
+        for conn in stalled:
+            conn.close()
+        stop_receiver(process)
+
+
+def test_serve_on_a_port_out_of_range_fails_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "steps.webhook", "serve", "--port", "99999"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == ["error: cannot listen on 127.0.0.1:99999: bind(): port must be 0-65535."]
