@@ -6,7 +6,7 @@ environment variables, see settings.py. Locally: ``python lambda/handler.py "som
 
 ``Service`` is the adapter: events in, responses out, over any ``Store``. ``lambda_handler`` is a ``Service`` over
 the container's ``ModelStore``, built from the environment on first use; until then this module imports the
-standard library, settings and events only (no onnxruntime, numpy or tokenizers).
+standard library, settings, events and ``bundle.capture`` only (no onnxruntime, numpy, tokenizers or boto3).
 
 Each request writes one JSON line on stdout, where Lambda sends it to CloudWatch Logs (``request_line``): the log
 fields (level, request id, status, the model that answered), its CloudWatch metrics in the embedded metric format
