@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,10 +57,15 @@ WEBHOOK_START_S = 120
 
 
 def start_receiver(
-    overrides: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT_ROOT
+    overrides: list[str],
+    env: dict[str, str],
+    log: Path,
+    cwd: Path = PROJECT_ROOT,
+    ready: Callable[[str], bool] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`python -m steps.webhook serve` on a free port of 127.0.0.1 with ``overrides`` and ``env``, its output in
-    ``log``: its process and URL once its /health answers; the test fails if it does not start."""
+    ``log``: its process and URL once ``ready(<its /health URL>)`` (default: /health answers 200); the test fails if
+    it does not start."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -72,7 +77,7 @@ def start_receiver(
         )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + WEBHOOK_START_S
-    while not answers(f"{url}health"):
+    while not (ready or answers)(f"{url}health"):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"the webhook receiver did not start: {log.read_text()[-2000:]}")

@@ -22,7 +22,7 @@ import requests
 from agnews.config import PROJECT_ROOT
 from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
 from agnews.promotion.receiver import MAX_DELIVERY_BYTES, signature
-from tests.helpers import WEBHOOK_START_S, free_port, start_receiver, stop_receiver
+from tests.helpers import WEBHOOK_START_S, start_receiver, stop_receiver
 
 pytestmark = pytest.mark.integration  # each test serves a receiver
 
@@ -173,12 +173,12 @@ def test_serve_on_a_port_in_use_fails_with_one_line(served: Served) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def health_answer(port: int) -> requests.Response | None:
-    """/health's answer, whatever its status; None while the receiver does not answer (it listens before it loads)."""
+def reconciled(url: str) -> bool:
+    """Whether the receiver at ``url`` (its /health) answers, whatever its status, with a reconcile behind it."""
     try:
-        return requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        return requests.get(url, timeout=2).json()["last_reconcile"] is not None
     except requests.RequestException:
-        return None
+        return False
 
 
 def test_health_is_degraded_with_503_while_storage_fails_and_ok_once_it_recovers(tmp_path) -> None:
@@ -189,28 +189,18 @@ def test_health_is_degraded_with_503_while_storage_fails_and_ok_once_it_recovers
     (store / "models").write_text("a file where the models folder should be")
     overrides = [f"storage.uri={store}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "webhook.reconcile_s=1"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {SECRET_ENV: SECRET}
-    port = free_port()
-    with (tmp_path / "receiver.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "steps.webhook", "serve", "--port", str(port), *overrides],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process, url = start_receiver(overrides, env, tmp_path / "receiver.log", cwd=tmp_path, ready=reconciled)
     try:
-        deadline = time.monotonic() + WEBHOOK_START_S
-        while (answer := health_answer(port)) is None or answer.json()["last_reconcile"] is None:
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "receiver.log").read_text()
-            time.sleep(0.2)
+        answer = requests.get(f"{url}health", timeout=10)
         assert answer.status_code == 503, answer.json()
         report = answer.json()
         assert report["status"] == "degraded" and report["degraded"].startswith("the last reconcile failed: ")
         assert "cannot" in report["last_reconcile"]["outcome"]
 
         (store / "models").unlink()
-        while (answer := health_answer(port)) is None or answer.status_code != 200:
-            assert time.monotonic() < deadline + 60, answer.json() if answer else "no answer"
+        deadline = time.monotonic() + WEBHOOK_START_S
+        while (answer := requests.get(f"{url}health", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, answer.json()
             time.sleep(0.2)
         assert answer.json()["status"] == "ok" and answer.json()["last_reconcile"]["ok"]
     finally:
