@@ -58,6 +58,7 @@ def test_promote_in_the_ui_as_written_serves_the_version_moved(tmp_path: Path) -
     with run_as_written("\n".join(path), root) as done:
         output = done.output()
         assert done.returncode == 0, output[-4000:]
+        assert re.search(r"webhook .* delivers .* to http://localhost:8088/", output), output[-4000:]
         assert "distilbert-agnews v2 is @challenger" in output
         client = MlflowClient("http://127.0.0.1:5000")  # the block's MLFLOW_TRACKING_URI
         client.set_registered_model_alias("distilbert-agnews", "champion", "2")
