@@ -7,8 +7,10 @@ handler module serving that version's mirrored folder (the ``serve`` fixture).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +18,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import boto3
 import mlflow
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
+from agnews.errors import ConfigError
 from agnews.names import CHAMPION
+from agnews.scoring import rows
 from agnews.scoring.job import (
     ERRORS,
     INPUT_CONTEXT,
@@ -73,6 +79,40 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> Non
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
     assert all(word in lines[-1] for word in words), lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("Stocks up", None),
+        ("", "the text is empty"),
+        (" \n\t", "the text is only whitespace"),
+        (None, "the text is missing"),
+        (float("nan"), "the text is missing"),
+        (7, "the text is a int"),
+        (["a list"], "the text is a list"),
+        ("x" * 11, "the text has 11 characters; the most is 10"),
+        ("x" * 10, None),
+    ],
+)
+def test_the_texts_that_get_no_prediction(text: object, problem: str | None) -> None:
+    assert rows.problem(text, max_chars=10) == problem
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("predict.engine=gpu", "predict.engine=gpu is out of range: it must be one of local, spark"),
+        ("predict.format=xml", "predict.format=xml is out of range"),
+        ("predict.chunk_rows=0", "predict.chunk_rows=0 is out of range: it must be > 0"),
+        ("predict.workers=-1", "predict.workers=-1 is out of range"),
+        ("predict.model=runs:/abc/model", "it must be a models:/<name>/<version> or models:/<name>@<alias> URI"),
+        ("predict.spark.partitions=-2", "predict.spark.partitions=-2 is out of range"),
+    ],
+)
+def test_predict_settings_out_of_range_fail_at_composition(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([override])
 
 
 def test_local_engine_scores_10000_rows_as_the_lambda_answers_and_logs_one_run(
@@ -246,3 +286,24 @@ def test_bad_input_column_format_or_version_fail_in_one_line(
         unknown = cli(scoring, f"predict.input={agnews_rows}", output, f"predict.model={model}")
         assert_one_line_error(unknown, model)
     assert not (tmp_path / "scored").exists()
+
+
+def test_s3_input_and_output(scoring: list[str], agnews_rows: Path, bucket: str, s3_env: str) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    few = pd.read_parquet(agnews_rows).head(30)
+    for n, part in enumerate((few.head(10), few.tail(20))):
+        s3.put_object(Bucket=bucket, Key=f"news/part-{n}.parquet", Body=part.to_parquet())
+    s3.put_object(Bucket=bucket, Key="news/_SUCCESS", Body=b"")
+    output = f"s3://{bucket}/scored"
+    done, run_id = run_predict(scoring, f"predict.input=s3://{bucket}/news", f"predict.output={output}")
+    assert (done.counts.rows, done.counts.errors) == (30, 0)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="scored/")["Contents"])
+    assert keys == ["scored/_SUCCESS", "scored/part-00000.parquet"]
+    assert [k for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if "tmp" in (k := o["Key"])] == []
+    got = pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=keys[1])["Body"].read()))
+    assert got.id.tolist() == list(range(30)) and got[PREDICTED_CLASS].notna().all()
+    listing = mlflow.artifacts.load_dict(f"{MlflowClient().get_run(run_id).info.artifact_uri}/{LISTING_ARTIFACT}")
+    assert [f["path"] for f in listing["files"]] == ["part-0.parquet", "part-1.parquet"]
+
+    again = cli(scoring, f"predict.input=s3://{bucket}/news", f"predict.output={output}")
+    assert_one_line_error(again, output, "exists")

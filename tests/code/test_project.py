@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose, split_overrides
 
-ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "webhook", "cleanup", "history", "tune", "monitor"]
 # `webhook` has a subcommand first
-HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune", "monitor"]
+HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune", "monitor", "predict"]
+ENTRY_POINTS = [*HYDRA_ENTRY_POINTS, "webhook", "history"]
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
@@ -69,6 +69,9 @@ def test_named_parameters() -> None:
     assert (cfg.data.source, cfg.seed, cfg.data.test_size) == ("../x", 7, 500)
     cfg = compose(shlex.split(command("tune", model="minilm", trials="12", overrides="tune.study=s"))[3:])
     assert (cfg.model.search["epochs"]["high"], cfg.tune.trials, cfg.tune.study) == (3, 12, "s")
+    cfg = compose(shlex.split(command("predict", input="in.csv", output="out/", engine="spark"))[3:])
+    assert (cfg.predict.input, cfg.predict.output, cfg.predict.engine) == ("in.csv", "out/", "spark")
+    assert cfg.predict.model == compose().predict.model == "models:/distilbert-agnews@champion"
 
 
 def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Path) -> None:
