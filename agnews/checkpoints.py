@@ -18,7 +18,8 @@ import mlflow
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from agnews.errors import PipelineError
+from agnews.errors import CheckpointError
+from agnews.names import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 # In train.output_dir: the MLflow run that is training into it, written when training starts.
 RUN_FILE = "mlflow_run.json"
-
-
-class CheckpointError(PipelineError):
-    """``train.resume=true`` finds checkpoints, but none that the Trainer could resume from."""
 
 
 def found(output_dir: Path) -> list[Path]:
@@ -76,7 +73,7 @@ def newest_complete(output_dir: Path) -> Path | None:
 def writer(output_dir: Path) -> str | None:
     """The run id recorded in ``output_dir`` when training into it started, if any."""
     try:
-        return json.loads((output_dir / RUN_FILE).read_text())["run_id"]
+        return json.loads((output_dir / RUN_FILE).read_text())["run"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -104,10 +101,10 @@ def prepare(output_dir: Path, resume: bool, main_process: bool = True) -> str | 
         previous = writer(output_dir)
         log.info("resuming from %s (run %s)", checkpoint, previous or "unknown")
         if mlflow.active_run():
-            mlflow.set_tag("resumed_from_checkpoint", str(checkpoint))
+            mlflow.set_tag(RESUMED_FROM_CHECKPOINT_TAG, str(checkpoint))
             if previous:
-                mlflow.set_tag("resumed_from_run", previous)
+                mlflow.set_tag(RESUMED_FROM_RUN_TAG, previous)
     if run := mlflow.active_run():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_FILE).write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
+        (output_dir / RUN_FILE).write_text(json.dumps({"run": run.info.run_id}) + "\n")
     return str(checkpoint) if checkpoint else None

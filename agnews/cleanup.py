@@ -24,13 +24,10 @@ import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus, ViewType
 
+from agnews.names import CLOSED_TAG, HOST_TAG, PID_TAG, STARTED_TAG, STEP_TAG
 from agnews.settings import CleanupSettings
-from agnews.tracking import HOST_TAG, PID_TAG, STARTED_TAG
 
 log = logging.getLogger(__name__)
-
-# The tag that a closed run gets: why it was found stale.
-CLOSED_TAG = "closed_as_stale"
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def find_stale(client: MlflowClient, stale_after_minutes: float, exclude: str | 
 
 
 def _step(run: Run) -> str:
-    return run.data.tags.get("step") or run.info.run_name or "?"
+    return run.data.tags.get(STEP_TAG) or run.info.run_name or "?"
 
 
 def close_stale(settings: CleanupSettings, exclude: str | None = None) -> list[Stale]:

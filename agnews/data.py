@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 from agnews.errors import DataError, NotFoundError
 from agnews.settings import DataSettings
@@ -321,3 +322,43 @@ def rows_sha256(rows: Iterable[int]) -> str:
     """The identity of a selection of a split's rows: the sha256 of their line numbers in the split's file (0-based,
     ascending, comma-separated), whatever order they were drawn or evaluated in."""
     return sha256(",".join(str(row) for row in sorted(rows)).encode())
+
+
+def draw(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``size`` rows with the class balance of ``frame``, seeded, and the rows left; None or 0 draws every row.
+    Rows keep their index: ``read_split``'s line numbers, which name the rows scored (``dataset.test.rows_sha256``)."""
+    if not size or size == len(frame):
+        return frame, frame.iloc[:0]
+    if size > len(frame):
+        raise DataError(f"{name}={size} is larger than the {len(frame)} rows available")
+    sample, rest = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
+    return sample, rest
+
+
+def stratified_sample(frame: pd.DataFrame, size: int | None, seed: int, name: str) -> pd.DataFrame:
+    """``size`` rows with the class balance of ``frame``, seeded; None or 0 keeps every row."""
+    return draw(frame, size, seed, name)[0]
+
+
+def split_train(frame: pd.DataFrame, sample_size: int | None, val_size: int, seed: int) -> tuple[pd.DataFrame, ...]:
+    """The training sample and the validation rows: disjoint, stratified and seeded.
+
+    The training sample is drawn first, exactly as without validation, and validation from the rows it leaves;
+    only when it leaves too few (``sample_size`` null, or near the split's size) is validation drawn first.
+    """
+    if sample_size and sample_size + val_size <= len(frame):
+        sample, rest = draw(frame, sample_size, seed, "data.sample_size")
+        return sample, draw(rest, val_size, seed, "data.val_size")[0]
+    if sample_size and sample_size > len(frame):
+        raise DataError(f"data.sample_size={sample_size} is larger than the {len(frame)} rows available")
+    val, rest = draw(frame, val_size, seed, "data.val_size")
+    if sample_size and sample_size > len(rest):
+        raise DataError(
+            f"data.sample_size={sample_size} is larger than the {len(rest)} rows left after data.val_size={val_size}"
+        )
+    return stratified_sample(rest, sample_size, seed, "data.sample_size"), val
+
+
+def by_length(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by text length (stable), with their index: evaluation batches then pad little, in a known order."""
+    return frame.iloc[frame.text.str.len().argsort(kind="stable")]

@@ -64,3 +64,47 @@ REFERENCE_ARTIFACT = "reference/reference.parquet"
 # What `monitor` tags on its run and on each version it judged, and its verdicts.
 MONITOR_VERDICT_TAG = "monitor.verdict"
 OK, DRIFT, TOO_FEW, NO_REFERENCE = "ok", "drift", "too few answers", "no reference"
+
+# Metrics that the train step logs beside the test metrics, and tune and the benchmarks read.
+BEST_VAL_ACCURACY = "best_val_accuracy"  # the kept checkpoint's validation accuracy (a study's objective)
+TRAIN_ROWS, VAL_ROWS, TEST_ROWS = "train_rows", "val_rows", "test_rows"
+PEAK_RSS_MB = "peak_rss_mb"
+# The training figures: the Trainer's samples/s (which includes the per-epoch evaluation and checkpoint saves), the
+# training loop's alone, and the wall time of trainer.train().
+TRAIN_SAMPLES_PER_SECOND = "train_samples_per_second"
+TRAIN_LOOP_SAMPLES_PER_SECOND = "train_loop_samples_per_second"
+TRAIN_WALL_TIME_S = "train_wall_time_s"
+TRAIN_FIGURES = (TRAIN_SAMPLES_PER_SECOND, TRAIN_LOOP_SAMPLES_PER_SECOND, TRAIN_WALL_TIME_S)
+# The behavioural checks' metric prefixes (<prefix>_pass_rate, <prefix>_<kind>_pass_rate): the pyfunc's and the int8
+# bundle's.
+BEHAVIOUR, ONNX_INT8_BEHAVIOUR = "behaviour", "onnx_int8_behaviour"
+
+# Run tags that the train step writes.
+BEST_CHECKPOINT_TAG = "best_checkpoint"  # the checkpoint folder that validation kept
+PRECISION_TAG, DEVICE_TAG = "precision", "device"  # what train.precision resolved to, on which card or CPU
+RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG = "resumed_from_checkpoint", "resumed_from_run"
+SPLIT_SHA256_TAGS = {"train": TRAIN_SHA256_TAG, "test": TEST_SHA256_TAG}  # each split file's sha256, by split
+
+# Artifacts of a train run.
+CONFUSION_MATRIX_ARTIFACT = "confusion_matrix.png"
+CLASSIFICATION_REPORT_ARTIFACT = "classification_report.json"
+MISCLASSIFIED_ARTIFACT = "misclassified.json"
+BEHAVIOUR_FAILURES_ARTIFACT = "behaviour_failures.json"
+# Every step's run: its composed config.
+CONFIG_ARTIFACT = "config.yaml"
+
+# Run tags that every step's run carries (agnews.tracking.step_run): the process it ran in, which cleanup reads to
+# tell a run whose process is gone (a pid the system has given to a new process has another start time).
+HOST_TAG, PID_TAG, STARTED_TAG = "process.host", "process.pid", "process.started"
+ERROR_TAG = "error"  # a failed step's run, and main's parent run: the step's one-line error
+# main's parent run: each step's run id (child.<step>) and the step that failed.
+CHILD_TAG_PREFIX, FAILED_STEP_TAG = "child.", "failed_step"
+DATASET_CHANGED_TAG = "dataset.changed"  # upload: whether it wrote a new dataset
+CLOSED_TAG = "closed_as_stale"  # cleanup: why it closed a run as KILLED
+
+# tune: the study's and its trials' links to their MLflow runs (Optuna user attributes), and the trial runs' tags.
+STUDY_PARENT_ATTR, TRIAL_RUN_ATTR = "mlflow_parent_run_id", "mlflow_run_id"
+TRIAL_STATE_TAG, TRIAL_NUMBER_TAG = "trial.state", "trial.number"  # Optuna's state: COMPLETE, PRUNED or FAIL
+STUDY_TAG, STUDY_STORAGE_TAG, BEST_TRIAL_TAG = "tune.study", "tune.storage", "tune.best_trial"
+STUDY_PARENT_TAG = "tune.parent_run_id"  # a joining worker's own run under `mlflow run`: the study's parent run
+SEARCH_SPACE_ARTIFACT, BEST_PARAMS_ARTIFACT = "search_space.json", "best_params.json"

@@ -16,13 +16,14 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from agnews import names
 from agnews.errors import ConfigError
-from agnews.ingest import upload_and_log
 from agnews.promotion.register import register
 from agnews.promotion.registry import Verdict
 from agnews.settings import Settings
 from agnews.tracking import step_run
 from agnews.training import train
+from agnews.upload import upload_and_log
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ def child(cfg: Settings, step: str, parent: Run) -> Iterator[Run]:
     """A nested run for ``step``, named on the parent; an error is tagged on both runs and fails both."""
     client = MlflowClient()
     with step_run(cfg, step, nested=True) as run:
-        client.set_tag(parent.info.run_id, f"child.{step}", run.info.run_id)
+        client.set_tag(parent.info.run_id, f"{names.CHILD_TAG_PREFIX}{step}", run.info.run_id)
         try:
             yield run
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag("error", message)
-            client.set_tag(parent.info.run_id, "failed_step", step)
-            client.set_tag(parent.info.run_id, "error", message)
+            mlflow.set_tag(names.ERROR_TAG, message)
+            client.set_tag(parent.info.run_id, names.FAILED_STEP_TAG, step)
+            client.set_tag(parent.info.run_id, names.ERROR_TAG, message)
             log.error("%s step failed (run %s): %s", step, run.info.run_id, message)
             raise
 

@@ -26,6 +26,7 @@ import torch
 
 from agnews import hardware
 from agnews.errors import ConfigError
+from agnews.names import DEVICE_TAG, PRECISION_TAG
 from agnews.settings import TrainSettings
 
 # What `train.pad_to_multiple_of: auto` pads to on CUDA: the tensor-core tile for half precision, and at most
@@ -55,7 +56,7 @@ class Resolved:
 
     def tags(self) -> dict[str, str]:
         """What the train run records: the resolved precision and the device's name."""
-        return {"precision": self.precision, "device": self.device.name}
+        return {PRECISION_TAG: self.precision, DEVICE_TAG: self.device.name}
 
 
 def detect() -> Device:

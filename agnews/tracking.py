@@ -17,6 +17,7 @@ import requests
 from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
+from agnews import names
 from agnews.config import code_version, flatten, redact, to_yaml
 from agnews.errors import TrackingError
 from agnews.settings import Settings
@@ -25,18 +26,14 @@ log = logging.getLogger(__name__)
 
 # MLflow's own variables for a tracking server's basic auth (the supported way to pass credentials).
 USERNAME_VARIABLE, PASSWORD_VARIABLE = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
-# Tags that name the process a run's step ran in, so that `python -m steps.cleanup` can tell a run whose process
-# is gone (kill -9, out of memory) from one still running: the host, the pid and the process's start time (a pid
-# that the system has given to a new process has another start time).
-HOST_TAG, PID_TAG, STARTED_TAG = "process.host", "process.pid", "process.started"
 
 
 def process_tags() -> dict[str, str]:
     """The tags that identify this process: host name, pid and start time (seconds since the epoch)."""
     return {
-        HOST_TAG: socket.gethostname(),
-        PID_TAG: str(os.getpid()),
-        STARTED_TAG: f"{psutil.Process().create_time():.2f}",
+        names.HOST_TAG: socket.gethostname(),
+        names.PID_TAG: str(os.getpid()),
+        names.STARTED_TAG: f"{psutil.Process().create_time():.2f}",
     }
 
 
@@ -117,9 +114,9 @@ def step_run(cfg: Settings, step: str, nested: bool = False) -> Iterator[Run]:
     """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
     connect(cfg)
     with mlflow.start_run(run_name=step, nested=nested) as run:
-        mlflow.set_tags({"step": step, "git_commit": code_version(), **process_tags()})
+        mlflow.set_tags({names.STEP_TAG: step, names.GIT_COMMIT_TAG: code_version(), **process_tags()})
         mlflow.log_params(flatten(cfg))
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_text(to_yaml(cfg), names.CONFIG_ARTIFACT)
         log.info(
             "%s: MLflow run %s in experiment '%s' at %s",
             step,

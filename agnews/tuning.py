@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna.visualization import matplotlib as plots
 from transformers import TrainerCallback
 
+from agnews import names
 from agnews.config import redact
 from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
@@ -46,9 +47,6 @@ log = logging.getLogger(__name__)
 # Optuna marks the heartbeat, fail_stale_trials and its matplotlib plots experimental: each use would warn.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute naming its MLflow parent run
-RUN_ATTR = "mlflow_run_id"  # each trial's user attribute naming its MLflow child run
-STATE_TAG = "trial.state"  # a trial run's Optuna state: COMPLETE, PRUNED or FAIL
 # Workers that start together race to create the study's tables: the losers try again, and find them made.
 SCHEMA_ATTEMPTS = 5
 
@@ -68,10 +66,10 @@ def storage_url(cfg: Settings) -> str:
 
 def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's callback for a trial that lost its heartbeat (its worker was killed): fail its MLflow run too."""
-    if run_id := trial.user_attrs.get(RUN_ATTR):
+    if run_id := trial.user_attrs.get(names.TRIAL_RUN_ATTR):
         client = MlflowClient()
-        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
-        client.set_tag(run_id, "error", "its worker stopped sending heartbeats (killed or lost)")
+        client.set_tag(run_id, names.TRIAL_STATE_TAG, TrialState.FAIL.name)
+        client.set_tag(run_id, names.ERROR_TAG, "its worker stopped sending heartbeats (killed or lost)")
         client.set_terminated(run_id, "FAILED")
     log.warning("trial %d of study '%s' lost its worker: marked failed", trial.number, study.study_name)
 
@@ -123,7 +121,7 @@ def open_study(cfg: Settings) -> tuple[optuna.Study, bool]:
 def parent_of(study: optuna.Study, timeout_s: float) -> str:
     """The parent run id that the study's creator records, waiting up to ``timeout_s`` for it."""
     deadline = time.monotonic() + timeout_s
-    while (parent := study.user_attrs.get(PARENT_ATTR)) is None:
+    while (parent := study.user_attrs.get(names.STUDY_PARENT_ATTR)) is None:
         if time.monotonic() > deadline:
             raise TuneError(
                 f"study '{study.study_name}' has no MLflow run after {timeout_s:.0f}s: the process that created it "
@@ -170,7 +168,11 @@ def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
 
     The run ends FINISHED for a complete or pruned trial and FAILED for a crash, with ``trial.state`` as its tag.
     """
-    tags = {"step": "tune-trial", "trial.number": str(trial.number), "tune.study": trial.study.study_name}
+    tags = {
+        names.STEP_TAG: "tune-trial",
+        names.TRIAL_NUMBER_TAG: str(trial.number),
+        names.STUDY_TAG: trial.study.study_name,
+    }
     tags |= process_tags()  # `python -m steps.cleanup` closes the run if this worker dies
     pruned = None
     with mlflow.start_run(
@@ -180,7 +182,7 @@ def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
         nested=True,
         tags=tags,
     ) as run:
-        trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        trial.set_user_attr(names.TRIAL_RUN_ATTR, run.info.run_id)
         try:
             params = suggest(trial, cfg.model.search)
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
@@ -189,13 +191,15 @@ def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
                 settings = with_recipe(cfg, params, output_dir=tmp, resume=False)
                 dataset = StoredDataset.open(open_storage(settings.storage), settings.storage.dataset_prefix)
                 value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).kept()[1]
-            mlflow.log_metric("best_val_accuracy", value)
-            mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
+            mlflow.log_metric(names.BEST_VAL_ACCURACY, value)
+            mlflow.set_tag(names.TRIAL_STATE_TAG, TrialState.COMPLETE.name)
         except optuna.TrialPruned as exc:
-            mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
+            mlflow.set_tag(names.TRIAL_STATE_TAG, TrialState.PRUNED.name)
             pruned = exc
         except Exception as exc:
-            mlflow.set_tags({STATE_TAG: TrialState.FAIL.name, "error": f"{type(exc).__name__}: {exc}"})
+            mlflow.set_tags(
+                {names.TRIAL_STATE_TAG: TrialState.FAIL.name, names.ERROR_TAG: f"{type(exc).__name__}: {exc}"}
+            )
             log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
             raise
     if pruned:
@@ -243,10 +247,10 @@ def recipe_text(cfg: Settings, study: optuna.Study) -> str:
 def log_study(study: optuna.Study) -> None:
     """The study into the active (parent) run: best trial, counts by state, and its plots."""
     best = study.best_trial
-    mlflow.set_tag("tune.best_trial", str(best.number))
-    mlflow.log_metric("best_val_accuracy", study.best_value)
+    mlflow.set_tag(names.BEST_TRIAL_TAG, str(best.number))
+    mlflow.log_metric(names.BEST_VAL_ACCURACY, study.best_value)
     mlflow.log_metrics({f"trials_{s.name.lower()}": len(study.get_trials(states=(s,))) for s in TrialState})
-    mlflow.log_dict(best.params, "best_params.json")
+    mlflow.log_dict(best.params, names.BEST_PARAMS_ARTIFACT)
     figures: dict[str, Callable[[optuna.Study], Any]] = {"optimization_history": plots.plot_optimization_history}
     if len(study.get_trials(states=(TrialState.COMPLETE,))) > 1:  # both need two points to compare
         figures |= {
@@ -285,8 +289,8 @@ def adopt_worker_run(parent_id: str) -> None:
     that the trials nest under the study's one parent, not under it."""
     if run_id := os.environ.pop("MLFLOW_RUN_ID", None):
         client = MlflowClient()
-        client.set_tag(run_id, "step", "tune-worker")
-        client.set_tag(run_id, "tune.parent_run_id", parent_id)
+        client.set_tag(run_id, names.STEP_TAG, "tune-worker")
+        client.set_tag(run_id, names.STUDY_PARENT_TAG, parent_id)
 
 
 def tune(cfg: Settings) -> Verdict | None:
@@ -295,9 +299,9 @@ def tune(cfg: Settings) -> Verdict | None:
     study, created = open_study(cfg)
     if created:
         with step_run(cfg, "tune") as parent:
-            study.set_user_attr(PARENT_ATTR, parent.info.run_id)
-            mlflow.set_tags({"tune.study": study.study_name, "tune.storage": redact(storage_url(cfg))})
-            mlflow.log_dict(cfg.model.search, "search_space.json")
+            study.set_user_attr(names.STUDY_PARENT_ATTR, parent.info.run_id)
+            mlflow.set_tags({names.STUDY_TAG: study.study_name, names.STUDY_STORAGE_TAG: redact(storage_url(cfg))})
+            mlflow.log_dict(cfg.model.search, names.SEARCH_SPACE_ARTIFACT)
             search(cfg, study, parent)
             return finish(cfg, study, parent) if cfg.tune.retrain else None
     parent_id = parent_of(study, cfg.tune.join_timeout_s)

@@ -1,4 +1,4 @@
-"""Ingest: AG News from the Hub or local files into storage as checked JSONL, logged as ``mlflow.data`` inputs."""
+"""Upload: AG News from the Hub or local files into storage as checked JSONL, logged as ``mlflow.data`` inputs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 
+from agnews import names
 from agnews.config import code_version
 from agnews.data import INFO, build_info, load_source, read_info, store_dataset, to_jsonl
 from agnews.lease import held, lock_key
@@ -58,7 +59,7 @@ def log_dataset(cfg: Settings, splits: dict[str, pd.DataFrame], info: dict) -> N
     for split, frame in splits.items():
         name = f"{split}.jsonl"
         log_frame(frame, storage.url(f"{prefix}/{name}"), f"ag_news-{split}", split)
-        mlflow.set_tag(f"dataset.{split}.sha256", info["files"][name]["sha256"])
+        mlflow.set_tag(names.SPLIT_SHA256_TAGS[split], info["files"][name]["sha256"])
         counts = info["counts"][split]
         mlflow.log_metric(f"rows_{split}", counts["rows"])
         for label, count in counts["per_class"].items():
@@ -69,6 +70,6 @@ def log_dataset(cfg: Settings, splits: dict[str, pd.DataFrame], info: dict) -> N
 def upload_and_log(cfg: Settings) -> bool:
     """The step's work in the active run: publish, tag whether the dataset changed, log it; True when uploaded."""
     splits, info, changed = upload(cfg)
-    mlflow.set_tag("dataset.changed", str(changed).lower())
+    mlflow.set_tag(names.DATASET_CHANGED_TAG, str(changed).lower())
     log_dataset(cfg, splits, info)
     return changed

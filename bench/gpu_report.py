@@ -23,24 +23,25 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from agnews import names
 from agnews.config import compose
 from agnews.precision import detect, for_config
 
 PACKAGES = ("accelerate", "tokenizers", "datasets", "numpy", "onnx", "onnxruntime", "mlflow", "mlflow-skinny")
 METRICS = (
-    "train_loop_samples_per_second",
-    "train_samples_per_second",
-    "train_wall_time_s",
+    names.TRAIN_LOOP_SAMPLES_PER_SECOND,
+    names.TRAIN_SAMPLES_PER_SECOND,
+    names.TRAIN_WALL_TIME_S,
     "train_loss",
-    "best_val_accuracy",
-    "test_accuracy",
-    "test_f1_macro",
-    "onnx_int8_accuracy",
-    "onnx_int8_agreement",
-    "peak_rss_mb",
-    "train_rows",
-    "val_rows",
-    "test_rows",
+    names.BEST_VAL_ACCURACY,
+    names.TEST_ACCURACY,
+    names.TEST_F1_MACRO,
+    names.ONNX_INT8_ACCURACY,
+    names.ONNX_INT8_AGREEMENT,
+    names.PEAK_RSS_MB,
+    names.TRAIN_ROWS,
+    names.VAL_ROWS,
+    names.TEST_ROWS,
 )
 PARAMS = (
     "train.precision",
@@ -62,7 +63,7 @@ PARAMS = (
     "model.init.n_heads",
 )
 SETTINGS = ("BUDGET", "SAMPLE", "TEST_ROWS", "DIMS", "LR", "FULL_SAMPLE", "EPOCHS", "EXTRA", "STEPS", "AGNEWS_DIR")
-TARGETS = {"ours_over_seed": 10.0, "auto_over_fp32": 1.5, "full_train_loop_s": 20.0, "onnx_int8_agreement": 0.98}
+TARGETS = {"ours_over_seed": 10.0, "auto_over_fp32": 1.5, "full_train_loop_s": 20.0, names.ONNX_INT8_AGREEMENT: 0.98}
 
 
 def installed(name: str) -> str | None:
@@ -94,7 +95,7 @@ def env(out: Path) -> dict:
     smi = nvidia_smi("name", "driver_version", "memory.total", "power.limit")
     resolved = {
         name: {
-            "precision": r.precision,
+            names.PRECISION_TAG: r.precision,
             "pad_to_multiple_of": r.pad_to_multiple_of,
             "trainer_kwargs": r.trainer_kwargs,
         }
@@ -105,7 +106,7 @@ def env(out: Path) -> dict:
     }
     info = {
         "card": device.name if device.cuda else None,
-        "device": asdict(device),
+        names.DEVICE_TAG: asdict(device),
         "driver": smi[1] if smi else None,
         "gpu_memory_mib": smi[2] if smi else None,
         "power_limit_w": smi[3] if smi else None,
@@ -158,8 +159,8 @@ def run_record(client, label: str) -> dict:
     record = {
         "run_id": run.info.run_id,
         "status": run.info.status,
-        "precision": run.data.tags.get("precision"),
-        "device": run.data.tags.get("device"),
+        names.PRECISION_TAG: run.data.tags.get(names.PRECISION_TAG),
+        names.DEVICE_TAG: run.data.tags.get(names.DEVICE_TAG),
         "metrics": {key: run.data.metrics[key] for key in METRICS if key in run.data.metrics},
         "params": {key: run.data.params.get(key) for key in PARAMS},
         "pyfunc_logged": False,
@@ -179,12 +180,12 @@ def run_record(client, label: str) -> dict:
 def loop_seconds(step: dict) -> float | None:
     """Seconds inside the training loop: the samples trained over the samples per second of the loop."""
     m, p = step.get("metrics", {}), step.get("params", {})
-    if not m.get("train_loop_samples_per_second") or "train_rows" not in m or p.get("train.epochs") is None:
+    if not m.get(names.TRAIN_LOOP_SAMPLES_PER_SECOND) or names.TRAIN_ROWS not in m or p.get("train.epochs") is None:
         return None
-    return m["train_rows"] * float(p["train.epochs"]) / m["train_loop_samples_per_second"]
+    return m[names.TRAIN_ROWS] * float(p["train.epochs"]) / m[names.TRAIN_LOOP_SAMPLES_PER_SECOND]
 
 
-def ratio(steps: dict, numerator: str, denominator: str, key: str = "train_loop_samples_per_second") -> dict:
+def ratio(steps: dict, numerator: str, denominator: str, key: str = names.TRAIN_LOOP_SAMPLES_PER_SECOND) -> dict:
     a = steps.get(numerator, {}).get("metrics", {}).get(key)
     b = steps.get(denominator, {}).get("metrics", {}).get(key)
     return {numerator: a, denominator: b, "ratio": a / b if a and b else None}
@@ -213,24 +214,24 @@ def summary(work: Path, result: Path) -> dict:
         "ours_over_seed": ratio(steps, "ours", "seed") | {"target": TARGETS["ours_over_seed"]},
         "auto_over_fp32": ratio(steps, "ours", "ours_fp32")
         | {
-            "auto_resolved_to": steps.get("ours", {}).get("precision"),
-            "best_val_accuracy": {
-                label: steps.get(label, {}).get("metrics", {}).get("best_val_accuracy")
+            "auto_resolved_to": steps.get("ours", {}).get(names.PRECISION_TAG),
+            names.BEST_VAL_ACCURACY: {
+                label: steps.get(label, {}).get("metrics", {}).get(names.BEST_VAL_ACCURACY)
                 for label in ("ours", "ours_fp32")
             },
             "target": TARGETS["auto_over_fp32"],
         },
         "full": {
             "status": full.get("status"),
-            "precision": full.get("precision"),
-            "train_rows": full.get("metrics", {}).get("train_rows"),
+            names.PRECISION_TAG: full.get(names.PRECISION_TAG),
+            names.TRAIN_ROWS: full.get("metrics", {}).get(names.TRAIN_ROWS),
             "epochs": int(full["params"]["train.epochs"]) if full.get("params") else None,
             "train_loop_seconds": full.get("train_loop_seconds"),
-            "test_accuracy": full.get("metrics", {}).get("test_accuracy"),
-            "onnx_int8_agreement": full.get("metrics", {}).get("onnx_int8_agreement"),
+            names.TEST_ACCURACY: full.get("metrics", {}).get(names.TEST_ACCURACY),
+            names.ONNX_INT8_AGREEMENT: full.get("metrics", {}).get(names.ONNX_INT8_AGREEMENT),
             "pyfunc_logged": full.get("pyfunc_logged"),
             "int8_bundle_logged": full.get("int8_bundle_logged"),
-            "targets": {"train_loop_seconds": TARGETS["full_train_loop_s"], "onnx_int8_agreement": 0.98},
+            "targets": {"train_loop_seconds": TARGETS["full_train_loop_s"], names.ONNX_INT8_AGREEMENT: 0.98},
         },
         "diagnostics": {
             "padded_to_multiple_over_unpadded": ratio(steps, "ours", "ours_no_pad"),

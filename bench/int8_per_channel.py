@@ -25,7 +25,7 @@ from train_bench import RESULTS
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 
-from agnews import checkpoints
+from agnews import checkpoints, names
 from agnews.config import compose
 from agnews.data import StoredDataset
 from agnews.export import export_bundle
@@ -80,7 +80,7 @@ def main() -> None:
         for name, predictor in predictors.items():
             predicted = predictor.logits(texts).argmax(1)
             figures[name] = {
-                "onnx_int8_accuracy": float((predicted == truth).mean()),
+                names.ONNX_INT8_ACCURACY: float((predicted == truth).mean()),
                 "agreement_with_torch": float((predicted == torch_pred).mean()),
                 "p50_ms_1": [],
                 "p50_ms_32": [],
@@ -100,7 +100,7 @@ def main() -> None:
         "command": " ".join(["python bench/int8_per_channel.py", *sys.argv[1:]]),
         "checkpoint": checkpoint.name,
         "torch_accuracy": float((torch_pred == truth).mean()),
-        "test_rows": len(texts),
+        names.TEST_ROWS: len(texts),
         "cpu": args.cpu,
         "rounds": ROUNDS,
         "bundles": figures,

@@ -90,13 +90,14 @@ from moto.server import ThreadedMotoServer
 from packaging.requirements import Requirement
 from train_bench import AGNEWS_DIR, RESULTS
 
+from agnews import names
 from agnews.config import PROJECT_ROOT, compose
 from agnews.data import parse_csv
 from agnews.names import CHAMPION
+from agnews.packaging import INPUT_EXAMPLE
 from agnews.promotion.mirror import mirror
 from agnews.pyfunc import BUNDLE_PATH
 from agnews.tracking import connect
-from agnews.training import INPUT_EXAMPLE
 from bundle.layout import ONNX_FILE
 from bundle.predictor import Predictor
 
@@ -563,7 +564,7 @@ def request_costs(python: str, package: Path, env: dict[str, str], pool: list[st
             "body_bytes": len(event["body"].encode()),
             "cpu_s": statistics.median(cost["cpu_s"]),
             "cpu_runs_s": cost["cpu_s"],
-            "peak_rss_mb": cost["peak_rss_kb"] * 1024 / MB,
+            names.PEAK_RSS_MB: cost["peak_rss_kb"] * 1024 / MB,
             "rss_growth_mb": (cost["peak_rss_kb"] - cost["rss_before_kb"]) * 1024 / MB,
         }
     normal = costs["normal"]
@@ -573,7 +574,7 @@ def request_costs(python: str, package: Path, env: dict[str, str], pool: list[st
         return {
             "request": worst,
             "cpu_against_normal": costs[worst]["cpu_s"] / normal["cpu_s"],
-            "peak_rss_against_normal": costs[worst]["peak_rss_mb"] / normal["peak_rss_mb"],
+            "peak_rss_against_normal": costs[worst][names.PEAK_RSS_MB] / normal[names.PEAK_RSS_MB],
             "cpu_against_most_read": costs[worst]["cpu_s"] / costs["most_read"]["cpu_s"],
         }
 

@@ -19,6 +19,7 @@ import time
 from mlflow import MlflowClient
 from train_bench import AGNEWS_DIR, RESULTS, machine
 
+from agnews import names
 from agnews.config import PROJECT_ROOT, compose
 
 
@@ -53,9 +54,9 @@ def main() -> None:
         "make_smoke_seconds": seconds,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,
-        "test_accuracy": run.data.metrics["test_accuracy"],
-        "test_rows": run.data.metrics["test_rows"],
-        "behaviour_pass_rate": run.data.metrics["behaviour_pass_rate"],
+        names.TEST_ACCURACY: run.data.metrics[names.TEST_ACCURACY],
+        names.TEST_ROWS: run.data.metrics[names.TEST_ROWS],
+        names.BEHAVIOUR_PASS_RATE: run.data.metrics[names.BEHAVIOUR_PASS_RATE],
         "lambda_answer": answer,
         "machine": machine(),
     }

@@ -35,14 +35,15 @@ from timing import on_cpu, timings
 from train_bench import ACCURACY, AGNEWS_DIR, RESULTS
 from transformers import PreTrainedModel
 
-from agnews import training
+from agnews import names, training
 from agnews.config import compose
-from agnews.data import StoredDataset
+from agnews.data import StoredDataset, by_length
 from agnews.export import export_bundle
-from agnews.ingest import upload
 from agnews.settings import Settings
 from agnews.storage import open_storage
 from agnews.tracking import step_run
+from agnews.trainer import OrderedEvalTrainer, training_args
+from agnews.upload import upload
 from bundle.predictor import Predictor
 
 TEMPERATURE = 2.0
@@ -51,7 +52,7 @@ SERVE_AGREEMENT = 0.99  # the issue's rule for serving a student
 SERVE_POINTS_LOST = 0.5
 
 
-class DistillationTrainer(training.OrderedEvalTrainer):
+class DistillationTrainer(OrderedEvalTrainer):
     """The Trainer with Hinton et al.'s loss on rows that carry the teacher's logits (``teacher_logits``); rows
     without them (validation) get the plain cross-entropy."""
 
@@ -97,7 +98,7 @@ def distil(
 ) -> training.FineTuned:
     """Train a student of ``layers`` layers on ``sets`` (``distillation_sets``), validation keeping its checkpoint."""
     t = teacher.trainer
-    args = training.training_args(cfg, output_dir, teacher.resolved)
+    args = training_args(cfg.train, cfg.seed, output_dir, teacher.resolved)
     args.remove_unused_columns = False  # keep teacher_logits, which the model's forward does not take
     trainer = DistillationTrainer(
         model=first_layers(t.accelerator.unwrap_model(t.model, keep_fp32_wrapper=False), layers),
@@ -133,9 +134,9 @@ def measure(
         }
     _, val_accuracy = tuned.kept()
     return {
-        "best_val_accuracy": val_accuracy,
+        names.BEST_VAL_ACCURACY: val_accuracy,
         "train_runtime_s": tuned.train_metrics["train_runtime"],
-        "onnx_int8_accuracy": float((predicted == test.label.to_numpy()).mean()),
+        names.ONNX_INT8_ACCURACY: float((predicted == test.label.to_numpy()).mean()),
         "predicted": predicted,
         "parameters": sum(p.numel() for p in model.parameters()),
         "bundle_mb": sum(f.stat().st_size for f in bundle_dir.iterdir()) / 2**20,
@@ -166,7 +167,7 @@ def main() -> None:
         upload(cfg)
         dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
         labels = dataset.info["labels"]
-        test = training.by_length(dataset.split("test"))  # the full test split, read only to measure
+        test = by_length(dataset.split("test"))  # the full test split, read only to measure
         with step_run(cfg, "train"):  # the teacher's per-epoch metrics go to a run of the scratch store
             teacher = training.fine_tune(cfg, dataset)
         models = {"teacher": measure(cfg, teacher, labels, test, work / "bundle-teacher", args.cpu)}
@@ -177,7 +178,7 @@ def main() -> None:
     reference = models["teacher"]
     for figures in list(models.values())[1:]:
         figures["agreement_with_teacher"] = float((figures["predicted"] == reference["predicted"]).mean())
-        figures["points_lost"] = 100 * (reference["onnx_int8_accuracy"] - figures["onnx_int8_accuracy"])
+        figures["points_lost"] = 100 * (reference[names.ONNX_INT8_ACCURACY] - figures[names.ONNX_INT8_ACCURACY])
         figures["speedup_one_text"] = reference["p50_ms_1"] / figures["p50_ms_1"]
         figures["speedup_batch_32"] = reference["p50_ms_32"] / figures["p50_ms_32"]
         figures["servable"] = (
@@ -190,7 +191,7 @@ def main() -> None:
         "overrides": [*ACCURACY, "seed=42", *args.overrides],
         "temperature": TEMPERATURE,
         "label_weight": LABEL_WEIGHT,
-        "test_rows": len(test),
+        names.TEST_ROWS: len(test),
         "cpu": args.cpu,
         "models": models,
         "load_avg_1m_before": load_before,

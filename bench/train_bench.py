@@ -23,11 +23,11 @@ from pathlib import Path
 
 from machine import machine
 
-from agnews import precision
+from agnews import names, precision
 from agnews.config import PROJECT_ROOT, compose
-from agnews.ingest import upload
 from agnews.tracking import step_run
 from agnews.training import train
+from agnews.upload import upload
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 # The local AG News copy that the benchmarks read (see ../shared/data/ag_news/SOURCES.md).
@@ -37,18 +37,18 @@ AGNEWS_DIR = Path(os.environ.get("AGNEWS_DIR", PROJECT_ROOT.parent / "shared" / 
 THROUGHPUT = ["model=minilm", "data.sample_size=512", "train.epochs=1", "data.val_size=200", "data.test_size=500"]
 ACCURACY = ["model=minilm", "data.sample_size=5000", "train.epochs=3"]
 KEYS = (
-    "test_accuracy",
-    "test_f1_macro",
-    "best_val_accuracy",
-    "onnx_int8_accuracy",
-    "onnx_int8_agreement",
-    "train_samples_per_second",
-    "train_loop_samples_per_second",
-    "train_wall_time_s",
-    "peak_rss_mb",
-    "train_rows",
-    "val_rows",
-    "test_rows",
+    names.TEST_ACCURACY,
+    names.TEST_F1_MACRO,
+    names.BEST_VAL_ACCURACY,
+    names.ONNX_INT8_ACCURACY,
+    names.ONNX_INT8_AGREEMENT,
+    names.TRAIN_SAMPLES_PER_SECOND,
+    names.TRAIN_LOOP_SAMPLES_PER_SECOND,
+    names.TRAIN_WALL_TIME_S,
+    names.PEAK_RSS_MB,
+    names.TRAIN_ROWS,
+    names.VAL_ROWS,
+    names.TEST_ROWS,
 )
 
 
@@ -96,11 +96,11 @@ def throughput(tmp: Path, extra: list[str], rounds: int) -> dict:
         "runs": runs,
         # Training speed: samples/s inside the training loop; the Trainer's own samples/s also counts the end-of-epoch
         # evaluation and checkpoint save, whose fixed cost weighs on a short run. Both ratios, per round.
-        "speedup_training_loop": spread(ratios("train_loop_samples_per_second")),
-        "speedup_trainer_samples_per_second": spread(ratios("train_samples_per_second")),
+        "speedup_training_loop": spread(ratios(names.TRAIN_LOOP_SAMPLES_PER_SECOND)),
+        "speedup_trainer_samples_per_second": spread(ratios(names.TRAIN_SAMPLES_PER_SECOND)),
         "accuracy_delta_points": spread(
             [
-                100 * (ours["test_accuracy"] - seed["test_accuracy"])
+                100 * (ours[names.TEST_ACCURACY] - seed[names.TEST_ACCURACY])
                 for seed, ours in zip(runs["seed_recipe"], runs["ours"], strict=True)
             ]
         ),
@@ -119,7 +119,7 @@ def accuracy(tmp: Path, extra: list[str], seeds: list[int]) -> dict:
         values = [r[key] for r in runs.values()]
         return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
-    keys = ("test_accuracy", "onnx_int8_accuracy", "best_val_accuracy", "test_f1_macro")
+    keys = (names.TEST_ACCURACY, names.ONNX_INT8_ACCURACY, names.BEST_VAL_ACCURACY, names.TEST_F1_MACRO)
     return {"overrides": overrides, "runs": runs, **{key: summary(key) for key in keys}}
 
 

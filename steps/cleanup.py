@@ -1,8 +1,8 @@
 """The `cleanup` step: mark the runs that a killed step left RUNNING as KILLED (``tracking.cleanup.dry_run=true``
 only lists them)."""
 
+from agnews.cleanup import close_stale
 from agnews.config import entrypoint
-from agnews.runs import close_stale
 from agnews.settings import Settings
 from agnews.tracking import step_run
 

@@ -1,9 +1,9 @@
 """The `upload` step: AG News from the Hub or local files into storage as checked JSONL."""
 
 from agnews.config import entrypoint
-from agnews.ingest import upload_and_log
 from agnews.settings import Settings
 from agnews.tracking import step_run
+from agnews.upload import upload_and_log
 
 
 @entrypoint

@@ -23,9 +23,9 @@ import boto3
 import pytest
 import requests
 from moto.server import ThreadedMotoServer
-from omegaconf import DictConfig
 
 from agnews.config import compose
+from agnews.settings import Settings
 from tests.helpers import (
     TrainRuns,
     WebhookReceiver,
@@ -134,7 +134,7 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("S3_BUCKET", raising=False)
 
-    def make(*overrides: str) -> DictConfig:
+    def make(*overrides: str) -> Settings:
         return compose(
             [
                 f"storage.uri={tmp_path / 'store'}",
@@ -366,7 +366,7 @@ def keyless_mlflow_server(moto_server: str, tmp_path_factory: pytest.TempPathFac
 
 def server_config(
     tracking_uri: str, storage_uri: str, *overrides: str, experiment: str = REGISTRY_EXPERIMENT
-) -> DictConfig:
+) -> Settings:
     """The config of the tests on a tracking server: its experiment, the dataset storage, the real AG News."""
     return compose(
         [
@@ -379,7 +379,7 @@ def server_config(
     )
 
 
-def train_run(cfg: DictConfig) -> str:
+def train_run(cfg: Settings) -> str:
     """The train step on ``cfg``, in this process; returns its run id."""
     from agnews.tracking import step_run
     from agnews.training import train
@@ -393,8 +393,8 @@ def train_run(cfg: DictConfig) -> str:
 def train_runs(mlflow_server: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> TrainRuns:
     """On the session's `mlflow server`: the upload, a deliberately worse training run, then a better (and so the
     newest) one, all on the real AG News; every registry and promotion test registers these."""
-    from agnews.ingest import upload_and_log
     from agnews.tracking import step_run
+    from agnews.upload import upload_and_log
 
     bucket = f"registry-data-{uuid.uuid4().hex[:8]}"
     checkpoints = tmp_path_factory.mktemp("checkpoints")
@@ -497,7 +497,7 @@ def webhook_receiver(moto_server: str, tmp_path: Path) -> Iterator[Callable[...,
 
     started: list[tuple[WebhookReceiver, MlflowClient]] = []
 
-    def start(cfg: DictConfig, register: bool = True) -> WebhookReceiver:
+    def start(cfg: Settings, register: bool = True) -> WebhookReceiver:
         secret = uuid.uuid4().hex
         log = tmp_path / f"receiver-{secret[:8]}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
@@ -538,10 +538,10 @@ def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def register_trained(root: Path, *train: str) -> list[str]:
     """Upload, train with ``train`` overrides and register as @champion (gate opened) in a SQLite store under
     ``root``, mirrored to local storage there: returns the overrides that reach it."""
-    from agnews.ingest import upload_and_log
     from agnews.promotion.register import register
     from agnews.tracking import step_run
     from agnews.training import train as train_model
+    from agnews.upload import upload_and_log
 
     overrides = [
         f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",

@@ -16,8 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT
-from agnews.runs import CLOSED_TAG
-from agnews.tracking import HOST_TAG, PID_TAG, STARTED_TAG
+from agnews.names import CLOSED_TAG, HOST_TAG, PID_TAG, STARTED_TAG
 
 pytestmark = pytest.mark.integration  # steps started and killed
 

@@ -28,7 +28,7 @@ from mlflow.projects.backend.local import _get_docker_command
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.ingest import upload
+from agnews.upload import upload
 from bundle.layout import manifest_key
 from tests.helpers import (
     ENV_EXAMPLE,

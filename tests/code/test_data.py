@@ -13,9 +13,9 @@ import pytest
 from agnews.config import compose
 from agnews.data import build_info, load_source, parse_csv, parse_file, parse_jsonl, read_split, sha256, to_jsonl
 from agnews.errors import DataError
-from agnews.ingest import upload
 from agnews.settings import Settings
 from agnews.storage import LocalStorage
+from agnews.upload import upload
 from tests.helpers import LABELS
 
 ROWS = [("Oil prices rise", 2), ("Team wins the cup", 1), ("New chip unveiled", 3), ("Talks in Geneva", 0)]

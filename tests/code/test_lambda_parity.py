@@ -12,11 +12,11 @@ import mlflow
 import pandas as pd
 
 from agnews.data import read_split
-from agnews.ingest import upload
 from agnews.promotion.register import register
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from agnews.training import train
+from agnews.upload import upload
 from tests.helpers import LambdaPackage, invoke_packaged
 
 MIN_AGREEMENT = 0.99

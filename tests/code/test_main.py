@@ -13,10 +13,10 @@ from mlflow.entities import Run
 
 from agnews.config import PROJECT_ROOT
 from agnews.errors import ConfigError
-from agnews.ingest import upload
 from agnews.names import CHAMPION
 from agnews.pipeline import pipeline
 from agnews.promotion.registry import aliases
+from agnews.upload import upload
 from bundle.layout import POINTER
 
 pytestmark = pytest.mark.integration  # the pipeline, trained end to end

@@ -291,7 +291,7 @@ def test_a_model_trained_on_shuffled_labels_served_instead_is_flagged(served: Se
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        from agnews.ingest import upload_and_log
+        from agnews.upload import upload_and_log
 
         cfg = compose(overrides)
         with step_run(cfg, "upload"):

@@ -18,10 +18,11 @@ from transformers import TrainerCallback, TrainingArguments
 from agnews import hardware, precision
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError
-from agnews.ingest import upload
 from agnews.precision import CUDA_PAD_MULTIPLE, Device, detect, for_config, resolve
 from agnews.tracking import step_run
-from agnews.training import train, training_args
+from agnews.trainer import training_args
+from agnews.training import train
+from agnews.upload import upload
 
 CPU = Device(cuda=False, name="Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz")  # AVX2, no AVX-512: bf16 is emulated
 ZEN4 = Device(cuda=False, name="AMD EPYC 9R14 96-Core Processor", bf16=True)  # AVX512-BF16
@@ -190,7 +191,7 @@ def test_training_args_on_this_machine(tmp_path: Path) -> None:
     pinning, no workers)."""
     cfg = compose(["model=tiny"])
     resolved = for_config(cfg.train)
-    args = training_args(cfg, tmp_path, resolved)
+    args = training_args(cfg.train, cfg.seed, tmp_path, resolved)
     for key, value in resolved.trainer_kwargs.items():
         assert getattr(args, key) == value, key
     assert args.bf16 == (resolved.precision == "bf16") and args.fp16 == (resolved.precision == "fp16")

@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import ConfigError, RegistryError, StorageError
-from agnews.ingest import upload_and_log
 from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, TEST_ROWS_TAG
 from agnews.promotion.gate import TestSet, gate
 from agnews.promotion.mirror import mirror
@@ -32,6 +31,7 @@ from agnews.promotion.registry import Verdict, aliases
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
+from agnews.upload import upload_and_log
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.helpers import TrainRuns, free_port, require_agnews, s3_environment, use_credentials
 

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 
 from agnews.config import compose
-from agnews.data import parse_file, rows_sha256
+from agnews.data import by_length, parse_file, rows_sha256, stratified_sample
 from agnews.names import TEST_ROWS_TAG
 from agnews.promotion.gate import TestSet, gate
-from agnews.training import by_length, stratified_sample
 
 FILE = "a" * 64
 GATE = ["registry.min_accuracy=0.5", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0.01"]

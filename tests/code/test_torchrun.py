@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT
-from agnews.ingest import upload
+from agnews.upload import upload
 
 PROCESSES = 2
 SAMPLE_SIZE = 200

@@ -20,13 +20,13 @@ from transformers import TrainerCallback
 
 from agnews.checkpoints import CheckpointError
 from agnews.config import PROJECT_ROOT, compose
-from agnews.data import read_split, rows_sha256
+from agnews.data import read_split, rows_sha256, split_train, stratified_sample
 from agnews.errors import DataError, ModelError, PipelineError
-from agnews.ingest import upload
 from agnews.settings import Settings
 from agnews.storage import open_storage
 from agnews.tracking import step_run
-from agnews.training import split_train, stratified_sample, train
+from agnews.training import train
+from agnews.upload import upload
 from tests.helpers import LABELS, free_port, require_agnews
 
 TINY = ["preset=test", "data.sample_size=400", "data.val_size=200", "data.test_size=200"]

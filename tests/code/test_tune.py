@@ -21,10 +21,13 @@ from mlflow.entities import Run
 from agnews import config, data
 from agnews.config import CONF_DIR, PROJECT_ROOT, compose
 from agnews.errors import TuneError
-from agnews.ingest import upload
 from agnews.names import CHAMPION
+from agnews.names import STUDY_PARENT_ATTR as PARENT_ATTR
+from agnews.names import TRIAL_RUN_ATTR as RUN_ATTR
+from agnews.names import TRIAL_STATE_TAG as STATE_TAG
 from agnews.settings import Settings
-from agnews.tuning import PARENT_ATTR, RUN_ATTR, STATE_TAG, tune
+from agnews.tuning import tune
+from agnews.upload import upload
 from tests.helpers import free_port, moto_environ
 
 pytestmark = pytest.mark.integration  # studies that train their trials

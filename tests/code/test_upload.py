@@ -22,13 +22,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-import agnews.ingest
+import agnews.upload
 from agnews.config import PROJECT_ROOT, code_version, compose
 from agnews.data import INFO, read_info, read_split
 from agnews.errors import DataError, PipelineError, StorageError
-from agnews.ingest import upload
 from agnews.settings import StorageSettings
 from agnews.storage import Storage, open_storage
+from agnews.upload import upload
 from tests.helpers import LABELS, moto_environ
 
 PREFIX = "datasets/ag_news"
@@ -104,7 +104,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Recorded]]:
             opened.append(kind(open_storage(storage), fail_on))
             return opened[-1]
 
-        monkeypatch.setattr(agnews.ingest, "open_storage", open_recorded)
+        monkeypatch.setattr(agnews.upload, "open_storage", open_recorded)
         return opened
 
     return install

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from agnews.data import INFO, parse_file, read_info, read_split
-from agnews.ingest import upload
 from agnews.storage import open_storage
+from agnews.upload import upload
 from bundle.layout import sha256
 from tests.helpers import LABELS
 
