@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container test-spark lint bench lambda-zip clean
+.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container test-spark lint lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -94,6 +94,27 @@ def stop_receiver(process: subprocess.Popen) -> None:
         process.kill()
 
 
+# The variables that would point a step at the caller's tracking server, bucket or run instead of its arguments'.
+STEP_UNSET = ("MLFLOW_TRACKING_URI", "S3_BUCKET", "MLFLOW_RUN_ID")
+
+
+def run_step(step: str, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m steps.<step> args...`` in a process of its own, from the project root, as a user or a scheduler
+    runs it, without ``STEP_UNSET``: the arguments say where it logs and stores. ``check``: it must exit 0 (the
+    assertion shows the end of its stderr)."""
+    env = {key: value for key, value in os.environ.items() if key not in STEP_UNSET}
+    done = subprocess.run(
+        [sys.executable, "-m", f"steps.{step}", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

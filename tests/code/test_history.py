@@ -28,7 +28,7 @@ from agnews.promotion.register import register
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import step_run
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.helpers import TrainRuns
+from tests.helpers import TrainRuns, run_step
 
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0"]
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
@@ -55,11 +55,7 @@ def test_entries_are_written_once_and_read_newest_first(tmp_path: Path) -> None:
 
 
 def cli(step: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", f"steps.{step}", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return run_step(step, *args, check=True)
 
 
 def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: TrainRuns, bucket: str) -> None:

@@ -4,11 +4,9 @@ profile, live accuracy from labels, the verdict, its exit status, and a retrain 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from agnews.config import PROJECT_ROOT, compose
+from agnews.config import compose
 from agnews.data import parse_csv
 from agnews.errors import ConfigError, DataError
 from agnews.monitoring.captures import read_window, window
@@ -27,7 +25,7 @@ from agnews.names import MONITOR_VERDICT_TAG, REFERENCE_ARTIFACT
 from agnews.storage import LocalStorage, open_storage
 from bundle.capture import object_prefix, text_sha256
 from tests.conftest import register_trained
-from tests.helpers import MODEL_NAME, LocalServer, lambda_process, mirror_version, require_agnews
+from tests.helpers import MODEL_NAME, LocalServer, lambda_process, mirror_version, require_agnews, run_step
 
 DRIFT_STATUS = 3  # steps/monitor.py's exit status on drift
 WINDOW_TEXTS = 400  # test-split texts per window
@@ -51,15 +49,7 @@ def serve_texts(
 
 def monitor(overrides: list[str], *more: str) -> subprocess.CompletedProcess[str]:
     """``python -m steps.monitor`` in a process of its own, as a scheduler runs it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET", "MLFLOW_RUN_ID")}
-    return subprocess.run(
-        [sys.executable, "-m", "steps.monitor", *overrides, *more],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_step("monitor", *overrides, *more, timeout=600)
 
 
 def verdict_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import requests
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from agnews.config import PROJECT_ROOT, compose
+from agnews.config import compose
 from agnews.errors import ConfigError, RegistryError, StorageError
 from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, RECORDED_CHAMPION, TEST_ROWS_TAG
 from agnews.promotion.gate import TestSet, gate
@@ -33,7 +32,7 @@ from agnews.tracking import connect, step_run
 from agnews.training import train
 from agnews.upload import upload_and_log
 from bundle.layout import MANIFEST, POINTER, sha256
-from tests.helpers import TrainRuns, free_port, require_agnews, s3_environment, use_credentials
+from tests.helpers import TrainRuns, free_port, require_agnews, run_step, s3_environment, use_credentials
 
 QUICK = ["preset=test", "train.epochs=0.3"]
 EXPERIMENT = "registry-tests"  # the experiment of the session's train runs (tests/conftest.py)
@@ -102,13 +101,7 @@ def cli(step: str, cfg: DictConfig, *overrides: str) -> subprocess.CompletedProc
         f"storage.uri={cfg.storage.uri}",
         f"registry.model_name={cfg.registry.model_name}",
     ]
-    return subprocess.run(
-        [sys.executable, "-m", f"steps.{step}", *settings, *overrides],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_step(step, *settings, *overrides)
 
 
 def objects(bucket: str) -> dict[str, bytes]:
