@@ -7,10 +7,11 @@ from agnews.tracking import step_run
 
 @entrypoint
 def main(settings: Settings) -> None:
-    from agnews.scoring.job import predict
+    from agnews.scoring.job import checked, predict
 
+    job = checked(settings.predict)  # the input and the output, before the run
     with step_run(settings, "predict"):
-        predict(settings.predict)
+        predict(job)
 
 
 if __name__ == "__main__":

@@ -90,10 +90,24 @@ def score(settings: PredictSettings, source: Source, model: Model, output: Targe
     return score_locally(settings, source, model, output.staging)
 
 
-def predict(settings: PredictSettings) -> Scored:
+@dataclass(frozen=True)
+class Job:
+    """A job whose input has been read and checked, and whose output is free (or may be replaced)."""
+
+    settings: PredictSettings
+    source: Source
+    output: Target
+
+
+def checked(settings: PredictSettings) -> Job:
+    """The job ``settings`` describe, once its input and output are checked: a missing input, an unknown format, a
+    missing column or an existing output fails here, in one line, before a run is opened or anything is written."""
+    return Job(settings, open_source(settings), target(settings.output, settings.overwrite))
+
+
+def predict(job: Job) -> Scored:
     """Score ``predict.input`` with ``predict.model`` into ``predict.output``, recorded in the active run."""
-    source = open_source(settings)
-    output = target(settings.output, settings.overwrite)
+    settings, source, output = job.settings, job.source, job.output
     listing = source.listing()
     listing_sha256 = sha256(json.dumps(listing, sort_keys=True).encode())
     with tempfile.TemporaryDirectory(prefix="agnews-predict-") as tmp:

@@ -39,13 +39,14 @@ from agnews.scoring.job import (
     ROWS_PER_SECOND,
     SHARE_PREFIX,
     Scored,
+    checked,
     predict,
 )
 from agnews.scoring.output import SUCCESS
 from agnews.scoring.rows import CONFIDENCE, ERROR, MANIFEST_SHA256, MODEL_NAME, MODEL_VERSION, PREDICTED_CLASS
 from agnews.tracking import step_run
 from tests.conftest import SCORING_ROWS
-from tests.helpers import Invoker, read_scored
+from tests.helpers import Invoker, read_scored, run_step
 
 LAMBDA_TEXTS = 100
 
@@ -54,20 +55,16 @@ def run_predict(overrides: list[str], *more: str) -> tuple[Scored, str]:
     """The predict step in this process on ``overrides`` and ``more``: what it scored and its run id."""
     settings = compose([*overrides, *more])
     with step_run(settings, "predict") as run:
-        done = predict(settings.predict)
+        done = predict(checked(settings.predict))
     return done, run.info.run_id
 
 
 def cli(overrides: list[str], *more: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "S3_BUCKET")}
-    return subprocess.run(
-        [sys.executable, "-m", "steps.predict", *overrides, *more],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_step("predict", *overrides, *more)
+
+
+def search_all_experiments() -> list[str]:
+    return [experiment.experiment_id for experiment in MlflowClient().search_experiments()]
 
 
 def errors(frame: pd.DataFrame) -> list[str | None]:
@@ -267,6 +264,8 @@ def test_bad_input_column_format_or_version_fail_in_one_line(
     scoring: list[str], agnews_rows: Path, tmp_path: Path
 ) -> None:
     output = f"predict.output={tmp_path / 'scored'}"
+    mlflow.set_tracking_uri(compose(scoring).tracking.uri)
+    runs_before = len(MlflowClient().search_runs(search_all_experiments()))
     missing = cli(scoring, f"predict.input={tmp_path / 'nowhere.csv'}", output)
     assert_one_line_error(missing, "nowhere.csv", "no such file")
 
@@ -280,6 +279,7 @@ def test_bad_input_column_format_or_version_fail_in_one_line(
 
     no_column = cli(scoring, f"predict.input={agnews_rows}", output, "predict.text_column=body")
     assert_one_line_error(no_column, "no column 'body'", "predict.text_column")
+    assert len(MlflowClient().search_runs(search_all_experiments())) == runs_before, "checked before a run is opened"
 
     name = compose(scoring).registry.model_name
     for model in (f"models:/{name}/99", f"models:/{name}@nobody", "models:/no-such-model@" + CHAMPION):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from agnews.config import compose
-from agnews.scoring.job import ERRORS, ROWS, Scored, predict
+from agnews.scoring.job import ERRORS, ROWS, Scored, checked, predict
 from agnews.scoring.output import SUCCESS
 from agnews.scoring.rows import ERROR, PREDICTED_CLASS
 from agnews.tracking import step_run
@@ -25,7 +25,7 @@ SPARK = ["predict.engine=spark", "predict.spark.master=\"'local[2]'\""]  # Hydra
 def run_predict(overrides: list[str]) -> Scored:
     settings = compose(overrides)
     with step_run(settings, "predict"):
-        return predict(settings.predict)
+        return predict(checked(settings.predict))
 
 
 def test_spark_scores_10000_rows_as_the_local_engine_does(
