@@ -20,7 +20,7 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from agnews import names
 from agnews.config import code_version, flatten, redact, to_yaml
 from agnews.errors import TrackingError
-from agnews.settings import Settings
+from agnews.settings import Settings, TrackingSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def quiet_artifact_bars() -> None:
         os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")
 
 
-def connect(cfg: Settings) -> None:
+def connect(tracking: TrackingSettings) -> None:
     """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds.
 
     Under ``mlflow run``, which has started the run already, the run's own experiment stays.
@@ -62,8 +62,8 @@ def connect(cfg: Settings) -> None:
     quiet_artifact_bars()
     # Credentials in an http(s) URI move to MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and MLflow gets the URI
     # without them: MLflow prints its tracking URI ("View run ... at http://...") and passes it on to subprocesses.
-    uri, credentials = without_credentials(str(cfg.tracking.uri))
-    shown = redact(str(cfg.tracking.uri))
+    uri, credentials = without_credentials(str(tracking.uri))
+    shown = redact(str(tracking.uri))
     if credentials:
         os.environ[USERNAME_VARIABLE], os.environ[PASSWORD_VARIABLE] = credentials
     scheme = urlparse(uri).scheme
@@ -76,7 +76,7 @@ def connect(cfg: Settings) -> None:
         )
         try:
             requests.get(
-                f"{uri.rstrip('/')}/health", timeout=cfg.tracking.connect_timeout_s, auth=auth
+                f"{uri.rstrip('/')}/health", timeout=tracking.connect_timeout_s, auth=auth
             ).raise_for_status()
         except requests.RequestException as exc:
             raise TrackingError(
@@ -91,7 +91,7 @@ def connect(cfg: Settings) -> None:
         database.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (database.parent / "artifacts").as_uri()
     mlflow.set_tracking_uri(uri)
-    name = cfg.tracking.experiment
+    name = tracking.experiment
     try:
         if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: join its run, in its experiment
             joined = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
@@ -112,7 +112,7 @@ def connect(cfg: Settings) -> None:
 @contextlib.contextmanager
 def step_run(cfg: Settings, step: str, nested: bool = False) -> Iterator[Run]:
     """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
-    connect(cfg)
+    connect(cfg.tracking)
     with mlflow.start_run(run_name=step, nested=nested) as run:
         mlflow.set_tags({names.STEP_TAG: step, names.GIT_COMMIT_TAG: code_version(), **process_tags()})
         mlflow.log_params(flatten(cfg))

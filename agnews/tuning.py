@@ -295,7 +295,7 @@ def adopt_worker_run(parent_id: str) -> None:
 
 def tune(cfg: Settings) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
-    connect(cfg)
+    connect(cfg.tracking)
     study, created = open_study(cfg)
     if created:
         with step_run(cfg, "tune") as parent:

@@ -674,7 +674,7 @@ def main() -> None:
     os.environ.update(s3_env)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
     cfg = compose([*args.overrides, f"storage.uri=s3://{BUCKET}"])
-    connect(cfg)
+    connect(cfg.tracking)
     mirrored = mirror(cfg.registry, cfg.storage)
     model_root = f"s3://{BUCKET}/{cfg.storage.model_prefix}/{cfg.registry.model_name}"
     pool = texts()

@@ -186,7 +186,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     settings = compose(args.overrides)
-    connect(settings)
+    connect(settings.tracking)
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         folder = Path(tmp)
         source = rows_file(args.agnews, max(args.rows, args.pyfunc_rows, args.udf_rows), folder)

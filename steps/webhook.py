@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, sock: socket.socket | None) -> None:
     if sock is None:
         server_uri(cfg.tracking)  # register and unregister need a tracking server: say so before connecting
     os.environ.update(http_settings(cfg.webhook))
-    connect(cfg)
+    connect(cfg.tracking)
     where = redact(cfg.tracking.uri)
     if sock is not None:
         receiver = Receiver(cfg.registry, cfg.storage, cfg.webhook, secret)

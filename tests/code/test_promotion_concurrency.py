@@ -152,7 +152,7 @@ def worker(inbox: Queue, outbox: Queue, start: Barrier, env: dict[str, str]) -> 
                     outcome = register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
                 result: dict[str, object] = {"version": outcome.version, "alias": outcome.alias}
             else:
-                connect(cfg)
+                connect(cfg.tracking)
                 result = {"version": mirror(cfg.registry, cfg.storage).version}
         except PipelineError as exc:
             result = {"error": str(exc)}

@@ -106,7 +106,7 @@ def test_a_second_registry_cannot_change_what_the_lambda_serves(
     # A second registry: its own SQLite store with its own v1 (a copy of the worse run), the same model name and
     # bucket, as after `make clean` with S3_BUCKET set.
     second_tracking = f"tracking.uri=sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
-    connect(compose([second_tracking, *settings]))  # the experiment, with its artifacts beside the database
+    connect(compose([second_tracking, *settings]).tracking)  # the experiment, with its artifacts beside the database
     copied = run_copier(train_runs.tracking_uri, train_runs.worse, second_tracking.split("=", 1)[1])
     second = compose([second_tracking, *settings, f"registry.run_id={copied}", *GATE_OPEN])
 
@@ -129,7 +129,7 @@ def test_a_second_registry_cannot_change_what_the_lambda_serves(
     assert cold_answer(model_uri, tmp_path / "cold-1")["probabilities"] == pytest.approx(expected_first)
 
     # Completed: the pointer names the second registry's v1, in its own folder; both Lambdas serve it.
-    connect(second)
+    connect(second.tracking)
     assert mirror(second.registry, second.storage).version == 1
     done = objects(bucket, root)
     assert {k: v for k, v in done.items() if k in first_files and not k.endswith(POINTER)} == {

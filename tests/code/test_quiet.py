@@ -35,7 +35,7 @@ def test_artifact_transfers_draw_no_bars_in_a_log(
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset below, restored after the test")
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     cfg: Settings = make_cfg()
-    connect(cfg)
+    connect(cfg.tracking)
     files = tmp_path / "files"
     files.mkdir()
     for name in ("a.txt", "b.txt", "c.txt"):

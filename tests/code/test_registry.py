@@ -89,7 +89,7 @@ def run_register(cfg: DictConfig) -> Verdict:
 
 
 def run_mirror(cfg: DictConfig):
-    connect(cfg)
+    connect(cfg.tracking)
     return mirror(cfg.registry, cfg.storage)
 
 

@@ -201,4 +201,4 @@ def test_an_unauthenticated_client_is_refused_in_one_line(
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(TrackingError, match=rf"^MLflow at {auth_server} refused experiment 'agnews': .*401"):
-        connect(make_cfg(f"tracking.uri={auth_server}"))
+        connect(make_cfg(f"tracking.uri={auth_server}").tracking)
