@@ -75,9 +75,7 @@ def connect(tracking: TrackingSettings) -> None:
             else None
         )
         try:
-            requests.get(
-                f"{uri.rstrip('/')}/health", timeout=tracking.connect_timeout_s, auth=auth
-            ).raise_for_status()
+            requests.get(f"{uri.rstrip('/')}/health", timeout=tracking.connect_timeout_s, auth=auth).raise_for_status()
         except requests.RequestException as exc:
             raise TrackingError(
                 f"no MLflow tracking server at {shown} ({type(exc).__name__}): start one "
