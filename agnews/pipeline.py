@@ -21,7 +21,7 @@ from agnews.errors import ConfigError
 from agnews.promotion.register import register
 from agnews.promotion.registry import Verdict
 from agnews.settings import Settings
-from agnews.tracking import step_run
+from agnews.tracking import error_line, step_run
 from agnews.training import train
 from agnews.upload import upload_and_log
 
@@ -36,9 +36,8 @@ def child(cfg: Settings, step: str, parent: Run) -> Iterator[Run]:
         client.set_tag(parent.info.run_id, f"{names.CHILD_TAG_PREFIX}{step}", run.info.run_id)
         try:
             yield run
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag(names.ERROR_TAG, message)
+        except Exception as exc:  # step_run tags the child's own run
+            message = error_line(exc)
             client.set_tag(parent.info.run_id, names.FAILED_STEP_TAG, step)
             client.set_tag(parent.info.run_id, names.ERROR_TAG, message)
             log.error("%s step failed (run %s): %s", step, run.info.run_id, message)

@@ -107,9 +107,15 @@ def connect(tracking: TrackingSettings) -> None:
         raise TrackingError(f"MLflow at {shown} refused experiment '{name}': {redact(exc.message)}") from None
 
 
+def error_line(exc: BaseException) -> str:
+    """An error as the one line that a failed run's ``error`` tag holds: its type and first line, URIs redacted."""
+    return redact(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".strip())
+
+
 @contextlib.contextmanager
 def step_run(cfg: Settings, step: str, nested: bool = False) -> Iterator[Run]:
-    """Start (or, under ``mlflow run``, join) the step's run and log its composed config."""
+    """Start (or, under ``mlflow run``, join) the step's run and log its composed config; a step that fails leaves
+    its run FAILED with the error's one line as the ``error`` tag."""
     connect(cfg.tracking)
     with mlflow.start_run(run_name=step, nested=nested) as run:
         mlflow.set_tags({names.STEP_TAG: step, names.GIT_COMMIT_TAG: code_version(), **process_tags()})
@@ -122,4 +128,8 @@ def step_run(cfg: Settings, step: str, nested: bool = False) -> Iterator[Run]:
             mlflow.get_experiment(run.info.experiment_id).name,
             redact(str(cfg.tracking.uri)),
         )
-        yield run
+        try:
+            yield run
+        except Exception as exc:
+            mlflow.set_tag(names.ERROR_TAG, error_line(exc))
+            raise

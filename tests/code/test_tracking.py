@@ -21,9 +21,10 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, redact
-from agnews.errors import RegistryError, TrackingError
+from agnews.errors import DataError, RegistryError, TrackingError
 from agnews.promotion.registry import get_run
 from agnews.tracking import connect, step_run
+from agnews.upload import upload_and_log
 from tests.helpers import answers, free_port
 
 
@@ -39,6 +40,19 @@ def test_relative_sqlite_uri_resolves_against_the_current_folder(
     assert experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").as_uri()
     # the same store, opened as `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db` opens it from this folder
     assert mlflow.MlflowClient("sqlite:///mlflow/mlflow.db").get_run(run.info.run_id).data.tags["step"] == "upload"
+
+
+def test_a_step_that_fails_on_bad_input_leaves_its_failed_run_tagged_with_the_error(tmp_path: Path, make_cfg) -> None:
+    """The upload step's run, as steps/upload.py opens it, on a source that does not exist: FAILED, and its ``error``
+    tag is the one line the step reports."""
+    missing = tmp_path / "no-such-folder"
+    cfg = make_cfg(f"data.source={missing}")
+    with pytest.raises(DataError) as error, step_run(cfg, "upload") as run:
+        upload_and_log(cfg)
+    failed = MlflowClient().get_run(run.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"] == f"DataError: {error.value}"
+    assert str(missing) in failed.data.tags["error"] and "\n" not in failed.data.tags["error"]
 
 
 # --- credentials in MLFLOW_TRACKING_URI, against a real `mlflow server --app-name basic-auth` ---
