@@ -14,6 +14,7 @@ from mlflow.models import infer_signature
 from transformers import PreTrainedTokenizerFast, Trainer
 
 from agnews import behaviour, export, pyfunc
+from agnews.monitoring import reference
 from agnews.names import (
     BEHAVIOUR,
     BEHAVIOUR_FAILURES_ARTIFACT,
@@ -42,10 +43,12 @@ def log_model(
     labels: list[str],
     t: TrainSettings,
     test: tuple[pd.DataFrame, np.ndarray],
+    validation: list[str],
     workdir: Path,
 ) -> dict[str, float]:
     """Save the model and its int8 bundle, check the bundle on the ``test`` rows against torch's probabilities for
-    them, log the pyfunc, and run the behavioural checks on both; returns the checks' metrics."""
+    them, log the bundle's answers on the ``validation`` texts as the version's reference profile (the monitor step's),
+    log the pyfunc, and run the behavioural checks on both; returns the checks' metrics."""
     test_frame, probs = test
     model_dir, bundle_dir = workdir / pyfunc.WEIGHTS_ARTIFACT, workdir / pyfunc.BUNDLE_ARTIFACT
     trainer.save_model(str(model_dir))
@@ -61,6 +64,8 @@ def log_model(
     )
     texts = test_frame.text.tolist()
     bundle = Predictor(bundle_dir)
+    with phase(f"reference profile: the {len(validation)} validation texts through the bundle"):
+        reference.log_profile(bundle, validation, workdir)
     with phase(f"int8 check: the {len(texts)} test texts through the bundle"):
         int8_pred = bundle.logits(texts).argmax(1)
     checks = {

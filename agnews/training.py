@@ -183,7 +183,8 @@ def train(cfg: Settings, callbacks: Sequence[TrainerCallback] = ()) -> dict[str,
     final = log_evaluation(cfg, fitted, labels)
     with tempfile.TemporaryDirectory() as tmp:
         test = fitted.test_frame, fitted.probs
-        final |= packaging.log_model(fitted.trainer, fitted.tokenizer, labels, cfg.train, test, Path(tmp))
+        validation = fitted.val_frame.text.tolist()
+        final |= packaging.log_model(fitted.trainer, fitted.tokenizer, labels, cfg.train, test, validation, Path(tmp))
     log.info(
         "test accuracy %.4f, macro-F1 %.4f, int8 accuracy %.4f (checkpoint %s, chosen on validation)",
         final[names.TEST_ACCURACY],

@@ -25,6 +25,9 @@ INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
 MANIFEST = "manifest.json"
 POINTER = "champion.json"
+# The version's reference profile (the model's answers on its validation split), which the mirror puts beside the
+# bundle with its digest in the manifest for the monitoring step; not a bundle file: the Lambda never fetches it.
+REFERENCE = "reference.parquet"
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Hex digits of the manifest's sha256 in a version's folder name: 48 bits, so two different manifests of one version
@@ -137,6 +140,7 @@ class Manifest:
 
     version: int
     files: dict[str, str]
+    reference: str | None = None  # the sha256 of REFERENCE beside the bundle, where the version has one
 
 
 def manifest_bytes(
@@ -146,16 +150,20 @@ def manifest_bytes(
     metrics: dict[str, float],
     files: dict[str, bytes],
     created_at: str,
+    reference: bytes | None = None,
 ) -> bytes:
-    doc = {
+    """The manifest of a version's ``files``, and of its ``reference`` profile where it has one (a manifest without
+    one has no ``reference`` key: the manifests of versions without a profile are unchanged)."""
+    doc: dict[str, Any] = {
         "model_name": model_name,
         "version": version,
         "run_id": run_id,
         "metrics": metrics,
         "files": {name: digest(data) for name, data in files.items()},
-        "created_at": created_at,
     }
-    return to_json(doc)
+    if reference is not None:
+        doc["reference"] = digest(reference)
+    return to_json(doc | {"created_at": created_at})
 
 
 def parse_manifest(data: bytes, where: str = MANIFEST) -> Manifest:
@@ -170,7 +178,10 @@ def parse_manifest(data: bytes, where: str = MANIFEST) -> Manifest:
         if not isinstance(meta, dict):
             raise ContractError(f"{entry} is not a JSON object")
         hashes[safe_name(name, "file")] = _sha(meta, "sha256", entry)
-    return Manifest(_version(doc, where), hashes)
+    reference = (
+        _sha(_field(doc, "reference", dict, where), "sha256", f"{where} reference") if "reference" in doc else None
+    )
+    return Manifest(_version(doc, where), hashes, reference)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from agnews.names import (
     ONNX_INT8_ACCURACY,
     ONNX_INT8_AGREEMENT,
     PROMOTED_BY,
+    REFERENCE_ARTIFACT,
     TEST_ACCURACY,
     TEST_F1_MACRO,
     How,
@@ -59,6 +60,7 @@ from agnews.tracking import USERNAME_VARIABLE
 from bundle.layout import (
     MANIFEST,
     POINTER,
+    REFERENCE,
     ContractError,
     digest,
     manifest_bytes,
@@ -136,12 +138,25 @@ def download_bundle(name: str, version: int) -> dict[str, bytes]:
     return files
 
 
-def manifest(client: MlflowClient, version: ModelVersion, files: dict[str, bytes]) -> bytes:
+def download_reference(run_id: str | None) -> bytes | None:
+    """The reference profile that the version's train run logged (for the monitor step); None where it logged none."""
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=tmp)
+            ).read_bytes()
+        except (MlflowException, OSError):
+            return None
+
+
+def manifest(client: MlflowClient, version: ModelVersion, files: dict[str, bytes], reference: bytes | None) -> bytes:
     """The manifest's bytes; the same version always gives the same bytes (created_at is the version's creation)."""
     metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
     created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(timespec="seconds")
     kept = {name: metrics[name] for name in MANIFEST_METRICS if name in metrics}
-    return manifest_bytes(version.name, int(version.version), version.run_id, kept, files, created)
+    return manifest_bytes(version.name, int(version.version), version.run_id, kept, files, created, reference)
 
 
 def read_pointer(storage: Storage, key: str) -> dict:
@@ -210,8 +225,10 @@ def version_files(client: MlflowClient, version: ModelVersion) -> tuple[str, dic
     """The folder that ``version`` mirrors to (``v<N>-<digest>``) and its files by name, manifest last."""
     number = int(version.version)
     files = download_bundle(version.name, number)
-    manifest_doc = manifest(client, version, files)
-    return version_folder(number, sha256(manifest_doc)), files | {MANIFEST: manifest_doc}
+    reference = download_reference(version.run_id)
+    manifest_doc = manifest(client, version, files, reference)
+    beside = {REFERENCE: reference} if reference is not None else {}  # the monitor step's, never the Lambda's
+    return version_folder(number, sha256(manifest_doc)), files | beside | {MANIFEST: manifest_doc}
 
 
 def history_entry(

@@ -3,6 +3,7 @@ profile, live accuracy from labels, the verdict, its exit status, and a retrain 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -24,8 +25,17 @@ from agnews.monitoring.labels import matched, read_labels
 from agnews.names import MONITOR_VERDICT_TAG, REFERENCE_ARTIFACT
 from agnews.storage import LocalStorage, open_storage
 from bundle.capture import object_prefix, text_sha256
+from bundle.layout import MANIFEST, REFERENCE, parse_manifest, sha256
 from tests.conftest import register_trained
-from tests.helpers import MODEL_NAME, LocalServer, lambda_process, mirror_version, require_agnews, run_step
+from tests.helpers import (
+    MODEL_NAME,
+    LocalServer,
+    lambda_process,
+    mirror_version,
+    require_agnews,
+    run_step,
+    stored_folder,
+)
 
 DRIFT_STATUS = 3  # steps/monitor.py's exit status on drift
 WINDOW_TEXTS = 400  # test-split texts per window
@@ -44,7 +54,7 @@ def serve_texts(
             assert status == 200, body
     finally:
         server.stop()
-    return since.isoformat(), (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    return since.isoformat(), datetime.now(UTC).isoformat()  # every answer's time is before the server stopped
 
 
 def monitor(overrides: list[str], *more: str) -> subprocess.CompletedProcess[str]:
@@ -209,10 +219,14 @@ def window_of(span: tuple[str, str]) -> list[str]:
 
 
 @pytest.mark.integration
-def test_the_served_texts_are_ok_and_longer_texts_drift(served: Served) -> None:
+def test_the_served_texts_are_ok_and_longer_texts_drift(served: Served, tmp_path: Path) -> None:
     client = MlflowClient(served.tracking_uri)
     run_id = client.get_model_version(MODEL_NAME, "1").run_id
-    assert REFERENCE_ARTIFACT in [a.path for a in client.list_artifacts(run_id, "reference")]
+    logged = Path(client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(tmp_path))).read_bytes()
+    assert len(pd.read_parquet(io.BytesIO(logged))) == 200  # data.val_size: the validation split, through the bundle
+    folder = stored_folder(served.model_root, 1)  # the mirror's copy beside the bundle, its digest in the manifest
+    assert (folder / REFERENCE).read_bytes() == logged
+    assert parse_manifest((folder / MANIFEST).read_bytes()).reference == sha256(logged)
 
     done = monitor(served.overrides, *window_of(served.first))
     assert done.returncode == 0, done.stdout + done.stderr
