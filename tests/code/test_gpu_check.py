@@ -147,10 +147,12 @@ def test_dockerfile_build_args_resolve_for_both_variants() -> None:
         for i, (name, args) in enumerate(steps)
         if name == "ARG"
     }
-    # BASE_IMAGE is declared before FROM, where FROM can see it; TORCH_INDEX_URL in the stage, where RUN can
+    # BASE_IMAGE is declared before FROM, where FROM can see it; TORCH_INDEX_URL and SPARK (the predict step's Spark
+    # engine, off by default) in the stage, where RUN can
     assert declared == {
         "BASE_IMAGE": (True, "python:3.11-slim"),
         "TORCH_INDEX_URL": (False, "https://download.pytorch.org/whl/cpu"),
+        "SPARK": (False, "false"),
     }
     assert steps[from_index][1] == "${BASE_IMAGE}"
     # every --build-arg that the README, docs/ and the Dockerfile show is one the Dockerfile declares (Docker ignores
@@ -165,8 +167,16 @@ def test_dockerfile_build_args_resolve_for_both_variants() -> None:
         (declared["TORCH_INDEX_URL"][1], ["--extra-index-url", declared["TORCH_INDEX_URL"][1]]),
         ("", []),  # offline: torch from container/wheels
     ]:
-        words = run_step("pip install", {"TORCH_INDEX_URL": index}, pip).split()
+        words = run_step("-r /tmp/build/requirements.txt", {"TORCH_INDEX_URL": index}, pip).split()
         assert words[words.index("install") + 1 : words.index("-r")] == ["--find-links", "/tmp/build/wheels", *expected]
+
+
+def test_dockerfile_installs_spark_and_java_only_with_the_spark_build_arg() -> None:
+    stubs = 'apt-get() { echo "apt-get $*"; }\nrm() { :; }\npip() { echo "pip $*"; }\n'
+    assert run_step("requirements-spark.txt", {"SPARK": "false"}, stubs) == ""
+    spark = run_step("requirements-spark.txt", {"SPARK": "true"}, stubs).splitlines()
+    assert "default-jre-headless" in next(line for line in spark if line.startswith("apt-get install")).split()
+    assert spark[-1] == "pip install -r /tmp/build/requirements-spark.txt"
 
 
 def test_dockerfile_venv_step_uses_apt_only_on_a_base_without_venv() -> None:
