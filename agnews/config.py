@@ -66,14 +66,27 @@ def _split(arg: str) -> list[str]:
     return pieces if all(_OVERRIDE.fullmatch(p) for p in pieces) else [arg]
 
 
+@functools.cache
+def mlproject_keys() -> frozenset[str]:
+    """The keys that MLproject's entry points pass as ``key={parameter}``, which arrive as ``key=`` when the parameter
+    is left at its empty default; every key where there is no MLproject file."""
+    try:
+        project = (PROJECT_ROOT / "MLproject").read_text()
+    except OSError:
+        return frozenset({"*"})
+    return frozenset(re.findall(r"([\w.]+)=\{\w+\}", project))  # only the commands hold `{parameter}`
+
+
 def split_overrides(args: list[str]) -> list[str]:
     """Split arguments that carry several Hydra overrides, as one MLproject parameter does.
 
     ``"data.sample_size=1000 train.epochs=1"`` becomes two overrides; ``"data.source=/a folder"`` stays one.
-    An override with nothing after ``=`` (an MLproject parameter left at its empty default) is dropped.
+    An override of an MLproject parameter's key with nothing after ``=`` (the parameter left at its empty default)
+    is dropped; any other blank value stays, for its key's schema to judge (``tune.storage=`` is refused).
     """
     overrides = [piece for arg in args for piece in _split(arg)]
-    return [o for o in overrides if not re.fullmatch(r"[\w.+~/@-]+=", o)]
+    keys = mlproject_keys()
+    return [o for o in overrides if not (o.endswith("=") and ("*" in keys or o[:-1].lstrip("+") in keys))]
 
 
 def _compose(overrides: list[str]) -> DictConfig:  # composition itself: the one place a DictConfig lives

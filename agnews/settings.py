@@ -229,6 +229,11 @@ class PrunerSettings:  # optuna.pruners.MedianPruner's arguments; their ranges a
     n_warmup_steps: int = MISSING
 
 
+# tune.study names the study in its RDB, its MLflow runs and its recipe file (<study>.yaml): a slug.
+STUDY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+STUDY_RULE = "a slug of 1 to 128 letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
 @dataclass
 class TuneSettings(Schema):
     prefix: ClassVar[str] = "tune"
@@ -246,6 +251,8 @@ class TuneSettings(Schema):
 
     def ranges(self) -> dict[str, tuple[bool, str]]:
         return {
+            "study": (STUDY.fullmatch(self.study) is not None, STUDY_RULE),
+            "storage": (self.storage is None or bool(self.storage.strip()), "an RDB URL, or null (not blank)"),
             "trials": (self.trials > 0, "> 0"),
             "timeout_s": (_positive_or_none(self.timeout_s), "> 0 or null"),
             "startup_trials": (self.startup_trials >= 0, ">= 0"),

@@ -153,6 +153,10 @@ def test_the_command_line_answers_a_misspelled_key_in_one_line(tmp_path: Path) -
         (["storage.lease_s=0"], "storage.lease_s=0 is out of range: it must be > 0"),
         (["tracking.cleanup.stale_after_minutes=-1"], "tracking.cleanup.stale_after_minutes=-1 is out of range"),
         (["tune.trials=0"], "tune.trials=0 is out of range: it must be > 0"),
+        (["tune.study=../../x"], "tune.study=../../x is out of range: it must be a slug of 1 to 128 letters, digits"),
+        ([f"tune.study={'s' * 600}"], f"tune.study={'s' * 600} is out of range: it must be a slug of 1 to 128"),
+        (["tune.study="], "tune.study= is out of range: it must be a slug"),
+        (["tune.storage="], "tune.storage= is out of range: it must be an RDB URL, or null (not blank)"),
         (["tune.pruner.n_warmup_steps=-1"], "tune.pruner.n_warmup_steps=-1 is out of range: it must be >= 0"),
         (["webhook.threads=0"], "webhook.threads=0 is out of range: it must be > 0"),
         (["~train.epochs"], "train.epochs: TrainSettings (DictConfig) does not support deletion"),
@@ -186,6 +190,13 @@ def test_a_number_keeps_the_type_it_was_written_in() -> None:
     [
         ("train", "train.epochs=0", "error: train.epochs=0 is out of range: it must be > 0"),
         ("register", "registry.min_accuracy=2", "error: registry.min_accuracy=2 is out of range: it must be in [0, 1]"),
+        (
+            "tune",
+            "tune.study=../../x",
+            "error: tune.study=../../x is out of range: it must be a slug of 1 to 128 letters, digits, '.', '_' and"
+            " '-', starting with a letter or digit",
+        ),
+        ("tune", "tune.storage=", "error: tune.storage= is out of range: it must be an RDB URL, or null (not blank)"),
         (
             "train",
             "train.epochs=abc",

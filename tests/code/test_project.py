@@ -113,6 +113,7 @@ def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Pa
         (["data.source='/data/ag news' seed=3"], ["data.source=/data/ag news", "seed=3"]),
         (["+train.extra=1 ++seed=2 ~data.test_size"], ["+train.extra=1", "++seed=2", "~data.test_size"]),
         (["", "model=", "data.sample_size="], []),  # unset MLproject parameters
+        (["tune.trials=", "tune.storage=", "tune.study="], ["tune.storage=", "tune.study="]),  # blanks of no parameter
         (["data.source='unbalanced"], ["data.source='unbalanced"]),  # left for Hydra to report
     ],
 )
