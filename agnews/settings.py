@@ -248,6 +248,7 @@ class TuneSettings(Schema):
     retrain: bool = MISSING
     join_timeout_s: int | float = MISSING
     recipe_dir: str = MISSING
+    overwrite: bool = MISSING
 
     def ranges(self) -> dict[str, tuple[bool, str]]:
         return {

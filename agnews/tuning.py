@@ -37,7 +37,7 @@ from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import train_and_register
 from agnews.promotion.registry import Verdict
-from agnews.settings import Settings
+from agnews.settings import Settings, TuneSettings
 from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune
@@ -272,12 +272,13 @@ def finish(cfg: Settings, study: optuna.Study, parent: Run) -> Verdict:
     log_study(study)
     text, name = recipe_text(cfg, study), f"{study.study_name}.yaml"
     mlflow.log_text(text, name)
-    path = Path(cfg.tune.recipe_dir) / name
+    path = recipe_path(cfg.tune)
     where = str(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    except OSError as exc:  # a read-only tree, e.g. the image under `mlflow run`: the run's artifact is the recipe
+        with path.open("w" if cfg.tune.overwrite else "x") as out:  # "x": never over a recipe written meanwhile
+            out.write(text)
+    except OSError as exc:  # a read-only tree (the image under `mlflow run`), or a recipe there: the artifact is it
         log.warning("could not write the recipe to %s (%s): it is the run's artifact %s", path, exc.strerror, name)
         where = f"the run's artifact {name}"
     log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, where)
@@ -293,8 +294,24 @@ def adopt_worker_run(parent_id: str) -> None:
         client.set_tag(run_id, names.STUDY_PARENT_TAG, parent_id)
 
 
+def recipe_path(tune: TuneSettings) -> Path:
+    """Where the study's recipe goes: ``<tune.recipe_dir>/<tune.study>.yaml``."""
+    return Path(tune.recipe_dir) / f"{tune.study}.yaml"
+
+
+def check_recipe_free(tune: TuneSettings) -> None:
+    """Refuse, before anything runs, a study that would write over an existing recipe (unless ``tune.overwrite``)."""
+    path = recipe_path(tune)
+    if tune.retrain and not tune.overwrite and path.exists():
+        raise ConfigError(
+            f"tune.study={tune.study}: the recipe {path} exists: choose another tune.study, or set "
+            "tune.overwrite=true to replace it"
+        )
+
+
 def tune(cfg: Settings) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
+    check_recipe_free(cfg.tune)
     connect(cfg.tracking)
     study, created = open_study(cfg)
     if created:
