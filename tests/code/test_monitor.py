@@ -340,5 +340,5 @@ def test_on_drift_retrain_runs_main_as_a_child_whose_model_goes_through_the_gate
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.step = 'main'"
     )
     assert main.data.tags["registered_alias"] == "challenger" and main.data.tags["registered_version"] == "2"
-    assert client.get_registered_model(MODEL_NAME).aliases == {"champion": "1", "challenger": "2"}
+    assert client.get_registered_model(MODEL_NAME).aliases == {"champion": 1, "challenger": 2}
     assert parent.data.tags["monitor.retrained.registered_version"] == "2"
