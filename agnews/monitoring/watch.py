@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from agnews.monitoring import reference
 from agnews.monitoring.captures import Read, Window, read_window, window
 from agnews.monitoring.labels import Labels, Live, live_accuracy, matched, read_labels
-from agnews.names import DRIFT, MONITOR_VERDICT_TAG, NO_REFERENCE, OK, REFERENCE_ARTIFACT, STEP_TAG, TOO_FEW
+from agnews.names import DRIFT, MONITOR_VERDICT_TAG, NO_REFERENCE, OK, REFERENCE_ARTIFACT, TEST_ACCURACY, TOO_FEW
 from agnews.promotion.registry import version_accuracy
 from agnews.settings import MonitorSettings, StorageSettings
 from agnews.storage import open_storage
@@ -196,7 +196,7 @@ def _metrics(v: VersionReport) -> dict[str, float]:
         metrics |= {f"{prefix}drifted.{column}": float(column in v.drift.drifted) for column in v.drift.scores}
         metrics[f"{prefix}drifted_share"] = v.drift.share
     if v.test_accuracy is not None:
-        metrics[f"{prefix}test_accuracy"] = v.test_accuracy
+        metrics[f"{prefix}{TEST_ACCURACY}"] = v.test_accuracy
     if v.live is not None:
         metrics |= {
             f"{prefix}live_accuracy": v.live.accuracy,
@@ -214,7 +214,6 @@ def log_outcome(outcome: Outcome, client: MlflowClient, model_name: str) -> None
     if outcome.labels_rows is not None:
         metrics |= {"labels.rows": outcome.labels_rows, "labels.matched": outcome.labels_matched or 0}
     tags = {
-        STEP_TAG: "monitor",
         MONITOR_VERDICT_TAG: outcome.verdict,
         "monitor.since": outcome.span.since.isoformat(),
         "monitor.until": outcome.span.until.isoformat(),
