@@ -569,8 +569,8 @@ def request_costs(python: str, package: Path, env: dict[str, str], pool: list[st
         }
     normal = costs["normal"]
 
-    def worst_of(names: list[str]) -> dict:
-        worst = max(names, key=lambda name: costs[name]["cpu_s"])
+    def worst_of(requests: list[str]) -> dict:
+        worst = max(requests, key=lambda name: costs[name]["cpu_s"])
         return {
             "request": worst,
             "cpu_against_normal": costs[worst]["cpu_s"] / normal["cpu_s"],
