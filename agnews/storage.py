@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import boto3
@@ -32,6 +32,8 @@ from agnews.errors import NotFoundError, StorageError
 from agnews.settings import StorageSettings
 
 MB = 1024 * 1024
+FOLDER_TRIES = 5  # a local write whose folder a concurrent prune removes makes it again, this many times at most
+T = TypeVar("T")
 # S3's answers to a conditional request that lost: the condition failed, the key is gone, or another conditional
 # write on the key was in flight.
 LOST_CONDITION = {"PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict", "409"}
@@ -101,8 +103,7 @@ class LocalStorage:
         ``os.link`` raises FileExistsError where the key exists."""
         target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            fd, tmp = self._folder(target, lambda folder: tempfile.mkstemp(dir=folder, prefix=f".{target.name}."))
             os.close(fd)
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {exc.strerror}") from None
@@ -131,10 +132,30 @@ class LocalStorage:
         """Remove a file, and any folders that this leaves empty below the root."""
         path = self._path(key)
         path.unlink(missing_ok=True)
+        self._prune(path)
+
+    def _prune(self, path: Path) -> None:
+        """Remove the folders above ``path`` that are empty, up to the root. A writer that makes one of them again at
+        the same moment retries (``_folder``), and one that has filled it keeps it (rmdir refuses)."""
         for parent in path.parents:
-            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+            if parent == self.root:
                 break
-            parent.rmdir()
+            try:
+                parent.rmdir()
+            except OSError:  # not empty, or gone already
+                break
+
+    @staticmethod
+    def _folder(path: Path, use: Callable[[Path], T]) -> T:
+        """``use(folder)`` on ``path``'s folder, made first, and made again if a prune removed it in between."""
+        for _ in range(FOLDER_TRIES - 1):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return use(path.parent)
+            except FileNotFoundError:
+                continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return use(path.parent)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
@@ -151,8 +172,7 @@ class LocalStorage:
         """An exclusive flock of the key's folder, held by every compare-and-swap in it."""
         folder = self._path(key).parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder, os.O_RDONLY)
+            fd = self._folder(self._path(key), lambda folder: os.open(folder, os.O_RDONLY))
         except OSError as exc:
             raise StorageError(f"cannot lock {folder}: {exc.strerror}") from None
         try:
@@ -189,7 +209,10 @@ class LocalStorage:
             found = self.read_token(key)
             if found is None or found[1] != token:
                 return False
-            self._path(key).unlink()  # its folder stays: another contender may be waiting for its flock
+            self._path(key).unlink()
+        # The folder goes once it is empty (a failed first register leaves no models/<name>/ behind). A contender
+        # waiting for its flock then holds a removed folder, where every compare-and-swap finds no key and fails.
+        self._prune(self._path(key))
         return True
 
 

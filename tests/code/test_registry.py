@@ -487,6 +487,13 @@ def test_local_sqlite_register_and_mirror(local: tuple[Path, str]) -> None:
     assert_mirrored(files, "models/local-model", 1, run_id)
 
 
+def test_a_register_that_fails_on_a_fresh_local_store_leaves_no_folder(local: tuple[Path, str]) -> None:
+    root, _ = local
+    with pytest.raises(RegistryError, match="no run 'f00d' in the tracking store"):
+        run_register(local_cfg(root, "fresh-model", "registry.run_id=f00d"))
+    assert not (root / "store" / "models" / "fresh-model").exists(), "the lease's folder stayed behind"
+
+
 def test_mirror_failing_half_way_keeps_the_old_pointer(
     local: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
