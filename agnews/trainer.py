@@ -33,7 +33,7 @@ class OrderedEvalTrainer(Trainer):
     """A Trainer that evaluates in dataset order, so that predictions line up with the eval rows.
 
     With length grouping, transformers 5 also shuffles evaluation batches by length; the eval split is instead
-    sorted by length once (see ``fit``), which keeps padding as low without losing the order.
+    sorted by length once (see ``training.fine_tune``), which keeps padding as low without losing the order.
     """
 
     def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:

@@ -27,7 +27,7 @@ from transformers import (
 from agnews import checkpoints, metrics, names, packaging, precision
 from agnews.data import StoredDataset, by_length, rows_sha256, split_train, stratified_sample
 from agnews.modeling import load_model, load_tokenizer
-from agnews.settings import Settings
+from agnews.settings import DataSettings, ModelSettings, Settings, TrainSettings
 from agnews.storage import open_storage
 from agnews.trainer import MlflowMetrics, OrderedEvalTrainer, TrainingClock, tokenize, training_args
 from agnews.upload import log_frame
@@ -66,35 +66,42 @@ class Fitted(FineTuned):
     probs: np.ndarray  # test rows x classes, from the kept checkpoint
 
 
-def fine_tune(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> FineTuned:
+def fine_tune(
+    train: TrainSettings,
+    data: DataSettings,
+    model: ModelSettings,
+    seed: int,
+    dataset: StoredDataset,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> FineTuned:
     """Load the training and validation rows and the model, and fine-tune with validation choosing the checkpoint.
 
     The test split is neither read nor predicted: a hyperparameter search trial (agnews/tuning.py) stops here.
     """
     # Once per run, before any data or model is loaded: a precision this device cannot run fails here.
-    resolved = precision.for_config(cfg.train)
+    resolved = precision.for_config(train)
     labels = dataset.info["labels"]
-    train_frame, val_frame = split_train(dataset.split("train"), cfg.data.sample_size, cfg.data.val_size, cfg.seed)
+    train_frame, val_frame = split_train(dataset.split("train"), data.sample_size, data.val_size, seed)
     val_frame = by_length(val_frame)
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, labels, tokenizer)
+    set_seed(seed)
+    tokenizer = load_tokenizer(model)
+    classifier = load_model(model, labels, tokenizer)
 
-    output_dir = Path(cfg.train.output_dir)
-    checkpoint = checkpoints.prepare(output_dir, cfg.train.resume, main_process=is_main_process())
+    output_dir = Path(train.output_dir)
+    checkpoint = checkpoints.prepare(output_dir, train.resume, main_process=is_main_process())
 
     def compute_metrics(prediction) -> dict[str, float]:
         return metrics.classification_metrics(labels, prediction.label_ids, prediction.predictions.argmax(-1))
 
     extra = list(callbacks)
-    if cfg.train.early_stopping_patience:
-        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    if train.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     clock = TrainingClock()
     trainer = OrderedEvalTrainer(
-        model=model,
-        args=training_args(cfg.train, cfg.seed, output_dir, resolved),
-        train_dataset=tokenize(train_frame, tokenizer, cfg.train),
-        eval_dataset=tokenize(val_frame, tokenizer, cfg.train),
+        model=classifier,
+        args=training_args(train, seed, output_dir, resolved),
+        train_dataset=tokenize(train_frame, tokenizer, train),
+        eval_dataset=tokenize(val_frame, tokenizer, train),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=resolved.pad_to_multiple_of),
         compute_metrics=compute_metrics,
@@ -110,15 +117,10 @@ def fine_tune(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[Trainer
     return FineTuned(trainer, tokenizer, train_metrics, resolved, train_frame, val_frame)
 
 
-def fit(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[TrainerCallback] = ()) -> Fitted:
-    """Fine-tune (``fine_tune``), then predict the test split once with the kept (best) checkpoint.
-
-    The test rows are drawn first, so that a bad ``data.test_size`` fails before any training.
-    """
-    test_frame = by_length(stratified_sample(dataset.split("test"), cfg.data.test_size, cfg.seed, "data.test_size"))
-    tuned = fine_tune(cfg, dataset, callbacks)
+def predict_test(train: TrainSettings, tuned: FineTuned, test_frame: pd.DataFrame) -> Fitted:
+    """Predict the test rows once with the checkpoint that validation kept (best)."""
     log.info("predicting the %d test rows with the kept checkpoint", len(test_frame))
-    test_set = tokenize(test_frame, tuned.tokenizer, cfg.train)
+    test_set = tokenize(test_frame, tuned.tokenizer, train)
     logits = tuned.trainer.predict(test_set, metric_key_prefix="test").predictions
     assert isinstance(logits, np.ndarray)  # a classifier has one output, not a tuple of them
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -126,7 +128,7 @@ def fit(cfg: Settings, dataset: StoredDataset, callbacks: Sequence[TrainerCallba
     return Fitted(**vars(tuned), test_frame=test_frame, probs=probs)
 
 
-def log_evaluation(cfg: Settings, fitted: Fitted, labels: list[str]) -> dict[str, float]:
+def log_evaluation(data: DataSettings, fitted: Fitted, labels: list[str]) -> dict[str, float]:
     """Test metrics (``test_*``), the kept checkpoint, confusion matrix, classification report, misclassified texts."""
     y_true = fitted.test_frame.label.to_numpy()
     y_pred = fitted.probs.argmax(1)
@@ -152,7 +154,7 @@ def log_evaluation(cfg: Settings, fitted: Fitted, labels: list[str]) -> dict[str
     mlflow.log_dict(metrics.report(labels, y_true, y_pred), names.CLASSIFICATION_REPORT_ARTIFACT)
     texts = fitted.test_frame.text.tolist()
     mlflow.log_table(
-        metrics.misclassified(labels, texts, y_true, fitted.probs, cfg.data.misclassified_examples),
+        metrics.misclassified(labels, texts, y_true, fitted.probs, data.misclassified_examples),
         names.MISCLASSIFIED_ARTIFACT,
     )
     return final
@@ -171,7 +173,9 @@ def log_inputs(dataset: StoredDataset, fitted: Fitted) -> None:
 def train(cfg: Settings, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, float]:
     """Fine-tune and, on the main process, log metrics, artifacts and the model into the active run."""
     dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
-    fitted = fit(cfg, dataset, callbacks)
+    # the test rows first: a bad data.test_size fails before any training
+    test_rows = by_length(stratified_sample(dataset.split("test"), cfg.data.test_size, cfg.seed, "data.test_size"))
+    fitted = predict_test(cfg.train, fine_tune(cfg.train, cfg.data, cfg.model, cfg.seed, dataset, callbacks), test_rows)
     if not fitted.trainer.is_world_process_zero():
         return {}
     labels = dataset.info["labels"]  # as fine_tune gave them to the model
@@ -180,7 +184,7 @@ def train(cfg: Settings, callbacks: Sequence[TrainerCallback] = ()) -> dict[str,
     )
     log_inputs(dataset, fitted)
     mlflow.set_tags(fitted.resolved.tags())
-    final = log_evaluation(cfg, fitted, labels)
+    final = log_evaluation(cfg.data, fitted, labels)
     with tempfile.TemporaryDirectory() as tmp:
         test = fitted.test_frame, fitted.probs
         validation = fitted.val_frame.text.tolist()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -37,7 +38,7 @@ from agnews.data import StoredDataset
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import train_and_register
 from agnews.promotion.registry import Verdict
-from agnews.settings import Settings, TuneSettings
+from agnews.settings import DataSettings, ModelSettings, Settings, TrackingSettings, TrainSettings, TuneSettings
 from agnews.storage import open_storage
 from agnews.tracking import connect, process_tags, step_run
 from agnews.training import fine_tune
@@ -51,17 +52,17 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 SCHEMA_ATTEMPTS = 5
 
 
-def storage_url(cfg: Settings) -> str:
+def storage_url(tune: TuneSettings, tracking: TrackingSettings) -> str:
     """``tune.storage``, or, when null, ``optuna.db`` beside the SQLite tracking store."""
-    if cfg.tune.storage:
-        return str(cfg.tune.storage)
-    tracking = urlparse(str(cfg.tracking.uri))
-    if tracking.scheme != "sqlite":
+    if tune.storage:
+        return str(tune.storage)
+    store = urlparse(str(tracking.uri))
+    if store.scheme != "sqlite":
         raise ConfigError(
             f"tune.storage=null puts the study beside a SQLite tracking store, but tracking.uri is "
-            f"{redact(str(cfg.tracking.uri))}: set tune.storage to an RDB URL that every worker reaches"
+            f"{redact(str(tracking.uri))}: set tune.storage to an RDB URL that every worker reaches"
         )
-    return f"sqlite:///{Path(tracking.path[1:]).resolve().parent / 'optuna.db'}"
+    return f"sqlite:///{Path(store.path[1:]).resolve().parent / 'optuna.db'}"
 
 
 def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -74,16 +75,16 @@ def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
     log.warning("trial %d of study '%s' lost its worker: marked failed", trial.number, study.study_name)
 
 
-def study_storage(cfg: Settings) -> optuna.storages.RDBStorage:
+def study_storage(tune: TuneSettings, tracking: TrackingSettings) -> optuna.storages.RDBStorage:
     """The study's RDB storage, with heartbeats: a trial whose worker dies is failed (not re-queued) by the next
     worker that asks for a trial, which also fails its MLflow run (``mark_lost``)."""
-    url = storage_url(cfg)
+    url = storage_url(tune, tracking)
 
     def connect_storage() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-            heartbeat_interval=cfg.tune.heartbeat_s,
+            heartbeat_interval=tune.heartbeat_s,
             heartbeat_stale_trial_callback=mark_lost,
         )
 
@@ -98,20 +99,20 @@ def study_storage(cfg: Settings) -> optuna.storages.RDBStorage:
         raise TuneError(f"tune.storage={redact(url)} cannot be opened: {type(exc).__name__}: {reason}") from None
 
 
-def open_study(cfg: Settings) -> tuple[optuna.Study, bool]:
+def open_study(tune: TuneSettings, tracking: TrackingSettings, seed: int) -> tuple[optuna.Study, bool]:
     """Create ``tune.study`` or join it; True when this process created it (creation is atomic in the RDB).
 
     The creator seeds TPE with ``seed``; a joining worker draws its own seed, or it would propose the same points.
     """
-    storage, name = study_storage(cfg), str(cfg.tune.study)
+    storage, name = study_storage(tune, tracking), str(tune.study)
 
     def sampler(seed: int | None) -> optuna.samplers.TPESampler:
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
 
-    pruner = optuna.pruners.MedianPruner(**dataclasses.asdict(cfg.tune.pruner))
+    pruner = optuna.pruners.MedianPruner(**dataclasses.asdict(tune.pruner))
     try:
         study = optuna.create_study(
-            storage=storage, study_name=name, direction="maximize", sampler=sampler(cfg.seed), pruner=pruner
+            storage=storage, study_name=name, direction="maximize", sampler=sampler(seed), pruner=pruner
         )
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
@@ -131,15 +132,15 @@ def parent_of(study: optuna.Study, timeout_s: float) -> str:
     return parent
 
 
-def recipe(cfg: Settings, params: dict[str, Any]) -> dict[str, Any]:
+def recipe(tune: TuneSettings, params: dict[str, Any]) -> dict[str, Any]:
     """The ``train`` settings of a trial: its parameters, with the study's early stopping."""
-    return {"train": {**params, "early_stopping_patience": cfg.tune.early_stopping_patience}}
+    return {"train": {**params, "early_stopping_patience": tune.early_stopping_patience}}
 
 
-def with_recipe(cfg: Settings, params: dict[str, Any], **train: Any) -> Settings:
-    """``cfg`` with a trial's parameters (``recipe``) and ``train`` as its train settings; the schema checks their
-    ranges again (agnews/settings.py)."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **recipe(cfg, params)["train"], **train))
+def with_recipe(train: TrainSettings, tune: TuneSettings, params: dict[str, Any], **overrides: Any) -> TrainSettings:
+    """``train`` with a trial's parameters (``recipe``) and ``overrides``; the schema checks their ranges again
+    (agnews/settings.py)."""
+    return dataclasses.replace(train, **recipe(tune, params)["train"], **overrides)
 
 
 class PruneOnValidation(TrainerCallback):
@@ -188,9 +189,9 @@ def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
             mlflow.log_params({f"train.{name}": value for name, value in params.items()})
             with tempfile.TemporaryDirectory(prefix="trial-") as tmp:
                 # the point's values against the schema's ranges, before anything loads
-                settings = with_recipe(cfg, params, output_dir=tmp, resume=False)
-                dataset = StoredDataset.open(open_storage(settings.storage), settings.storage.dataset_prefix)
-                value = fine_tune(settings, dataset, [PruneOnValidation(trial)]).kept()[1]
+                train = with_recipe(cfg.train, cfg.tune, params, output_dir=tmp, resume=False)
+                dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
+                value = fine_tune(train, cfg.data, cfg.model, cfg.seed, dataset, [PruneOnValidation(trial)]).kept()[1]
             mlflow.log_metric(names.BEST_VAL_ACCURACY, value)
             mlflow.set_tag(names.TRIAL_STATE_TAG, TrialState.COMPLETE.name)
         except optuna.TrialPruned as exc:
@@ -207,17 +208,17 @@ def run_trial(cfg: Settings, trial: Trial, parent: Run) -> float:
     return value
 
 
-def search(cfg: Settings, study: optuna.Study, parent: Run) -> None:
-    """Run trials until the study's budget (``tune.trials``, over every worker) or this worker's ``tune.timeout_s``
-    is spent. A trial that crashes is recorded failed and the study goes on."""
-    budget = cfg.tune.trials
+def search(tune: TuneSettings, study: optuna.Study, objective: Callable[[Trial], float]) -> None:
+    """Run trials of ``objective`` (``run_trial``) until the study's budget (``tune.trials``, over every worker) or
+    this worker's ``tune.timeout_s`` is spent. A trial that crashes is recorded failed and the study goes on."""
+    budget = tune.trials
     if len(study.trials) >= budget:
         log.info("study '%s' has its %d trials already: running none", study.study_name, budget)
         return
     study.optimize(
-        lambda trial: run_trial(cfg, trial, parent),
+        objective,
         n_trials=budget,
-        timeout=cfg.tune.timeout_s,
+        timeout=tune.timeout_s,
         catch=(Exception,),
         callbacks=[optuna.study.MaxTrialsCallback(budget, states=None)],
     )
@@ -231,16 +232,16 @@ def wait_for_workers(study: optuna.Study, poll_s: float) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def recipe_text(cfg: Settings, study: optuna.Study) -> str:
+def recipe_text(tune: TuneSettings, data: DataSettings, model: ModelSettings, seed: int, study: optuna.Study) -> str:
     """The best trial's settings as a config file that ``recipe=<study>`` applies over the model's own recipe."""
     best = study.best_trial
     return (
         "# @package _global_\n"
         f"# Study '{study.study_name}': trial {best.number} of {len(study.trials)}, validation accuracy "
-        f"{best.value:.4f}, on model {cfg.model.display_name} with data.sample_size={cfg.data.sample_size}, "
-        f"data.val_size={cfg.data.val_size}, seed={cfg.seed}.\n"
+        f"{best.value:.4f}, on model {model.display_name} with data.sample_size={data.sample_size}, "
+        f"data.val_size={data.val_size}, seed={seed}.\n"
         f"# python -m steps.train model=<the same model> recipe={study.study_name}\n"
-        + OmegaConf.to_yaml(recipe(cfg, best.params))
+        + OmegaConf.to_yaml(recipe(tune, best.params))
     )
 
 
@@ -270,7 +271,7 @@ def finish(cfg: Settings, study: optuna.Study, parent: Run) -> Verdict:
             "see the trial runs' error tags"
         )
     log_study(study)
-    text, name = recipe_text(cfg, study), f"{study.study_name}.yaml"
+    text, name = recipe_text(cfg.tune, cfg.data, cfg.model, cfg.seed, study), f"{study.study_name}.yaml"
     mlflow.log_text(text, name)
     path = recipe_path(cfg.tune)
     where = str(path)
@@ -282,7 +283,8 @@ def finish(cfg: Settings, study: optuna.Study, parent: Run) -> Verdict:
         log.warning("could not write the recipe to %s (%s): it is the run's artifact %s", path, exc.strerror, name)
         where = f"the run's artifact {name}"
     log.info("best trial %d (validation accuracy %.4f): recipe %s", study.best_trial.number, study.best_value, where)
-    return train_and_register(with_recipe(cfg, study.best_params), parent)
+    winner = dataclasses.replace(cfg, train=with_recipe(cfg.train, cfg.tune, study.best_params))
+    return train_and_register(winner, parent)
 
 
 def adopt_worker_run(parent_id: str) -> None:
@@ -313,18 +315,19 @@ def tune(cfg: Settings) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
     check_recipe_free(cfg.tune)
     connect(cfg.tracking)
-    study, created = open_study(cfg)
+    study, created = open_study(cfg.tune, cfg.tracking, cfg.seed)
     if created:
         with step_run(cfg, "tune") as parent:
             study.set_user_attr(names.STUDY_PARENT_ATTR, parent.info.run_id)
-            mlflow.set_tags({names.STUDY_TAG: study.study_name, names.STUDY_STORAGE_TAG: redact(storage_url(cfg))})
+            storage = redact(storage_url(cfg.tune, cfg.tracking))
+            mlflow.set_tags({names.STUDY_TAG: study.study_name, names.STUDY_STORAGE_TAG: storage})
             mlflow.log_dict(cfg.model.search, names.SEARCH_SPACE_ARTIFACT)
-            search(cfg, study, parent)
+            search(cfg.tune, study, functools.partial(run_trial, cfg, parent=parent))
             return finish(cfg, study, parent) if cfg.tune.retrain else None
     parent_id = parent_of(study, cfg.tune.join_timeout_s)
     log.info("joined study '%s' (MLflow parent run %s)", study.study_name, parent_id)
     adopt_worker_run(parent_id)
-    search(cfg, study, MlflowClient().get_run(parent_id))
+    search(cfg.tune, study, functools.partial(run_trial, cfg, parent=MlflowClient().get_run(parent_id)))
     if not cfg.tune.retrain:
         return None
     with mlflow.start_run(run_id=parent_id) as parent:

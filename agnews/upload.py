@@ -14,22 +14,21 @@ from agnews import names
 from agnews.config import code_version
 from agnews.data import INFO, build_info, load_source, read_info, store_dataset, to_jsonl
 from agnews.lease import held, lock_key
-from agnews.settings import Settings
+from agnews.settings import DataSettings, Settings, StorageSettings
 from agnews.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 
-def upload(cfg: Settings) -> tuple[dict[str, pd.DataFrame], dict, bool]:
+def upload(data: DataSettings, settings: StorageSettings) -> tuple[dict[str, pd.DataFrame], dict, bool]:
     """Parse and validate both splits, then publish them under the dataset's lease; returns (splits, info, changed)."""
-    splits = load_source(cfg.data)
+    splits = load_source(data)
     files = {f"{split}.jsonl": to_jsonl(frame) for split, frame in splits.items()}
-    storage = open_storage(cfg.storage)
-    prefix = cfg.storage.dataset_prefix
-    data = cfg.data
+    storage = open_storage(settings)
+    prefix = settings.dataset_prefix
     source = f"{data.train_file} + {data.test_file}" if data.train_file else str(data.source)
-    info = build_info(splits, files, list(cfg.data.labels), source, code_version())
-    with held(storage, lock_key(prefix), f"upload {prefix}", cfg.storage) as lease:
+    info = build_info(splits, files, list(data.labels), source, code_version())
+    with held(storage, lock_key(prefix), f"upload {prefix}", settings) as lease:
         changed = store_dataset(storage, prefix, files, info, lease.check)
         if not changed:
             info = read_info(storage, prefix)
@@ -52,10 +51,10 @@ def log_frame(frame: pd.DataFrame, source: str, name: str, context: str) -> None
         mlflow.log_input(dataset, context=context)
 
 
-def log_dataset(cfg: Settings, splits: dict[str, pd.DataFrame], info: dict) -> None:
+def log_dataset(settings: StorageSettings, splits: dict[str, pd.DataFrame], info: dict) -> None:
     """Log each split as an mlflow.data input, plus row counts and info.json."""
-    storage = open_storage(cfg.storage)
-    prefix = cfg.storage.dataset_prefix
+    storage = open_storage(settings)
+    prefix = settings.dataset_prefix
     for split, frame in splits.items():
         name = f"{split}.jsonl"
         log_frame(frame, storage.url(f"{prefix}/{name}"), f"ag_news-{split}", split)
@@ -69,7 +68,7 @@ def log_dataset(cfg: Settings, splits: dict[str, pd.DataFrame], info: dict) -> N
 
 def upload_and_log(cfg: Settings) -> bool:
     """The step's work in the active run: publish, tag whether the dataset changed, log it; True when uploaded."""
-    splits, info, changed = upload(cfg)
+    splits, info, changed = upload(cfg.data, cfg.storage)
     mlflow.set_tag(names.DATASET_CHANGED_TAG, str(changed).lower())
-    log_dataset(cfg, splits, info)
+    log_dataset(cfg.storage, splits, info)
     return changed

@@ -171,6 +171,7 @@ def spark_udf_rate(uri: str, source: Path, rows: int, master: str) -> dict[str, 
 
 
 def main() -> None:
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode: the driver on loopback
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: tracking.uri=..., predict.model=...")
     parser.add_argument("--rows", type=int, default=100_000, help="rows that each engine scores")

@@ -39,7 +39,7 @@ from agnews import names, training
 from agnews.config import compose
 from agnews.data import StoredDataset, by_length
 from agnews.export import export_bundle
-from agnews.settings import Settings
+from agnews.settings import TrainSettings
 from agnews.storage import open_storage
 from agnews.tracking import step_run
 from agnews.trainer import OrderedEvalTrainer, training_args
@@ -90,7 +90,8 @@ def distillation_sets(teacher: training.FineTuned) -> tuple[datasets.Dataset, da
 
 
 def distil(
-    cfg: Settings,
+    train: TrainSettings,
+    seed: int,
     teacher: training.FineTuned,
     sets: tuple[datasets.Dataset, datasets.Dataset],
     layers: int,
@@ -98,7 +99,7 @@ def distil(
 ) -> training.FineTuned:
     """Train a student of ``layers`` layers on ``sets`` (``distillation_sets``), validation keeping its checkpoint."""
     t = teacher.trainer
-    args = training_args(cfg.train, cfg.seed, output_dir, teacher.resolved)
+    args = training_args(train, seed, output_dir, teacher.resolved)
     args.remove_unused_columns = False  # keep teacher_logits, which the model's forward does not take
     trainer = DistillationTrainer(
         model=first_layers(t.accelerator.unwrap_model(t.model, keep_fp32_wrapper=False), layers),
@@ -116,14 +117,15 @@ def distil(
 
 
 def measure(
-    cfg: Settings, tuned: training.FineTuned, labels: list[str], test: pd.DataFrame, bundle_dir: Path, cpu: int
+    train: TrainSettings, tuned: training.FineTuned, labels: list[str], test: pd.DataFrame, bundle_dir: Path, cpu: int
 ) -> dict[str, Any]:
     """Export the int8 bundle, predict the test split once, and time one text and a batch of 32 on ``cpu``, from
     the test texts in the file's order."""
     trainer = tuned.trainer
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    t = cfg.train
-    export_bundle(model, tuned.tokenizer, labels, t.max_length, t.serving_batch_size, bundle_dir, t.onnx_opset)
+    export_bundle(
+        model, tuned.tokenizer, labels, train.max_length, train.serving_batch_size, bundle_dir, train.onnx_opset
+    )
     texts, pool = test.text.tolist(), test.sort_index().text.tolist()
     with on_cpu(cpu):
         predictor = Predictor(bundle_dir)
@@ -164,17 +166,17 @@ def main() -> None:
                 *args.overrides,
             ]
         )
-        upload(cfg)
+        upload(cfg.data, cfg.storage)
         dataset = StoredDataset.open(open_storage(cfg.storage), cfg.storage.dataset_prefix)
         labels = dataset.info["labels"]
         test = by_length(dataset.split("test"))  # the full test split, read only to measure
         with step_run(cfg, "train"):  # the teacher's per-epoch metrics go to a run of the scratch store
-            teacher = training.fine_tune(cfg, dataset)
-        models = {"teacher": measure(cfg, teacher, labels, test, work / "bundle-teacher", args.cpu)}
+            teacher = training.fine_tune(cfg.train, cfg.data, cfg.model, cfg.seed, dataset)
+        models = {"teacher": measure(cfg.train, teacher, labels, test, work / "bundle-teacher", args.cpu)}
         sets = distillation_sets(teacher)
         for layers in args.layers:
-            student = distil(cfg, teacher, sets, layers, work / f"student-{layers}")
-            models[f"student_{layers}"] = measure(cfg, student, labels, test, work / f"bundle-{layers}", args.cpu)
+            student = distil(cfg.train, cfg.seed, teacher, sets, layers, work / f"student-{layers}")
+            models[f"student_{layers}"] = measure(cfg.train, student, labels, test, work / f"bundle-{layers}", args.cpu)
     reference = models["teacher"]
     for figures in list(models.values())[1:]:
         figures["agreement_with_teacher"] = float((figures["predicted"] == reference["predicted"]).mean())

@@ -64,7 +64,7 @@ def run(workdir: Path, overrides: list[str]) -> dict[str, float | str]:
             *overrides,
         ]
     )
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     load_before = os.getloadavg()[0]
     with step_run(cfg, "train"):
         final = train(cfg)

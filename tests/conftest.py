@@ -39,6 +39,9 @@ from tests.helpers import (
     unavailable,
 )
 
+# Spark in local mode binds its driver to loopback, never to the machine's network interface.
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

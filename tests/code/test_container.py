@@ -224,7 +224,8 @@ def test_mlflow_run_tune_in_a_container(image: str, mlflow_server: str, bucket: 
     """`mlflow run . -e tune` in the image, on data already uploaded: one parent run with a child run per trial,
     then the winner's re-train, registered through the gate and mirrored into the bucket."""
     model_name = f"tune-{bucket[-8:]}"
-    upload(compose([f"storage.uri=s3://{bucket}", f"data.source={agnews_dir}"]))
+    cfg = compose([f"storage.uri=s3://{bucket}", f"data.source={agnews_dir}"])
+    upload(cfg.data, cfg.storage)
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server, "S3_BUCKET": bucket}
     overrides = (
         f"preset=test registry=open registry.model_name={model_name} tune.study={model_name} "

@@ -187,7 +187,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
             f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         ]
     )
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     return cfg, root
 
 
@@ -205,7 +205,7 @@ def test_bad_input_one_error_and_storage_unchanged(tmp_path: Path, stored, case)
     before = snapshot(root / "store")
     where = f"{path}:{line}: " if line else f"{path}: "
     with pytest.raises(DataError) as caught:
-        upload(replace(cfg, data=replace(cfg.data, train_file=str(path), test_file=str(root / "good" / "test.jsonl"))))
+        upload(replace(cfg.data, train_file=str(path), test_file=str(root / "good" / "test.jsonl")), cfg.storage)
     message = str(caught.value)
     assert message.startswith(where + problem), message
     assert "\n" not in message

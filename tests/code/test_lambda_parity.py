@@ -36,7 +36,7 @@ def test_handler_agrees_with_the_registered_pyfunc_on_the_full_test_split(
         "registry.min_accuracy=0",
         "registry.min_behaviour_pass_rate=0",
     )
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     with step_run(cfg, "train"):
         train(cfg)
     with step_run(cfg, "register"):

@@ -33,7 +33,7 @@ def runs_by_step(tracking_uri: str) -> dict[str, Run]:
 
 def test_pipeline_nests_the_steps_under_one_parent_and_skips_a_current_upload(make_cfg, agnews_dir: Path) -> None:
     cfg = make_cfg(f"data.source={agnews_dir}", "registry.model_name=pipeline-model", *QUICK)
-    upload(cfg)  # the identical dataset is already in storage: the pipeline skips the upload
+    upload(cfg.data, cfg.storage)  # the identical dataset is already in storage: the pipeline skips the upload
 
     outcome = pipeline(cfg)
 

@@ -221,7 +221,7 @@ def test_a_run_resolves_once_records_its_precision_and_device_pads_as_asked_and_
         "preset=test",
         "train.pad_to_multiple_of=8",
     )
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     batches = Batches()
     detections: list[Device] = []
 

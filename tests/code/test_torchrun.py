@@ -31,7 +31,7 @@ def test_torchrun_two_cpu_processes(make_cfg, agnews_dir: Path, mlflow_db: Path)
         f"data.test_size={SAMPLE_SIZE}",
     ]
     cfg = make_cfg(*overrides)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     database = Path(cfg.tracking.uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True)
     shutil.copy(mlflow_db, database)

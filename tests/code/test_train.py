@@ -52,7 +52,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, str, di
     root = tmp_path_factory.mktemp("train")
     # enough rows and epochs for the tiny model to beat chance, so that misaligned predictions would show
     cfg = tiny_cfg(root, "data.sample_size=1200", "train.epochs=2")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     with step_run(cfg, "train") as run:
         final = train(cfg)
     return cfg, run.info.run_id, final
@@ -221,7 +221,7 @@ class CrashAfterFirstCheckpoint(TrainerCallback):
 @pytest.mark.integration
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, *RESUME)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     with pytest.raises(KeyboardInterrupt), step_run(cfg, "train"):
         train(cfg, callbacks=[CrashAfterFirstCheckpoint()])
     checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
@@ -241,7 +241,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
 
 def test_stratified_sample_keeps_class_balance(agnews_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     full = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "train")
     sample = stratified_sample(full, 1000, seed=7, name="data.sample_size")
     assert len(sample) == 1000
@@ -260,7 +260,7 @@ def test_missing_dataset_says_run_upload_first(make_cfg) -> None:
 
 def test_unknown_model_and_unreachable_hub(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(*TINY, f"data.source={require_agnews()}")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelError, match="not a model folder"):
         train(make_cfg(*TINY, "model=distilbert", f"model.name={missing}"))
@@ -272,7 +272,7 @@ def test_unknown_model_and_unreachable_hub(make_cfg, tmp_path: Path) -> None:
 def test_cli_sample_larger_than_data_and_server_down_fail_in_one_line(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "steps.train", f"storage.uri={tmp_path / 'store'}", *TINY]
     cfg = tiny_cfg(tmp_path)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     too_big = subprocess.run(
         [*base, f"tracking.uri={cfg.tracking.uri}", "data.sample_size=99999"],
         capture_output=True,
@@ -330,7 +330,7 @@ def test_the_test_split_chooses_nothing(tmp_path: Path) -> None:
         # every test label moved to the next class: a different test set, the same training and validation rows
         (source / "test.csv").write_text("".join(f'"{(int(line[1]) - 1 + shift) % 4 + 1}"{line[3:]}' for line in test))
         cfg = tiny_cfg(tmp_path / name, f"data.source={source}", "data.sample_size=1200", "train.epochs=2")
-        upload(cfg)
+        upload(cfg.data, cfg.storage)
         with step_run(cfg, "train") as run:
             final = train(cfg)
         client = MlflowClient()
@@ -344,7 +344,7 @@ def test_the_test_split_chooses_nothing(tmp_path: Path) -> None:
 
 def test_validation_comes_from_rows_the_training_sample_leaves(agnews_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     full = read_split(open_storage(cfg.storage), cfg.storage.dataset_prefix, "train")
     sample, val = split_train(full, 1000, 300, seed=7)
     assert sample.equals(stratified_sample(full, 1000, seed=7, name="data.sample_size"))  # as without validation
@@ -389,7 +389,7 @@ def test_resume_after_a_kill_during_a_checkpoint_save(tmp_path: Path, caplog: py
     """The newest checkpoint is partial (kill -9 while saving): resume takes the newest complete one, says which, and
     tags the run that it continues."""
     cfg = tiny_cfg(tmp_path, *RESUME)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     overrides = [
         f"storage.uri={tmp_path / 'store'}",
         f"tracking.uri={cfg.tracking.uri}",
@@ -434,7 +434,7 @@ def test_resume_after_a_kill_during_a_checkpoint_save(tmp_path: Path, caplog: py
 @pytest.mark.integration
 def test_resume_with_no_complete_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, *RESUME, "train.resume=true")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     for step in (7, 14):
         folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir(parents=True)

@@ -76,7 +76,7 @@ def test_a_study_lands_as_a_parent_with_trial_children_and_registers_its_retrain
     conf = shutil.copytree(CONF_DIR, tmp_path / "conf")  # the project's config folder, where the recipe goes
     recipes = conf / "recipe"
     cfg = make_cfg(f"data.source={agnews_dir}", *QUICK, "tune.trials=3", f"tune.recipe_dir={recipes}")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     reads: list[str] = []
 
     def read_split(storage, prefix: str, split: str, info: dict | None = None):
@@ -114,7 +114,7 @@ def test_a_study_lands_as_a_parent_with_trial_children_and_registers_its_retrain
     # the recipe is a config that `train` takes, and the registered model is the winner's re-train with it
     monkeypatch.setattr(config, "CONF_DIR", conf)
     recipe = compose(["model=tiny", f"recipe={study_name}"]).train
-    assert {name: recipe[name] for name in study.best_params} == study.best_params
+    assert {name: getattr(recipe, name) for name in study.best_params} == study.best_params
     retrained = client.get_run(parent.data.tags["child.train"])
     assert retrained.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert float(retrained.data.params["train.learning_rate"]) == study.best_params["learning_rate"]
@@ -176,7 +176,7 @@ def shared_study(make_cfg, agnews_dir: Path, mlflow_server: str, optuna_database
         f"tune.recipe_dir={tmp_path / 'recipe'}",
     )
     cfg = make_cfg(f"data.source={agnews_dir}", *overrides)
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     return cfg
 
 

@@ -119,7 +119,7 @@ def test_upload_local_then_s3(tmp_path: Path, make_cfg, s3_env: str, bucket: str
     caplog.set_level(logging.INFO, logger="agnews")
     source = write_source(tmp_path / "src", ROWS_A)
     local_cfg = make_cfg(f"data.source={source}")
-    splits, info, changed = upload(local_cfg)
+    splits, info, changed = upload(local_cfg.data, local_cfg.storage)
     assert changed
     store = tmp_path / "store"
     assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()) == KEYS
@@ -137,7 +137,7 @@ def test_upload_local_then_s3(tmp_path: Path, make_cfg, s3_env: str, bucket: str
         assert splits[split].equals(read_split(local, PREFIX, split))
 
     s3_cfg = make_cfg(f"data.source={source}", f"storage.uri=s3://{bucket}")
-    assert upload(s3_cfg)[2]
+    assert upload(s3_cfg.data, s3_cfg.storage)[2]
     client = boto3.client("s3", endpoint_url=s3_env)
     assert sorted(obj["Key"] for obj in client.list_objects_v2(Bucket=bucket)["Contents"]) == KEYS
     for name in ("train.jsonl", "test.jsonl"):
@@ -148,7 +148,7 @@ def test_upload_local_then_s3(tmp_path: Path, make_cfg, s3_env: str, bucket: str
     for cfg in (local_cfg, s3_cfg):
         caplog.clear()
         opened = recorded()
-        _, again, changed = upload(cfg)
+        _, again, changed = upload(cfg.data, cfg.storage)
         assert not changed
         assert opened[0].writes == []
         assert again == read_info(open_storage(cfg.storage), PREFIX)
@@ -164,17 +164,17 @@ def test_interrupted_upload(tmp_path: Path, make_cfg, store_uri: str, recorded, 
     """A run that dies before info.json keeps the old dataset; after info.json, the new one; both stay readable."""
     cfg_a = make_cfg(f"data.source={write_source(tmp_path / 'a', ROWS_A)}", f"storage.uri={store_uri}")
     cfg_b = make_cfg(f"data.source={write_source(tmp_path / 'b', ROWS_B)}", f"storage.uri={store_uri}")
-    upload(cfg_a)
+    upload(cfg_a.data, cfg_a.storage)
     recorded(fail_on)
     with pytest.raises(StorageError, match="injected fault"):
-        upload(cfg_b)
+        upload(cfg_b.data, cfg_b.storage)
     store = open_storage(cfg_a.storage)
     for split in ("train", "test"):
         assert rows(store, split) == expected(survivor, split)
     assert read_info(store, PREFIX)["counts"]["train"]["rows"] == len(survivor)
 
     opened = recorded()
-    assert upload(cfg_b)[2]
+    assert upload(cfg_b.data, cfg_b.storage)[2]
     assert f"{PREFIX}/{INFO}" in opened[0].writes
     assert rows(store, "train") == expected(ROWS_B, "train")
     assert store.list("") == KEYS
@@ -185,7 +185,7 @@ def test_read_split_errors(tmp_path: Path, make_cfg) -> None:
     store = open_storage(cfg.storage)
     with pytest.raises(DataError, match=f"^no dataset at {store.url(PREFIX)}: run the upload step first$"):
         read_split(store, PREFIX, "train")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     store.write_bytes(f"{PREFIX}/train.jsonl", b'{"text": "tampered", "label": 0}\n')
     with pytest.raises(DataError) as caught:
         read_split(store, PREFIX, "train")
@@ -311,7 +311,7 @@ def test_upload_repairs_a_corrupt_file_of_the_same_size(
     and the trainer's checked reader then reads the dataset."""
     caplog.set_level(logging.INFO, logger="agnews")
     cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}", f"storage.uri={store_uri}")
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     store = open_storage(cfg.storage)
     key = f"{PREFIX}/train.jsonl"
     good = store.read_bytes(key)
@@ -322,7 +322,7 @@ def test_upload_repairs_a_corrupt_file_of_the_same_size(
         read_split(store, PREFIX, "train")
 
     opened = recorded()
-    _, _, changed = upload(cfg)
+    _, _, changed = upload(cfg.data, cfg.storage)
     assert changed and key in opened[0].writes
     assert "already up to date" not in caplog.text
     assert store.read_bytes(key) == good
@@ -336,20 +336,21 @@ def test_upload_repairs_a_tampered_info_json(tmp_path: Path, make_cfg, store_uri
     caplog.set_level(logging.INFO, logger="agnews")
     source = write_source(tmp_path / "src", ROWS_A)
     cfg = make_cfg(f"data.source={source}", f"storage.uri={store_uri}")
-    _, info, _ = upload(cfg)
+    _, info, _ = upload(cfg.data, cfg.storage)
     store = open_storage(cfg.storage)
     tampered = json.loads(json.dumps(info))
     tampered["counts"]["train"]["rows"] = 999
     store.write_bytes(f"{PREFIX}/{INFO}", json.dumps(tampered).encode())
 
     opened = recorded()
-    _, again, changed = upload(cfg)
+    _, again, changed = upload(cfg.data, cfg.storage)
     assert changed and f"{PREFIX}/{INFO}" in opened[0].writes
     assert read_info(store, PREFIX)["counts"] == again["counts"] == info["counts"]
 
     shutil.copytree(source, tmp_path / "elsewhere")
     opened = recorded()
-    _, kept, changed = upload(make_cfg(f"data.source={tmp_path / 'elsewhere'}", f"storage.uri={store_uri}"))
+    elsewhere = make_cfg(f"data.source={tmp_path / 'elsewhere'}", f"storage.uri={store_uri}")
+    _, kept, changed = upload(elsewhere.data, elsewhere.storage)
     assert not changed and opened[0].writes == []
     assert kept["source"] == str(source)
     assert "already up to date: nothing uploaded" in caplog.text
@@ -359,7 +360,7 @@ def test_a_staged_file_that_went_missing_is_named(tmp_path: Path, make_cfg, stor
     cfg = make_cfg(f"data.source={write_source(tmp_path / 'src', ROWS_A)}", f"storage.uri={store_uri}")
     recorded(kind=LosesStaged)
     with pytest.raises(DataError) as caught:
-        upload(cfg)
+        upload(cfg.data, cfg.storage)
     staged = re.escape(f"{open_storage(cfg.storage).url(PREFIX)}/.staging/")
     assert re.fullmatch(
         rf"the staged {staged}[0-9a-f]{{64}}/train\.jsonl went missing before it was moved into place \(removed by "
@@ -381,7 +382,7 @@ def uploader(inbox: Queue, outbox: Queue, start: Barrier, env: dict[str, str]) -
         cfg = compose(overrides)
         start.wait()
         try:
-            outbox.put({"changed": upload(cfg)[2]})
+            outbox.put({"changed": upload(cfg.data, cfg.storage)[2]})
         except PipelineError as exc:
             outbox.put({"error": str(exc)})
         except Exception as exc:  # reported, so that the test fails with it instead of waiting for the process

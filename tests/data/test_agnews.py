@@ -53,7 +53,7 @@ def uploaded(agnews_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("upload")
     cfg = compose([f"storage.uri={root / 'store'}", f"data.source={agnews_dir}"])
-    upload(cfg)
+    upload(cfg.data, cfg.storage)
     return open_storage(cfg.storage), cfg.storage.dataset_prefix
 
 
