@@ -145,6 +145,7 @@ def test_captures_and_labels_are_read_from_s3(mirror_root: Path, tmp_path: Path,
     assert matched(read.answers, labels) == len(texts) and labels.rows == len(texts)
 
 
+@pytest.mark.integration
 def test_an_empty_window_is_one_line_and_status_0(make_cfg, tmp_path: Path) -> None:
     overrides = [f"storage.uri={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     done = monitor(overrides, "monitor.since=2026-01-01T00:00", "monitor.until=2026-01-01T03:00")
@@ -154,6 +155,7 @@ def test_an_empty_window_is_one_line_and_status_0(make_cfg, tmp_path: Path) -> N
     assert run.data.tags[MONITOR_VERDICT_TAG] == "too few answers" and run.data.metrics["answers"] == 0
 
 
+@pytest.mark.integration
 def test_a_version_without_reference_says_so(mirror_root: Path, tmp_path: Path) -> None:
     """Captures of a version that the tracking store has never registered: counted, described, not compared."""
     store = mirror_root.parent.parent

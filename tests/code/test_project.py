@@ -74,6 +74,7 @@ def test_named_parameters() -> None:
     assert cfg.predict.model == compose().predict.model == "models:/distilbert-agnews@champion"
 
 
+@pytest.mark.integration
 def test_upload_command_runs_as_mlflow_run_runs_it(tmp_path: Path, mlflow_db: Path) -> None:
     """The computed `upload` command, run as MLflow Projects' local backend runs it: by a shell, from an empty
     folder, inside the run that MLflow started (here in the Default experiment). Overrides reach the logged params,

@@ -377,6 +377,7 @@ def test_register_refuses_a_server_whose_workers_do_not_share_the_key_and_unregi
     assert removed.stdout.startswith("removed 1 webhook(s)") and named(uri) == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key", [None, "set"])
 def test_register_without_a_tracking_server_says_webhooks_need_one(key: str | None, tmp_path: Path) -> None:
     """A tracking URI that is a local store (SQLite, as without MLFLOW_TRACKING_URI): one line that says webhooks need
@@ -412,6 +413,7 @@ def test_a_refused_url_names_the_server_setting_that_allows_it(
     assert message.endswith(setting) and message.startswith(f"the tracking server refused the webhook to {url}")
 
 
+@pytest.mark.integration
 def test_unregister_through_the_database_when_no_worker_can_decrypt_the_secret(
     mlflow_db, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
