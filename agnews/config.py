@@ -8,6 +8,7 @@ import functools
 import importlib.resources
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -143,9 +145,34 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"{o.input_line}: no such key{_closest(key, keys)}")
 
 
+USERNAME_VARIABLE, PASSWORD_VARIABLE = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+
+
+def without_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """An HTTP(S) URI without its user info, and the (username, password) that it carried, if any."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(username), unquote(password))
+
+
+def credentials_out_of_environment() -> None:
+    """Credentials in ``MLFLOW_TRACKING_URI`` move to MLflow's ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` before the
+    config reads the variable, so that the config, the run's parameters and every line hold the URI without them
+    (a ``tracking.uri`` override keeps them, redacted as ``***``)."""
+    uri, credentials = without_credentials(os.environ.get(TRACKING_URI_VARIABLE, ""))
+    if credentials:
+        os.environ[TRACKING_URI_VARIABLE] = uri
+        os.environ[USERNAME_VARIABLE], os.environ[PASSWORD_VARIABLE] = credentials
+
+
 def compose(overrides: list[str] | None = None) -> Settings:
     """The typed settings, composed as the entry points compose them (for tests and library use); an unknown key, or
     a value out of its key's type or range (agnews/settings.py), fails in one line."""
+    credentials_out_of_environment()
     overrides = split_overrides(overrides or [])
     check_overrides(overrides)
     return validate(_compose(overrides))

@@ -9,7 +9,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import mlflow
 import psutil
@@ -18,14 +18,21 @@ from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
 from agnews import names
-from agnews.config import code_version, flatten, redact, to_yaml
+from agnews.config import (
+    PASSWORD_VARIABLE,
+    USERNAME_VARIABLE,
+    code_version,
+    flatten,
+    redact,
+    to_yaml,
+    without_credentials,
+)
 from agnews.errors import TrackingError
 from agnews.settings import Settings, TrackingSettings
 
 log = logging.getLogger(__name__)
 
 # MLflow's own variables for a tracking server's basic auth (the supported way to pass credentials).
-USERNAME_VARIABLE, PASSWORD_VARIABLE = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 def process_tags() -> dict[str, str]:
@@ -35,16 +42,6 @@ def process_tags() -> dict[str, str]:
         names.PID_TAG: str(os.getpid()),
         names.STARTED_TAG: f"{psutil.Process().create_time():.2f}",
     }
-
-
-def without_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
-    """An HTTP(S) URI without its user info, and the (username, password) that it carried, if any."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri, None
-    userinfo, _, host = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=host)), (unquote(username), unquote(password))
 
 
 def quiet_artifact_bars() -> None:

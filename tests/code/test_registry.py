@@ -31,7 +31,7 @@ from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
 from agnews.upload import upload_and_log
-from bundle.layout import MANIFEST, POINTER, sha256
+from bundle.layout import MANIFEST, POINTER, REFERENCE, sha256
 from tests.helpers import TrainRuns, free_port, require_agnews, run_step, s3_environment, use_credentials
 
 QUICK = ["preset=test", "train.epochs=0.3"]
@@ -250,7 +250,13 @@ def test_register_cli_makes_version_1_champion_and_mirrors_it(model_cfg, runs: T
     folder = folder_of(files, root)
     (entry,) = [key for key in files if key.startswith(f"{root}/history/")]
     assert sorted(files) == sorted(
-        [f"{root}/{POINTER}", f"{root}/{folder}/{MANIFEST}", *(f"{root}/{folder}/{f}" for f in BUNDLE), entry]
+        [
+            f"{root}/{POINTER}",
+            f"{root}/{folder}/{MANIFEST}",
+            f"{root}/{folder}/{REFERENCE}",
+            *(f"{root}/{folder}/{f}" for f in BUNDLE),
+            entry,
+        ]
     ), "the lease lock is gone once register is done"
     assert json.loads(files[entry])["to"] == {
         "version": 1,
