@@ -98,14 +98,22 @@ def stop_receiver(process: subprocess.Popen) -> None:
 STEP_UNSET = ("MLFLOW_TRACKING_URI", "S3_BUCKET", "MLFLOW_RUN_ID")
 
 
-def run_step(step: str, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m steps.<step> args...`` in a process of its own, from the project root, as a user or a scheduler
-    runs it, without ``STEP_UNSET``: the arguments say where it logs and stores. ``check``: it must exit 0 (the
-    assertion shows the end of its stderr)."""
-    env = {key: value for key, value in os.environ.items() if key not in STEP_UNSET}
+def run_step(
+    step: str,
+    *args: str,
+    check: bool = False,
+    timeout: float = 300,
+    cwd: Path = PROJECT_ROOT,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m steps.<step> args...`` in a process of its own, from ``cwd`` (the project root), as a user or a
+    scheduler runs it, in ``env`` (the environment without ``STEP_UNSET``: the arguments say where it logs and
+    stores). ``check``: it must exit 0 (the assertion shows the end of its stderr)."""
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key not in STEP_UNSET}
     done = subprocess.run(
         [sys.executable, "-m", f"steps.{step}", *args],
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT
 from agnews.names import CLOSED_TAG, HOST_TAG, PID_TAG, STARTED_TAG
+from tests.helpers import run_step
 
 pytestmark = pytest.mark.integration  # steps started and killed
 
@@ -70,16 +71,7 @@ def working(tracking: str, env: dict[str, str], tmp_path: Path) -> Iterator:
 
 
 def cleanup(tracking: str, env: dict[str, str], cwd: Path, *overrides: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "steps.cleanup", f"tracking.uri={tracking}", *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.stdout
+    return run_step("cleanup", f"tracking.uri={tracking}", *overrides, check=True, cwd=cwd, env=env).stdout
 
 
 def test_cleanup_closes_the_runs_of_killed_steps(working, tracking: str, env: dict[str, str], tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from agnews.errors import DataError, RegistryError, TrackingError
 from agnews.promotion.registry import get_run
 from agnews.tracking import connect, step_run
 from agnews.upload import upload_and_log
-from tests.helpers import answers, free_port
+from tests.helpers import answers, free_port, run_step
 
 
 def test_relative_sqlite_uri_resolves_against_the_current_folder(
@@ -154,15 +154,9 @@ def test_credentials_in_the_tracking_uri_stay_out_of_runs_and_logs(auth_server: 
     host = auth_server.removeprefix("http://")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "S3_BUCKET"}
     env |= {"MLFLOW_TRACKING_URI": f"http://{ADMIN}:{quote(PASSWORD, safe='')}@{host}", "PYTHONPATH": str(PROJECT_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "steps.upload", f"data.source={source}", f"storage.uri={tmp_path / 'store'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_step(
+        "upload", f"data.source={source}", f"storage.uri={tmp_path / 'store'}", check=True, cwd=tmp_path, env=env
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     output = done.stdout + done.stderr
     # MLflow is given the URI without its user info (the credentials travel in MLFLOW_TRACKING_USERNAME/PASSWORD),
     # and the config, which reads MLFLOW_TRACKING_URI, records that URI
