@@ -14,7 +14,6 @@ from pathlib import Path
 import boto3
 import pytest
 from mlflow import MlflowClient
-from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import StorageError
@@ -22,6 +21,7 @@ from agnews.names import CHAMPION
 from agnews.promotion.mirror import mirror
 from agnews.promotion.register import register
 from agnews.promotion.registry import aliases
+from agnews.settings import Settings
 from agnews.storage import S3Storage
 from agnews.tracking import connect, step_run
 from bundle.layout import MANIFEST, POINTER, sha256
@@ -73,7 +73,7 @@ def cold_answer(model_uri: str, cache: Path) -> dict:
     return response["body"]
 
 
-def run_register(cfg: DictConfig):
+def run_register(cfg: Settings):
     with step_run(cfg, "register"):
         return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 

@@ -22,7 +22,6 @@ from cryptography.fernet import Fernet
 from mlflow import MlflowClient
 from mlflow.entities.webhook import WebhookEvent
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
@@ -33,6 +32,7 @@ from agnews.promotion.receiver import signature
 from agnews.promotion.register import register
 from agnews.promotion.registry import aliases
 from agnews.promotion.webhook_admin import EVENTS, WEBHOOK_NAME, refused
+from agnews.settings import Settings
 from agnews.tracking import step_run
 from bundle.layout import POINTER
 from tests.helpers import SEED_TEXT, Sequence, TrainRuns, WebhookReceiver, checkout, readme_sequence, run_as_written
@@ -41,7 +41,7 @@ GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 DEADLINE_S = 60  # how long the receiver may take to mirror after the alias moved
 
 
-def model_config(tracking_uri: str, bucket: str, name: str, *overrides: str) -> DictConfig:
+def model_config(tracking_uri: str, bucket: str, name: str, *overrides: str) -> Settings:
     return compose(
         [
             f"tracking.uri={tracking_uri}",
@@ -53,7 +53,7 @@ def model_config(tracking_uri: str, bucket: str, name: str, *overrides: str) -> 
     )
 
 
-def run_register(cfg: DictConfig):
+def run_register(cfg: Settings):
     with step_run(cfg, "register"):
         return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
@@ -136,7 +136,7 @@ def alias_event(name: str, alias: str = CHAMPION, version: str = "2", action: st
 
 def test_champion_moved_through_the_rest_api_reaches_storage_and_the_lambda(
     registry_backend: TrainRuns,
-    webhook_receiver: Callable[[DictConfig], WebhookReceiver],
+    webhook_receiver: Callable[[Settings], WebhookReceiver],
     serve,
     s3_env: str,
     bucket: str,
@@ -175,7 +175,7 @@ def test_champion_moved_through_the_rest_api_reaches_storage_and_the_lambda(
 
 
 def test_the_receiver_refuses_forged_and_stale_deliveries_and_ignores_other_events(
-    mlflow_server: str, webhook_receiver: Callable[[DictConfig], WebhookReceiver], s3_env: str, bucket: str
+    mlflow_server: str, webhook_receiver: Callable[[Settings], WebhookReceiver], s3_env: str, bucket: str
 ) -> None:
     name = f"guarded-{uuid.uuid4().hex[:8]}"
     receiver = webhook_receiver(model_config(mlflow_server, bucket, name))

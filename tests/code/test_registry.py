@@ -18,7 +18,6 @@ import mlflow
 import pytest
 import requests
 from mlflow import MlflowClient
-from omegaconf import DictConfig
 
 from agnews.config import compose
 from agnews.errors import ConfigError, RegistryError, StorageError
@@ -27,6 +26,7 @@ from agnews.promotion.gate import TestSet, gate
 from agnews.promotion.mirror import mirror
 from agnews.promotion.register import register
 from agnews.promotion.registry import Verdict, aliases
+from agnews.settings import Settings
 from agnews.storage import LocalStorage, open_storage
 from agnews.tracking import connect, step_run
 from agnews.training import train
@@ -51,7 +51,7 @@ def server_cfg(mlflow_server: str, moto_env: str, train_runs: TrainRuns, tmp_pat
     """Compose a config that tracks to the server and reads the dataset from the train runs' bucket."""
     checkpoints = tmp_path_factory.mktemp("checkpoints")
 
-    def make(*overrides: str) -> DictConfig:
+    def make(*overrides: str) -> Settings:
         return compose(
             [
                 f"tracking.uri={mlflow_server}",
@@ -77,23 +77,23 @@ def model_cfg(server_cfg, bucket: str, request: pytest.FixtureRequest):
     """Configs for this test: its own registered model name and its own bucket for the mirror."""
     name = request.node.name.replace("_", "-")
 
-    def make(*overrides: str) -> DictConfig:
+    def make(*overrides: str) -> Settings:
         return server_cfg(f"registry.model_name={name}", f"storage.uri=s3://{bucket}", *overrides)
 
     return make
 
 
-def run_register(cfg: DictConfig) -> Verdict:
+def run_register(cfg: Settings) -> Verdict:
     with step_run(cfg, "register"):
         return register(cfg.registry, cfg.storage, cfg.tracking.experiment, cfg.registry.run_id)
 
 
-def run_mirror(cfg: DictConfig):
+def run_mirror(cfg: Settings):
     connect(cfg.tracking)
     return mirror(cfg.registry, cfg.storage)
 
 
-def cli(step: str, cfg: DictConfig, *overrides: str) -> subprocess.CompletedProcess:
+def cli(step: str, cfg: Settings, *overrides: str) -> subprocess.CompletedProcess:
     """``python -m steps.<step>`` with the test's tracking, storage and registry settings."""
     settings = [
         f"tracking.uri={cfg.tracking.uri}",
@@ -134,7 +134,7 @@ def assert_mirrored(files: dict[str, bytes], root: str, version: int, run_id: st
         assert meta == {"sha256": sha256(data), "bytes": len(data)}, name
 
 
-def accuracy(cfg: DictConfig, run_id: str) -> float:
+def accuracy(cfg: Settings, run_id: str) -> float:
     return MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics["test_accuracy"]
 
 
@@ -297,7 +297,7 @@ def test_versions_register_the_logged_model_which_lists_them(model_cfg, runs: Tr
     assert sorted(v.version for v in found if v.source == f"models:/{model_id}") == ["1", "2"]
 
 
-def cfg_overrides(cfg: DictConfig) -> list[str]:
+def cfg_overrides(cfg: Settings) -> list[str]:
     """The gate settings of ``cfg`` as overrides."""
     r = cfg.registry
     return [
@@ -462,7 +462,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return root, run.info.run_id
 
 
-def local_cfg(root: Path, name: str | None, *overrides: str) -> DictConfig:
+def local_cfg(root: Path, name: str | None, *overrides: str) -> Settings:
     return compose(
         [
             f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
