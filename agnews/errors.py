@@ -47,3 +47,7 @@ class RegistryError(PipelineError):
 
 class TuneError(PipelineError):
     """A hyperparameter search cannot go on: no complete trial, or a study without its MLflow run."""
+
+
+class RolloutError(RegistryError):
+    """A rollout step that cannot run: none under way, one under way already, or a version that cannot be one."""

@@ -27,12 +27,17 @@ TEST_ROWS_TAG = "dataset.test.rows_sha256"  # which rows were scored (agnews.dat
 DISPLAY_NAME_PARAM = "model.display_name"
 
 # The registered model's aliases (MLflow 3; stages are deprecated): @champion is served, @previous the champion it
-# replaced, @challenger the newest version that failed the quality gate.
-CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+# replaced, @challenger the newest version that failed the quality gate, @candidate a version meeting live traffic
+# beside @champion (a rollout: steps.rollout).
+CHAMPION, PREVIOUS, CHALLENGER, CANDIDATE = "champion", "previous", "challenger", "candidate"
 
 # Model version tags that register writes.
-PROMOTED_BY = "promoted_by"  # how the version became @champion: BY_GATE or BY_HAND
-BY_GATE, BY_HAND = "gate", "manual"
+PROMOTED_BY = "promoted_by"  # how the version became @champion: BY_GATE, BY_HAND or BY_ROLLOUT
+BY_GATE, BY_HAND, BY_ROLLOUT = "gate", "manual", "rollout"
+# A rollout's candidate: its mode (shadow or canary), its canary weight and the rollout's id, which the receiver's
+# reconcile reads to put @candidate into champion.json.
+ROLLOUT_MODE_TAG, ROLLOUT_WEIGHT_TAG, ROLLOUT_ID_TAG = "rollout.mode", "rollout.weight", "rollout.id"
+ROLLOUT_ACTION_TAG = "rollout.action"  # the rollout step's run: start, promote or abort
 GATE_TAG = "gate"  # the gate's verdict at registration
 SOURCE_RUN_TAG = "run_id"  # the train run the version was registered from
 RECORDED_CHAMPION = "recorded_champion"  # registered model tag: the champion as the pipeline last saw it
@@ -47,10 +52,12 @@ MIRROR_VERSION, MIRROR_POINTER, MIRROR_CHANGED = "mirror.version", "mirror.point
 MIRROR_FOLDER, MIRROR_HOW, MIRROR_VIA, MIRROR_RECORDED = "mirror.folder", "mirror.how", "mirror.via", "mirror.recorded"
 
 # How @champion came to name a version: the gate, registry.version, registry.rollback, or a move outside the
-# project's steps (the MLflow UI, or its REST API).
-How = Literal["gate", "manual", "rollback", "ui"]
-# How storage learned of it: a webhook delivery, the receiver's timer, a register, or a mirror.
-Via = Literal["delivery", "timer", "register", "mirror"]
+# project's steps (the MLflow UI, or its REST API); and a rollout's steps: a candidate started in shadow or canary
+# mode, promoted to @champion, or aborted.
+How = Literal["gate", "manual", "rollback", "ui", "shadow", "canary", "promote", "abort"]
+# How storage learned of it: a webhook delivery, the receiver's timer, a register, a mirror, a rollout step, or the
+# monitor acting on its rollout verdict.
+Via = Literal["delivery", "timer", "register", "mirror", "rollout", "monitor"]
 
 # The webhook's secret, shared by `steps.webhook serve` and `register`, and the tracking server's key for the
 # secrets it stores.

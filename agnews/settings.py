@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agnews.errors import ConfigError
+from bundle.layout import MODES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: agnews/precision.py resolves each
 WINDOW = re.compile(r"\d+[mhd]")  # monitor.window: minutes, hours or days
@@ -185,6 +186,8 @@ class RegistrySettings(Schema):
     run_id: str | None = MISSING
     version: int | None = MISSING
     rollback: bool = MISSING
+    rollout: str | None = MISSING  # shadow or canary: a version that passes the gate becomes @candidate
+    rollout_weight: int | float = MISSING  # a canary's share of the texts
 
     def ranges(self) -> dict[str, tuple[bool, str]]:
         return {
@@ -192,6 +195,8 @@ class RegistrySettings(Schema):
             "tolerance": (0 <= self.tolerance <= 1, "in [0, 1]"),
             "min_behaviour_pass_rate": (0 <= self.min_behaviour_pass_rate <= 1, "in [0, 1]"),
             "version": (_positive_or_none(self.version), "> 0 or null"),
+            "rollout": (self.rollout in (None, *MODES), f"one of {', '.join(MODES)}, or null"),
+            "rollout_weight": (0 < self.rollout_weight <= 1, "in (0, 1]"),
         }
 
     def __post_init__(self) -> None:

@@ -3,8 +3,9 @@
 A bundle is a folder of ``model.int8.onnx``, ``tokenizer.json`` and ``config.json``. The mirror lays each
 registered version out as ``v<N>-<digest>/`` (the bundle plus ``manifest.json``: version, run, metrics, and the sha256
 and size of every file; ``<digest>`` is the start of the manifest's own sha256) below a model's root, and
-``champion.json`` there names the manifest of the version to serve. A folder's name fixes its bytes: two registries
-that share a bucket, each with its own v1, write two folders, and no file is ever replaced by other bytes.
+``champion.json`` there names the manifest of the version to serve and, during a rollout, the candidate's. A
+folder's name fixes its bytes: two registries that share a bucket, each with its own v1, write two folders, and no
+file is ever replaced by other bytes.
 Writers build these documents with the functions below, readers parse them with ``parse_*``, which refuse any
 field of the wrong type with a ``ContractError``.
 """
@@ -184,36 +185,106 @@ def parse_manifest(data: bytes, where: str = MANIFEST) -> Manifest:
     return Manifest(_version(doc, where), hashes, reference)
 
 
+MODES = ("shadow", "canary")  # how a candidate meets live traffic
+CANDIDATE_FIELDS = frozenset({"version", "manifest", "manifest_sha256", "mode", "weight", "rollout"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``champion.json``'s ``candidate``: a version meeting live traffic beside the champion. ``shadow``: it also
+    runs on every text, and only the champion answers; ``canary``: it answers ``weight`` of the texts, chosen by a
+    stable hash of the text's sha256 and ``rollout``, the rollout's id."""
+
+    version: int
+    manifest: str
+    manifest_sha256: str
+    mode: str
+    weight: float
+    rollout: str
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Pointer:
-    """``champion.json``: the version to serve and the key and sha256 of its manifest."""
+    """``champion.json``: the version to serve and the key and sha256 of its manifest; the candidate, where a rollout
+    is under way. ``refused`` says why a ``candidate`` the reader does not understand (a newer field, an unknown
+    mode) was left out: the champion is still served."""
 
     model_name: str
     version: int
     manifest: str
     manifest_sha256: str
+    candidate: Candidate | None = None
+    refused: str | None = None
 
 
-def pointer_bytes(model_name: str, version: int, manifest: bytes, updated_at: str) -> bytes:
-    """``champion.json`` naming ``manifest`` in its folder, ``v<N>-<digest>/``."""
-    doc = {
+def candidate_for(version: int, manifest: bytes, mode: str, weight: float, rollout: str) -> Candidate:
+    """The candidate that serves ``manifest`` (the version's, in its folder ``v<N>-<digest>/``)."""
+    return Candidate(version, manifest_key(version, sha256(manifest)), sha256(manifest), mode, weight, rollout)
+
+
+def pointer_bytes(
+    model_name: str, version: int, manifest: bytes, updated_at: str, candidate: Candidate | None = None
+) -> bytes:
+    """``champion.json`` naming ``manifest`` in its folder, ``v<N>-<digest>/``, and ``candidate`` where there is one
+    (a pointer without one has no ``candidate`` key, as before rollouts)."""
+    doc: dict[str, Any] = {
         "model_name": model_name,
         "version": version,
         "manifest": manifest_key(version, sha256(manifest)),
         "manifest_sha256": sha256(manifest),
         "updated_at": updated_at,
     }
-    return to_json(doc)
+    return to_json(doc | ({"candidate": candidate.to_doc()} if candidate is not None else {}))
 
 
-def parse_pointer(data: bytes, where: str = POINTER) -> Pointer:
-    doc = _object(data, where)
+def _manifest_path(doc: dict[str, Any], where: str) -> str:
     manifest = _field(doc, "manifest", str, where)
     for part in manifest.split("/"):
         safe_name(part, "manifest path part")
+    return manifest
+
+
+def parse_candidate(value: object, where: str) -> Candidate:
+    """``champion.json``'s ``candidate``; a ContractError for a field this reader does not know, or a bad value."""
+    if not isinstance(value, dict):
+        raise ContractError(f"{where} is not a JSON object")
+    unknown = sorted(set(value) - CANDIDATE_FIELDS)
+    if unknown:
+        raise ContractError(f"{where} has fields this reader does not know: {', '.join(unknown)}")
+    mode = _field(value, "mode", str, where)
+    if mode not in MODES:
+        raise ContractError(f"{where}: 'mode' {mode!r} is not one of {', '.join(MODES)}")
+    weight = _field(value, "weight", (int, float), where)
+    if not 0 <= weight <= 1:  # NaN too
+        raise ContractError(f"{where}: 'weight' {weight} is not in [0, 1]")
+    return Candidate(
+        version=_version(value, where),
+        manifest=_manifest_path(value, where),
+        manifest_sha256=_sha(value, "manifest_sha256", where),
+        mode=mode,
+        weight=float(weight),
+        rollout=safe_name(_field(value, "rollout", str, where), "rollout id"),
+    )
+
+
+def parse_pointer(data: bytes, where: str = POINTER) -> Pointer:
+    """``champion.json``: a ContractError when the champion's fields break the contract; a ``candidate`` that does
+    (or that this reader does not understand) is left out, and ``refused`` says why."""
+    doc = _object(data, where)
+    candidate, refused = None, None
+    if "candidate" in doc:
+        try:
+            candidate = parse_candidate(doc["candidate"], f"{where} candidate")
+        except ContractError as exc:
+            refused = str(exc)
     return Pointer(
         model_name=_field(doc, "model_name", str, where),
         version=_version(doc, where),
-        manifest=manifest,
+        manifest=_manifest_path(doc, where),
         manifest_sha256=_sha(doc, "manifest_sha256", where),
+        candidate=candidate,
+        refused=refused,
     )

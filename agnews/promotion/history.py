@@ -1,12 +1,15 @@
-"""The promotion history: one immutable object per change of the served champion, beside the model in storage.
+"""The promotion history: one immutable object per change of what ``champion.json`` serves (the champion, and a
+rollout's candidate), beside the model in storage.
 
 ``<storage.model_prefix>/<registry.model_name>/history/<UTC time>-v<N>.json``, the time written so that the names
 sort in time order (``20250102T030405.123456Z``). Each is written once, with a conditional create
-(``Storage.create``), under the model's lease, right after ``champion.json`` moved: the version it moved from and to
-with their manifests' sha256, how @champion moved (``gate``, ``manual``, ``rollback``, or ``ui`` for a move outside
-the project's steps), how storage learned of it (``via``: a webhook ``delivery``, the receiver's ``timer``, a
-``register`` or a ``mirror``), who (the MLflow user where the tracking server has auth, else the version's
-``promoted_by``), when, and the gate's verdict at registration. The Lambda never reads it.
+(``Storage.create``), under the model's lease, right after ``champion.json`` changed: the version it moved from and
+to with their manifests' sha256, how (@champion moved by the ``gate``, ``manual``, ``rollback``, or ``ui`` for a move
+outside the project's steps; a rollout's ``shadow`` or ``canary`` start, ``promote`` and ``abort``, with the
+candidate served after it), how storage learned of it (``via``: a webhook ``delivery``, the receiver's ``timer``, a
+``register``, a ``mirror``, a ``rollout`` step or the ``monitor`` acting on its verdict), who (the MLflow user where
+the tracking server has auth, else the version's ``promoted_by``), when, and the gate's verdict at registration. The
+Lambda never reads it.
 
 The entries form a chain: each holds the sha256 of its own fields (``digest``) and of the stored bytes of the entry
 before it (``after``), and reading checks both, so an entry rewritten, removed or put in between by hand stops the
@@ -52,11 +55,14 @@ class Entry:
     gate: str
     via: str = ""  # how storage learned of the move: delivery, timer, register or mirror (empty in older entries)
     recovered: bool = False  # appended after the move, which went unrecorded when it happened
+    candidate: Served | None = None  # the rollout's candidate served beside the champion after the change
     after: str | None = field(default=None, compare=False)
 
     def _fields(self) -> dict:
         doc = asdict(self) | {"at": self.at.isoformat(timespec="microseconds")}
         doc["from"] = doc.pop("previous")
+        if doc["candidate"] is None:  # an entry outside a rollout is written as before rollouts
+            del doc["candidate"]
         return doc
 
     @staticmethod
@@ -83,6 +89,7 @@ class Entry:
                 doc["gate"],
                 str(doc.get("via", "")),
                 bool(doc.get("recovered", False)),
+                Served(**doc["candidate"]) if doc.get("candidate") else None,
                 doc.get("after"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -99,6 +106,7 @@ class Entry:
         how = f"{self.how} (recovered)" if self.recovered else self.how
         via = f", via: {self.via}" if self.via else ""
         line = f"{self.at.isoformat(timespec='seconds')}  {moved}  how: {how}, who: {self.who}{via}"
+        line += f", candidate: {self.candidate}" if self.candidate else ""
         return f"{line}; gate: {self.gate}" if self.gate else line
 
 

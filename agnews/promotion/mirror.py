@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import mlflow
 from mlflow import MlflowClient
@@ -33,6 +34,8 @@ from agnews.errors import HistoryError, NotFoundError, RegistryError, StorageErr
 from agnews.lease import Lease, held, lock_key
 from agnews.names import (
     BY_GATE,
+    BY_ROLLOUT,
+    CANDIDATE,
     CHAMPION,
     GATE_TAG,
     MIRROR_CHANGED,
@@ -46,6 +49,9 @@ from agnews.names import (
     ONNX_INT8_AGREEMENT,
     PROMOTED_BY,
     REFERENCE_ARTIFACT,
+    ROLLOUT_ID_TAG,
+    ROLLOUT_MODE_TAG,
+    ROLLOUT_WEIGHT_TAG,
     TEST_ACCURACY,
     TEST_F1_MACRO,
     How,
@@ -59,9 +65,13 @@ from agnews.storage import Storage, open_storage
 from agnews.tracking import USERNAME_VARIABLE
 from bundle.layout import (
     MANIFEST,
+    MODES,
     POINTER,
     REFERENCE,
+    Candidate,
     ContractError,
+    Pointer,
+    candidate_for,
     digest,
     manifest_bytes,
     parse_pointer,
@@ -159,24 +169,43 @@ def manifest(client: MlflowClient, version: ModelVersion, files: dict[str, bytes
     return manifest_bytes(version.name, int(version.version), version.run_id, kept, files, created, reference)
 
 
-def read_pointer(storage: Storage, key: str) -> dict:
-    """The current pointer's version and manifest sha256, or {} when there is none (or it breaks the contract)."""
+def read_pointer(storage: Storage, key: str) -> Pointer | None:
+    """The current pointer; None when there is none (or it breaks the contract)."""
     try:
-        pointer = parse_pointer(storage.read_bytes(key), storage.url(key))
+        return parse_pointer(storage.read_bytes(key), storage.url(key))
     except (NotFoundError, ContractError):
-        return {}
-    return {"version": pointer.version, "manifest_sha256": pointer.manifest_sha256}
+        return None
 
 
-def point_to(storage: Storage, key: str, name: str, version: int, manifest: bytes) -> bool:
-    """Write the pointer to ``v<version>-<digest>/manifest.json`` unless it already names it; True when written."""
+def champion_of(pointer: Pointer | None) -> history.Served | None:
+    """The champion that ``pointer`` serves, as the history records it."""
+    return history.Served(pointer.version, pointer.manifest_sha256) if pointer else None
+
+
+def candidate_of(pointer: Pointer | None) -> history.Served | None:
+    """The candidate that ``pointer`` serves beside the champion, as the history records it."""
+    candidate = pointer.candidate if pointer else None
+    return history.Served(candidate.version, candidate.manifest_sha256) if candidate else None
+
+
+def point_to(
+    storage: Storage, key: str, name: str, version: int, manifest: bytes, candidate: Candidate | None = None
+) -> bool:
+    """Write the pointer to ``v<version>-<digest>/manifest.json``, with ``candidate``, unless it already names both;
+    True when written."""
     pointer = read_pointer(storage, key)
-    if pointer == {"version": version, "manifest_sha256": digest(manifest)["sha256"]}:
+    if pointer is not None and (pointer.version, pointer.manifest_sha256, pointer.candidate) == (
+        version,
+        sha256(manifest),
+        candidate,
+    ):
         log.info("%s already names %s v%s: nothing to do", storage.url(key), name, version)
         return False
     updated = datetime.now(UTC).isoformat(timespec="seconds")
-    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated))
-    log.info("%s now names %s v%s (it named %s)", storage.url(key), name, version, pointer.get("version", "nothing"))
+    storage.write_bytes(key, pointer_bytes(name, version, manifest, updated, candidate))
+    beside = f", candidate v{candidate.version} ({candidate.mode})" if candidate else ""
+    named = f"v{pointer.version}" if pointer else "nothing"
+    log.info("%s now names %s v%s%s (it named %s)", storage.url(key), name, version, beside, named)
     return True
 
 
@@ -218,7 +247,8 @@ def model_lease(model: ModelStore, settings: StorageSettings, purpose: str) -> I
 
 def served_version(model: ModelStore) -> int | None:
     """The version that ``champion.json`` names; None when there is none."""
-    return read_pointer(model.storage, model.pointer).get("version")
+    pointer = read_pointer(model.storage, model.pointer)
+    return pointer.version if pointer else None
 
 
 def version_files(client: MlflowClient, version: ModelVersion) -> tuple[str, dict[str, bytes]]:
@@ -238,63 +268,123 @@ def history_entry(
     how: How,
     via: Via,
     recovered: bool = False,
+    candidate: history.Served | None = None,
 ) -> history.Entry:
-    """The history entry of a move of the served champion from ``previous`` to ``to``, a manifest of ``version``."""
+    """The history entry of a change of what is served: the champion from ``previous`` to ``to``, a manifest of
+    ``version``, with ``candidate`` beside it."""
     who = os.environ.get(USERNAME_VARIABLE) or version.tags.get(PROMOTED_BY, "unknown")
-    return history.Entry(datetime.now(UTC), to, previous, how, who, version.tags.get(GATE_TAG, ""), via, recovered)
+    gate = version.tags.get(GATE_TAG, "")
+    return history.Entry(datetime.now(UTC), to, previous, how, who, gate, via, recovered, candidate)
 
 
 def how_tagged(version: ModelVersion) -> How:
-    """How ``version`` became @champion as its ``promoted_by`` tag says: ``gate``, else ``manual`` (which a rollback
-    is too)."""
-    return "gate" if version.tags.get(PROMOTED_BY) == BY_GATE else "manual"
+    """How ``version`` became @champion as its ``promoted_by`` tag says: ``gate``, ``promote`` (a rollout), else
+    ``manual`` (which a rollback is too)."""
+    tagged: dict[str, How] = {BY_GATE: "gate", BY_ROLLOUT: "promote"}
+    return tagged.get(version.tags.get(PROMOTED_BY, ""), "manual")
+
+
+def how_changed(version: ModelVersion, previous: Pointer | None, candidate: Candidate | None) -> How:
+    """How what is served changed when the champion became ``version`` with ``candidate`` beside it, from
+    ``previous``: the candidate's mode where only a candidate arrived, ``abort`` where only one left, else as the
+    version's tag says (``how_tagged``)."""
+    if previous is not None and previous.version == int(version.version):
+        if candidate is not None:
+            return cast(How, candidate.mode)
+        if previous.candidate is not None:
+            return "abort"
+    return how_tagged(version)
 
 
 def record_served(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -> history.Entry | None:
-    """Append the move that ``champion.json`` shows and the history lacks, marked recovered: the pointer names a
-    version that the newest entry does not (the move's append failed, or its process died between the two writes).
-    None when the two agree, or there is no pointer."""
+    """Append the change that ``champion.json`` shows and the history lacks, marked recovered: the pointer names a
+    champion or candidate that the newest entry does not (the change's append failed, or its process died between
+    the two writes). None when the two agree, or there is no pointer."""
     pointer = read_pointer(model.storage, model.pointer)
     newest = history.newest(model.storage, model.root)
-    if not pointer or (newest is not None and newest.to == history.Served(**pointer)):
+    to, candidate = champion_of(pointer), candidate_of(pointer)
+    if pointer is None or to is None or (newest is not None and (newest.to, newest.candidate) == (to, candidate)):
         return None
-    version = client.get_model_version(model.name, str(pointer["version"]))
+    version = client.get_model_version(model.name, str(pointer.version))
+    if newest is not None and newest.to == to:
+        how = cast(How, pointer.candidate.mode) if pointer.candidate else "abort"
+    else:
+        how = how_tagged(version)
     previous = newest.to if newest else None
-    entry = history_entry(version, history.Served(**pointer), previous, how_tagged(version), via, recovered=True)
+    entry = history_entry(version, to, previous, how, via, recovered=True, candidate=candidate)
     lease.check()
     url = history.append(model.storage, model.root, entry)
-    log.warning(
-        "%s names v%s, which the promotion history lacked: recorded in %s", model.pointer, pointer["version"], url
-    )
+    log.warning("%s serves %s, which the promotion history lacked: recorded in %s", model.pointer, to, url)
     return entry
+
+
+def registry_candidate(client: MlflowClient, name: str) -> tuple[int, str, float, str] | None:
+    """@candidate's version, mode, weight and rollout id, as its tags say (a version made @candidate in the UI,
+    without them, meets traffic in shadow, under a rollout id of its version); None when there is no @candidate, or
+    it is @champion too (a promotion stopped between its two alias moves)."""
+    current = aliases(client, name)
+    number = current.get(CANDIDATE)
+    if number is None or number == current.get(CHAMPION):
+        return None
+    tags = client.get_model_version(name, str(number)).tags
+    mode = tags.get(ROLLOUT_MODE_TAG, "shadow")
+    try:
+        weight = float(tags.get(ROLLOUT_WEIGHT_TAG, "0"))
+    except ValueError:
+        weight = 0.0
+    if mode not in MODES or not 0 <= weight <= 1:
+        mode, weight = "shadow", 0.0
+    return number, mode, weight if mode == "canary" else 0.0, tags.get(ROLLOUT_ID_TAG) or f"v{number}"
+
+
+def write_version(model: ModelStore, lease: Lease, folder: str, files: dict[str, bytes]) -> list[str]:
+    """Copy a version's files into ``folder`` below the model's root and verify them, the manifest last (a folder
+    with a manifest is complete); the files written."""
+    written = []
+    for file, data in files.items():
+        lease.check()
+        if put_verified(model.storage, f"{model.root}/{folder}/{file}", data):
+            written.append(file)
+    return written
+
+
+def stage_candidate(model: ModelStore, lease: Lease, client: MlflowClient) -> Candidate | None:
+    """@candidate's bundle copied beside the champion's and verified (``registry_candidate``), as champion.json
+    names it; None when there is no candidate."""
+    found = registry_candidate(client, model.name)
+    if found is None:
+        return None
+    number, mode, weight, rollout = found
+    folder, files = version_files(client, client.get_model_version(model.name, str(number)))
+    write_version(model, lease, folder, files)
+    return candidate_for(number, files[MANIFEST], mode, weight, rollout)
 
 
 def publish(
     model: ModelStore, lease: Lease, client: MlflowClient, via: Via, how: How | None = None, recorded: str | None = None
 ) -> Mirrored:
-    """Copy @champion's bundle and manifest into its folder, verify them, then write the pointer and, when it moved,
-    append the move to the promotion history; every write under ``lease``, checked first. ``via`` says which step
-    does it, ``how`` how @champion moved (None: ``ui`` after ``record_champion`` completed a move made outside the
-    pipeline, else as the version's tag says, ``how_tagged``); ``recorded`` what ``record_champion`` said."""
+    """Copy @champion's bundle and manifest into its folder, and @candidate's beside it where a rollout is under way
+    (``stage_candidate``), verify them, then write the pointer and, when it changed, append the change to the
+    promotion history; every write under ``lease``, checked first. ``via`` says which step does it, ``how`` how
+    @champion moved (None: ``ui`` after ``record_champion`` completed a move made outside the pipeline, else as the
+    tags say, ``how_changed``); ``recorded`` what ``record_champion`` said."""
     storage, name, root = model.storage, model.name, model.root
     number = aliases(client, name).get(CHAMPION)
     if number is None:
         raise RegistryError(f"model '{name}' has no @{CHAMPION}: run the register step first")
     version = client.get_model_version(name, str(number))
-    how = how or ("ui" if recorded else how_tagged(version))
     folder, files = version_files(client, version)
-    written = []
-    for file, data in files.items():  # the manifest last: a folder with a manifest is complete
-        lease.check()
-        if put_verified(storage, f"{root}/{folder}/{file}", data):
-            written.append(file)
+    written = write_version(model, lease, folder, files)
+    candidate = stage_candidate(model, lease, client)
     previous = read_pointer(storage, model.pointer)
+    how = how or ("ui" if recorded else how_changed(version, previous, candidate))
     lease.check()
-    moved = point_to(storage, model.pointer, name, number, files[MANIFEST])
+    moved = point_to(storage, model.pointer, name, number, files[MANIFEST], candidate)
     if moved:
         lease.check()
         to = history.Served(number, sha256(files[MANIFEST]))
-        entry = history_entry(version, to, history.Served(**previous) if previous else None, how, via)
+        served = history.Served(candidate.version, candidate.manifest_sha256) if candidate else None
+        entry = history_entry(version, to, champion_of(previous), how, via, candidate=served)
         try:
             log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
         except HistoryError as exc:
@@ -317,24 +407,41 @@ class Reconciliation:
     recovered: history.Entry | None = None
 
 
+def candidate_agrees(client: MlflowClient, name: str, pointer: Pointer | None) -> bool:
+    """Whether ``champion.json`` serves the candidate that the registry names (or none where it names none)."""
+    found = registry_candidate(client, name)
+    served = pointer.candidate if pointer else None
+    if found is None or served is None:
+        return found is None and served is None
+    return found == (served.version, served.mode, served.weight, served.rollout)
+
+
 def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -> Reconciliation:
-    """Bring storage in line with the registry, as the first thing a register does and what the webhook receiver
-    does on each delivery and timer: record a move that the history lacks (``record_served``), complete a move of
-    @champion made outside the pipeline (``record_champion``), then mirror @champion if ``champion.json`` names
-    another version (a move in the UI, or a promotion whose mirror was killed). ``via``: which step or what in the
-    receiver (a delivery, its timer) runs it."""
+    """Bring storage in line with the registry, as the first thing a register or rollout step does and what the
+    webhook receiver does on each delivery and timer: record a change that the history lacks (``record_served``),
+    complete a move of @champion made outside the pipeline (``record_champion``) and a rollout's promotion stopped
+    between its alias moves (@candidate left on @champion), then mirror @champion if ``champion.json`` names another
+    version or another candidate than @candidate (a move in the UI, or a step killed before its mirror). ``via``:
+    which step or what in the receiver (a delivery, its timer) runs it."""
     found = record_served(model, lease, client, via)
-    served = served_version(model)
+    pointer = read_pointer(model.storage, model.pointer)
+    served = pointer.version if pointer else None
     recorded = record_champion(client, model.name, served)
-    champion = aliases(client, model.name).get(CHAMPION)
-    if champion is None or champion == served:
+    current = aliases(client, model.name)
+    champion = current.get(CHAMPION)
+    if champion is not None and current.get(CANDIDATE) == champion:
+        client.delete_registered_model_alias(model.name, CANDIDATE)
+        log.warning("v%s is @%s and still @%s: its promotion is completed", champion, CHAMPION, CANDIDATE)
+    if champion is None or (champion == served and candidate_agrees(client, model.name, pointer)):
         return Reconciliation(champion, served, None, found)
+    candidate = f" and @{CANDIDATE} v{current[CANDIDATE]}" if current.get(CANDIDATE, champion) != champion else ""
     log.warning(
-        "storage serves %s, but @%s is v%s: mirroring v%s first",
+        "storage serves %s, but @%s is v%s%s: mirroring %s first",
         f"v{served}" if served is not None else "nothing",
         CHAMPION,
         champion,
-        champion,
+        candidate,
+        "them" if candidate else f"v{champion}",
     )
     mirrored = publish(model, lease, client, via, recorded=recorded)
     return Reconciliation(champion, mirrored.version, mirrored, found)

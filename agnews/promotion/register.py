@@ -9,6 +9,8 @@ paused past its lease, whose lease another took over, changes nothing more and f
 
 from __future__ import annotations
 
+from typing import cast
+
 import mlflow
 
 from agnews.errors import HistoryError, LeaseError, PipelineError
@@ -39,14 +41,16 @@ def register(
         reconcile(model, lease, client, "register")
         outcome = update(client, registry, experiment, run_id)
         mlflow.set_tags(outcome.tags())
-        if outcome.promoted:
+        if outcome.promoted or outcome.staged:
+            how = registry.rollout if outcome.staged else how_promoted(registry)
             try:
-                mlflow.set_tags(publish(model, lease, client, "register", how_promoted(registry)).tags())
+                mlflow.set_tags(publish(model, lease, client, "register", cast(How, how)).tags())
             except (LeaseError, HistoryError):  # a HistoryError says where the pointer is
                 raise
             except PipelineError as exc:
                 raise type(exc)(
-                    f"{outcome.model_name} v{outcome.version} is @champion, but mirroring it failed: {exc}. Storage "
-                    "still points at the previous complete version: fix this, then run `python -m steps.mirror`"
+                    f"{outcome.model_name} v{outcome.version} is @{outcome.alias}, but mirroring it failed: {exc}. "
+                    "Storage still points at the previous complete version: fix this, then run "
+                    "`python -m steps.mirror`"
                 ) from None
     return outcome

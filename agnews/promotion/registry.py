@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from agnews.config import redact
-from agnews.errors import RegistryError
+from agnews.errors import RegistryError, RolloutError
 from agnews.names import (
     BY_GATE,
     BY_HAND,
+    CANDIDATE,
     CHALLENGER,
     CHAMPION,
     DATASET_TAG_PREFIX,
@@ -46,6 +48,9 @@ from agnews.names import (
     REGISTERED_MODEL,
     REGISTERED_REASON,
     REGISTERED_VERSION,
+    ROLLOUT_ID_TAG,
+    ROLLOUT_MODE_TAG,
+    ROLLOUT_WEIGHT_TAG,
     SOURCE_RUN_TAG,
     STEP_TAG,
     TEST_ACCURACY,
@@ -103,6 +108,11 @@ class Verdict:
     @property
     def promoted(self) -> bool:
         return self.alias == CHAMPION
+
+    @property
+    def staged(self) -> bool:
+        """Whether the version became @candidate (``registry.rollout``) rather than @champion."""
+        return self.alias == CANDIDATE
 
     def tags(self) -> dict[str, str]:
         return {
@@ -293,10 +303,41 @@ def version_exists(client: MlflowClient, name: str, version: int) -> bool:
     return True
 
 
+def no_rollout(client: MlflowClient, name: str) -> None:
+    """A RolloutError when a rollout is under way: two can't be."""
+    current = aliases(client, name).get(CANDIDATE)
+    if current is not None:
+        raise RolloutError(
+            f"a rollout of {name} v{current} is under way: promote or abort it first "
+            "(python -m steps.rollout promote|abort)"
+        )
+
+
+def make_candidate(client: MlflowClient, name: str, version: int, mode: str, weight: float) -> str:
+    """Make ``version`` @candidate in ``mode`` (shadow, or a canary answering ``weight`` of the texts), its tags
+    first, so that an interrupted start reads as a complete one (``mirror.registry_candidate``); the rollout's id.
+    The caller checked ``no_rollout``."""
+    champion = aliases(client, name).get(CHAMPION)
+    if champion is None:
+        raise RolloutError(f"model '{name}' has no @{CHAMPION}: a candidate meets traffic beside one")
+    if version == champion:
+        raise RolloutError(f"{name} v{version} is @{CHAMPION} already")
+    if not version_exists(client, name, version):
+        raise RolloutError(f"model '{name}' has no version {version}")
+    rollout = uuid.uuid4().hex[:12]
+    tags = {ROLLOUT_MODE_TAG: mode, ROLLOUT_WEIGHT_TAG: str(weight if mode == "canary" else 0), ROLLOUT_ID_TAG: rollout}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, CANDIDATE, str(version))
+    return rollout
+
+
 def register_run(client: MlflowClient, registry: RegistrySettings, experiment: str, run_id: str | None) -> Verdict:
     """Register a train run's model (``run_id``, else the newest finished train run in ``experiment``) and pass it
-    through the quality gate: @champion or @challenger."""
+    through the quality gate: @champion (or @candidate, with ``registry.rollout``) or @challenger."""
     name = registry.model_name
+    if registry.rollout:
+        no_rollout(client, name)
     run = find_train_run(client, experiment, run_id)
     champion = aliases(client, name).get(CHAMPION)
     champion_version = client.get_model_version(name, str(champion)) if champion is not None else None
@@ -313,12 +354,16 @@ def register_run(client: MlflowClient, registry: RegistrySettings, experiment: s
         test_set,
         champion_test_set,
     )
-    if passed:
+    alias = CHAMPION if passed else CHALLENGER
+    if passed and registry.rollout and champion is not None:  # a first version has no champion to meet traffic beside
+        make_candidate(client, name, version, registry.rollout, registry.rollout_weight)
+        alias, reason = CANDIDATE, f"{reason}; it meets live traffic as a {registry.rollout} first"
+    elif passed:
         promote(client, name, version, BY_GATE)
     else:
         client.set_registered_model_alias(name, CHALLENGER, str(version))
     client.set_model_version_tag(name, str(version), GATE_TAG, reason)
-    return Verdict(name, version, CHAMPION if passed else CHALLENGER, reason)
+    return Verdict(name, version, alias, reason)
 
 
 def set_champion(client: MlflowClient, name: str, version: int, reason: str) -> Verdict:

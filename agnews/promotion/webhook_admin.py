@@ -27,6 +27,7 @@ from mlflow.utils.rest_utils import call_endpoint
 from mlflow.utils.time import get_current_time_millis
 
 from agnews.config import redact
+from agnews.database import database_url, reason
 from agnews.errors import ConfigError, TrackingError
 from agnews.names import WEBHOOK_KEY_ENV, WEBHOOK_SECRET_ENV
 from agnews.settings import TrackingSettings, WebhookSettings
@@ -189,7 +190,7 @@ def unregister_in_database(backend_store_uri: str, name: str = WEBHOOK_NAME) -> 
     one). Returns their ids."""
     live: sqlalchemy.ColumnElement[bool] = (SqlWebhook.name == name) & SqlWebhook.deleted_timestamp.is_(None)
     now = get_current_time_millis()
-    engine = sqlalchemy.create_engine(backend_store_uri)
+    engine = sqlalchemy.create_engine(database_url("--backend-store-uri", backend_store_uri))
     try:
         with engine.begin() as connection:
             ids = list(connection.scalars(sqlalchemy.select(SqlWebhook.webhook_id).where(live)))
@@ -197,8 +198,7 @@ def unregister_in_database(backend_store_uri: str, name: str = WEBHOOK_NAME) -> 
                 sqlalchemy.update(SqlWebhook).where(live).values(deleted_timestamp=now, last_updated_timestamp=now)
             )
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        cause = str(exc).splitlines()[0]
-        raise TrackingError(f"cannot remove the webhook through {redact(backend_store_uri)}: {cause}") from None
+        raise TrackingError(f"cannot remove the webhook through {redact(backend_store_uri)}: {reason(exc)}") from None
     finally:
         engine.dispose()
     return ids

@@ -19,7 +19,7 @@ from agnews.config import PROJECT_ROOT, compose, split_overrides
 
 # `webhook` has a subcommand first
 HYDRA_ENTRY_POINTS = ["upload", "train", "register", "mirror", "main", "cleanup", "tune", "monitor", "predict"]
-ENTRY_POINTS = [*HYDRA_ENTRY_POINTS, "webhook", "history"]
+ENTRY_POINTS = [*HYDRA_ENTRY_POINTS, "webhook", "history", "rollout"]
 OVERRIDES = "data.sample_size=1000 train.epochs=1"
 
 
