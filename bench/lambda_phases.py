@@ -4,7 +4,7 @@ It runs in the process of the unpacked Lambda zip (the runtime's Python, the zip
 imports the standard library and the handler only. Each phase is the handler's own function, run on the same
 request as the handler runs it: event parsing (the Function URL event to checked texts), the cut, tokenization
 (padded batches of ``batch_size`` texts), the onnxruntime run, softmax (and the result dicts), the capture records
-and the request's one line (log fields, EMF metrics and records, as JSON). The whole request is timed in the same
+and the request's one line (log fields, metric fields and records, as JSON). The whole request is timed in the same
 rounds; what the phases leave of it is the handler's glue.
 """
 
@@ -73,7 +73,7 @@ def phases(handler: ModuleType, texts: list[str], runs: int) -> dict[str, Any]:
             readings = [Reading(len(text), False) for text in cut]  # values that cost what real ones do
             handler.Service._capture(parsed, results, readings, store.settings, outcome)
         with timed("line"):
-            handler.request_lines(200, 1.0, outcome, REQUEST_ID, store.settings.metrics_namespace, 0)
+            handler.request_lines(200, 1.0, outcome, REQUEST_ID, 0)
         with timed("request"):
             handler.lambda_handler(event, None)
     p50 = {name: statistics.median(values) for name, values in times.items()}

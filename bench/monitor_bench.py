@@ -85,7 +85,7 @@ def write_captures(root: Path, count: int, rng: np.random.Generator) -> list[tup
             outcome = handler.Outcome(model=model, texts=1, predicted=Counter([best]))
             outcome.captures = [entry(result, int(tokens), bool(cut), text, keep_text=False)]
             stamp = start_ms + int(i * step_ms)
-            lines.append(handler.request_lines(200, 4.2, outcome, str(uuid.uuid4()), "bench", stamp)[0])
+            lines.append(handler.request_lines(200, 4.2, outcome, str(uuid.uuid4()), stamp)[0])
             if rng.random() < LABELLED_SHARE:  # nine labels in ten agree with the answer
                 labels.append((text_sha256(text), best if rng.random() < 0.9 else LABELS[0]))
         path = root / object_prefix(MODEL, when) / f"bench-1-{when:%Y-%m-%d-%H-%M-%S}-{uuid.uuid4()}"

@@ -1,19 +1,20 @@
 """The capture record: what the Lambda keeps of each answer, and how a reader parses it back.
 
-The Lambda writes one JSON line per request on stdout (lambda/handler.py): its log fields, its CloudWatch metrics in
-the embedded metric format (``_aws``) and, under ``captures``, one entry per text answered (a random share of them,
-``CAPTURE_RATE``). The fields that every text of a request shares are written once, at the top of the line, and
-shared with the log and the metrics; so a capture record is the line's request fields joined with one entry:
+The Lambda writes one JSON line per request on stdout (lambda/handler.py): its log fields, the fields that the
+template's metric filters make CloudWatch metrics of, and, under ``captures``, one entry per text answered (a random
+share of them, ``CAPTURE_RATE``). The fields that every text of a request shares are written once, at the top of the
+line, and shared with the log and the metrics; so a capture record is the line's request fields joined with one
+entry:
 
-- time: ``_aws.Timestamp``, milliseconds since the epoch, the metrics' own timestamp;
+- ``time``: when the request was answered, milliseconds since the epoch (UTC);
 - ``request_id``: the Lambda request id (null where there is none, as on the command line);
-- ``model``, ``version``, ``manifest_sha256``: the model that answered (``champion.json``'s name, version and the
-  sha256 of the manifest it was verified against);
-- ``Latency``: milliseconds of the whole request (the metric);
-- per entry: ``class`` (the predicted class), ``probabilities`` (label: probability, rounded to ``DECIMALS``; the
+- ``model``, ``version``, ``manifest``: the model that answered (``champion.json``'s name, version and the sha256
+  of the manifest it was verified against, in hex);
+- ``ms``: milliseconds of the whole request (the ``Latency`` metric);
+- per entry: ``class`` (the predicted class), ``p`` (each label's probability, rounded to ``DECIMALS``; the
   confidence is the predicted class's), ``tokens`` (the text's tokens that the model read), ``cut`` (whether the
-  model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, so that labels given later can
-  be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
+  model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, in hex, so that labels given
+  later can be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
 
 Lines without ``captures`` (errors, GET, a rate that kept none) are log lines only, and never reach the capture
 store. The store holds the lines as Amazon Data Firehose delivers them: ``captures/<model>/YYYY/MM/DD/HH/<object>``
@@ -63,7 +64,7 @@ def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: 
     ``keep_text``."""
     doc = {
         "class": result["predicted_class"],
-        "probabilities": {label: round(p, DECIMALS) for label, p in result["probabilities"].items()},
+        "p": {label: round(p, DECIMALS) for label, p in result["probabilities"].items()},
         "tokens": tokens,
         "cut": cut,
         "text_sha256": text_sha256(text),
@@ -79,16 +80,16 @@ def object_prefix(model_name: str, when: datetime) -> str:
 def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> CaptureRecord:
     if not isinstance(item, dict):
         raise ContractError(f"{where} is not a JSON object")
-    probabilities = _field(item, "probabilities", dict, where)
+    probabilities = _field(item, "p", dict, where)
     if not probabilities:
-        raise ContractError(f"{where}: 'probabilities' is empty")
+        raise ContractError(f"{where}: 'p' is empty")
     for label in probabilities:
-        probability = _field(probabilities, label, (int, float), f"{where} probabilities")
+        probability = _field(probabilities, label, (int, float), f"{where} p")
         if not 0 <= probability <= 1:  # NaN too
             raise ContractError(f"{where}: the probability of {label!r} is not in [0, 1]")
     predicted = _field(item, "class", str, where)
     if predicted not in probabilities:
-        raise ContractError(f"{where}: 'class' {predicted!r} is not among the probabilities' labels")
+        raise ContractError(f"{where}: 'class' {predicted!r} is not among the labels of 'p'")
     tokens = _field(item, "tokens", int, where)
     if tokens < 0:
         raise ContractError(f"{where}: 'tokens' is negative")
@@ -99,15 +100,15 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
     request_id = line.get("request_id")
     if request_id is not None and not isinstance(request_id, str):
         raise ContractError(f"{where}: 'request_id' is {type(request_id).__name__}")
-    latency = _field(line, "Latency", (int, float), where)
+    latency = _field(line, "ms", (int, float), where)
     if not math.isfinite(latency) or latency < 0:
-        raise ContractError(f"{where}: 'Latency' {latency} is not a duration")
+        raise ContractError(f"{where}: 'ms' {latency} is not a duration")
     return CaptureRecord(
         time=time,
         request_id=request_id,
         model_name=_field(line, "model", str, where),
         model_version=_version(line, where),
-        manifest_sha256=_sha(line, "manifest_sha256", where),
+        manifest_sha256=_sha(line, "manifest", where),
         predicted_class=predicted,
         confidence=float(probabilities[predicted]),
         probabilities={label: float(p) for label, p in probabilities.items()},
@@ -126,8 +127,13 @@ def parse_line(data: str | bytes, where: str = "capture line") -> list[CaptureRe
     if CAPTURES not in line:
         return []
     entries = _field(line, CAPTURES, list, where)
-    stamp = _field(_field(line, "_aws", dict, where), "Timestamp", int, f"{where} _aws")
-    time = datetime.fromtimestamp(stamp / 1000, UTC)
+    stamp = _field(line, "time", int, where)
+    try:
+        time = datetime.fromtimestamp(stamp / 1000, UTC) if stamp >= 0 else None
+    except (OverflowError, OSError, ValueError):  # beyond what a datetime holds
+        time = None
+    if time is None:
+        raise ContractError(f"{where}: 'time' {stamp} is not milliseconds since the epoch")
     return [_record(line, time, item, f"{where} {CAPTURES}[{i}]") for i, item in enumerate(entries)]
 
 

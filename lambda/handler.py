@@ -8,16 +8,19 @@ environment variables, see settings.py. Locally: ``python lambda/handler.py "som
 the container's ``ModelStore``, built from the environment on first use; until then this module imports the
 standard library, settings, events and ``bundle.capture`` only (no onnxruntime, numpy, tokenizers or boto3).
 
-Each request writes one JSON line on stdout, where Lambda sends it to CloudWatch Logs (``request_line``): the log
-fields (level, request id, status, the model that answered), its CloudWatch metrics in the embedded metric format
-(EMF), which CloudWatch extracts from the line (``Latency``, ``Texts``, ``4XXError``, ``5XXError``, ``ModelSwaps``,
-and ``Predictions`` by ``predicted_class``), and the capture records of the texts answered (bundle/capture.py), which
-the template's subscription filter sends on to the model bucket. EMF gives a document one value per dimension, so a
-batch whose texts fall into several classes adds one line of ``Predictions`` per further class. The line is written
-here, not by Powertools' Logger and Metrics: theirs were three lines a request (the log, the metrics, the
-predictions), with fields that a capture line repeats (location, timestamps, the request id twice), about 800 bytes
-before any record, where CloudWatch bills every byte ingested. Other logs (a model's load, errors) are JSON lines of
-``logging`` (``JsonFormatter``).
+Each request writes one JSON line on stdout, where Lambda sends it to CloudWatch Logs (``request_lines``): the log
+fields (time, request id, status, the model that answered), the fields that the template's metric filters on the
+function's log group make CloudWatch metrics of (``Latency``, ``Texts``, ``4XXError``, ``5XXError``, ``ModelSwaps``
+under the dimension ``service``, and ``Predictions`` by ``predicted_class``), and the capture records of the texts
+answered (bundle/capture.py), which the template's subscription filter sends on to the model bucket. A metric filter
+takes one value per dimension from a line, so a batch whose texts fall into several classes adds one short line of
+``predictions`` per further class. The metrics are not in CloudWatch's embedded metric format: its directives (the
+namespace, names, units and dimensions, again in every line) were about 390 bytes of each, where CloudWatch bills
+every byte ingested and a metric filter costs nothing. The line is written here, not by Powertools' Logger and
+Metrics: theirs were three lines a request (the log, the metrics, the predictions), with fields that a capture line
+repeats (location, timestamps, the request id twice), about 800 bytes before any record. Lambda reads a line without
+``level`` as INFO: only WARN (a 503) and ERROR (a 500) are written. Other logs (a model's load, errors) are JSON
+lines of ``logging`` (``JsonFormatter``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
 JSON_HEADERS = {"Content-Type": "application/json"}
 ALLOWED_METHODS = ("GET", "POST")
 SERVICE = LOGGER  # the metrics' "service" dimension
-LEVELS = {500: "ERROR", 503: "WARN"}  # a request's log level by status; INFO otherwise
+LEVELS = {500: "ERROR", 503: "WARN"}  # a request's log level by status; INFO (no "level": Lambda's default) otherwise
 # Lambda's level names (its log-level filtering knows WARN, not Python's WARNING)
 LAMBDA_LEVELS = {"WARNING": "WARN", "CRITICAL": "FATAL"}
 _request = threading.local()  # the request id of the request a thread answers, for the other log lines
@@ -173,45 +176,27 @@ class Outcome:
     problem: str | None = None  # for the log: the 400's message, or the 503's details (never in its body)
 
 
-def emf(namespace: str, timestamp_ms: int, dimension: str, metrics: dict[str, str]) -> dict[str, Any]:
-    """An EMF directive: ``metrics`` (name: unit) under the one dimension ``dimension``."""
-    directive: dict[str, Any] = {"Namespace": namespace, "Dimensions": [[dimension]]}
-    directive["Metrics"] = [{"Name": name, "Unit": unit} for name, unit in metrics.items()]
-    return {"Timestamp": timestamp_ms, "CloudWatchMetrics": [directive]}
-
-
-def request_lines(
-    status: int, latency_ms: float, outcome: Outcome, request_id: str | None, namespace: str, timestamp_ms: int
-) -> list[str]:
-    """The request's line (see the module's docstring), and a ``Predictions`` line for each class after the first."""
-    line: dict[str, Any] = {"level": LEVELS.get(status, "INFO"), "request_id": request_id, "status": status}
+def request_lines(status: int, latency_ms: float, outcome: Outcome, request_id: str | None, time_ms: int) -> list[str]:
+    """The request's line (see the module's docstring), and a ``predictions`` line for each class after the first.
+    The field names are short, as CloudWatch bills every byte: ``ms`` is the latency, ``err4xx`` and ``err5xx`` are
+    1 or 0, ``swaps`` is there when a new version answered; the template's metric filters name them."""
+    line: dict[str, Any] = {"level": LEVELS[status]} if status in LEVELS else {}
+    line |= {"time": time_ms, "request_id": request_id, "status": status}
     if outcome.model is not None:
         model = outcome.model
-        line |= {"model": model.model_name, "version": model.version, "manifest_sha256": model.manifest_sha256}
+        line |= {"model": model.model_name, "version": model.version, "manifest": model.manifest_sha256}
     if outcome.problem is not None:
         line["problem"] = outcome.problem
-    units = {"Latency": "Milliseconds", "Texts": "Count", "4XXError": "Count", "5XXError": "Count"}
+    line |= {"service": SERVICE, "ms": round(latency_ms, 3), "texts": outcome.texts}
+    line |= {"err4xx": int(400 <= status < 500), "err5xx": int(status >= 500)}
     if outcome.swapped:
-        units["ModelSwaps"] = "Count"
-    metadata = emf(namespace, timestamp_ms, "service", units)
-    values = {"Latency": round(latency_ms, 3), "Texts": outcome.texts}
-    values |= {"4XXError": int(400 <= status < 500), "5XXError": int(status >= 500)}
-    line |= {"service": SERVICE, **values} | ({"ModelSwaps": 1} if outcome.swapped else {})
-    classes = sorted(outcome.predicted.items())
+        line["swaps"] = 1
+    classes = [{"class": label, "predictions": count} for label, count in sorted(outcome.predicted.items())]
     if classes:
-        label, count = classes[0]
-        (predictions,) = emf(namespace, timestamp_ms, "predicted_class", {"Predictions": "Count"})["CloudWatchMetrics"]
-        metadata["CloudWatchMetrics"].append(predictions)
-        line |= {"predicted_class": label, "Predictions": count}
-    line["_aws"] = metadata
+        line |= classes[0]
     if outcome.captures:
         line[CAPTURES] = outcome.captures
-    more = [
-        {"_aws": emf(namespace, timestamp_ms, "predicted_class", {"Predictions": "Count"})}
-        | {"predicted_class": label, "Predictions": count}
-        for label, count in classes[1:]
-    ]
-    return [compact(doc) for doc in (line, *more)]
+    return [compact(doc) for doc in (line, *classes[1:])]
 
 
 CaptureSink = Callable[[str, str], None]  # (model name, line): where lambda/local.py stores capture lines
@@ -303,11 +288,7 @@ class Service:
 
     def write(self, status: int, latency_ms: float, outcome: Outcome, request_id: str | None) -> None:
         """The request's line on stdout, and to the capture sink where it holds records."""
-        try:
-            namespace = self.store.settings.metrics_namespace
-        except SettingsError:
-            namespace = Settings.from_env({}).metrics_namespace
-        lines = request_lines(status, latency_ms, outcome, request_id, namespace, math.floor(time.time() * 1000))
+        lines = request_lines(status, latency_ms, outcome, request_id, math.floor(time.time() * 1000))
         sys.stdout.write("".join(line + "\n" for line in lines))
         if outcome.captures and outcome.model is not None and self.capture_sink is not None:
             try:

@@ -24,8 +24,8 @@ It has no Hydra: environment variables are its config, with every default here.
   random per text (bundle/capture.py); 0 keeps none.
 - ``CAPTURE_TEXT`` (false): ``true`` puts each captured text itself in its record; otherwise a record holds the
   text's sha256 and never the text.
-- ``METRICS_NAMESPACE`` (agnews): the CloudWatch namespace of the metrics. ``LOG_LEVEL`` (INFO): of the other log
-  lines (a model's load, errors); the request's own line is always written.
+- ``LOG_LEVEL`` (INFO): of the other log lines (a model's load, errors); the request's own line is always written.
+  The metrics' namespace is the template's (``MetricsNamespace``): its metric filters make them of the line.
 
 Standard library only, so that the handler's event parsing runs without the model's dependencies.
 """
@@ -47,7 +47,6 @@ DEFAULTS = {
     "MODEL_CACHE_DIR": "/tmp/models",
     "CAPTURE_RATE": "1.0",
     "CAPTURE_TEXT": "false",
-    "METRICS_NAMESPACE": "agnews",
 }
 BOOLEANS = {"true": True, "false": False}
 NO_MODEL = (
@@ -130,7 +129,6 @@ class Settings:
     cache_root: Path
     capture_rate: float
     capture_text: bool
-    metrics_namespace: str
 
     @property
     def cache_dir(self) -> Path:
@@ -153,5 +151,4 @@ class Settings:
             cache_root=Path(env.get("MODEL_CACHE_DIR") or DEFAULTS["MODEL_CACHE_DIR"]),
             capture_rate=_rate(env, "CAPTURE_RATE"),
             capture_text=_flag(env, "CAPTURE_TEXT"),
-            metrics_namespace=env.get("METRICS_NAMESPACE") or DEFAULTS["METRICS_NAMESPACE"],
         )

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, NoReturn
 import boto3
 import pytest
 import requests
+from cfnlint.decode import decode
 
 from agnews.config import PROJECT_ROOT, compose
 from agnews.promotion.mirror import point_to, put_verified
@@ -185,9 +186,68 @@ LAMBDA_ENV = (
     "AWS_LAMBDA_FUNCTION_NAME",
     "CAPTURE_RATE",
     "CAPTURE_TEXT",
-    "METRICS_NAMESPACE",
     "LOG_LEVEL",
 )
+
+
+def lambda_template() -> dict[str, Any]:
+    """lambda/template.yaml, read by cfn-lint's loader (which knows ``!Ref`` and ``!Sub``)."""
+    template, problems = decode(str(LAMBDA_DIR / "template.yaml"))
+    assert not problems
+    return template
+
+
+def template_resources() -> dict[str, Any]:
+    return lambda_template()["Resources"]
+
+
+EXISTS = re.compile(r"\{ \$\.\w+ = \*(?: && \$\.\w+ = \*)* \}")  # a pattern that asks only that fields exist
+SELECTOR = re.compile(r"\$\.(\w+)")
+
+
+@dataclass(frozen=True)
+class MetricFilter:
+    """One of the template's metric filters: the metric it publishes and the line's fields it reads."""
+
+    log_group: object
+    pattern: str
+    metric: str
+    namespace: object
+    unit: str
+    value: str  # the field that holds the metric's value
+    dimensions: dict[str, str]  # each dimension, and the field that holds its value
+
+    @property
+    def selected(self) -> set[str]:
+        """The fields that the pattern selects."""
+        return set(SELECTOR.findall(self.pattern))
+
+    def counts(self, line: dict[str, Any]) -> bool:
+        """Whether the filter takes a value from ``line``: its patterns ask only that the fields they select exist
+        (``EXISTS``), so a line that holds them all matches."""
+        return self.selected <= line.keys()
+
+
+def metric_filters() -> list[MetricFilter]:
+    """The template's metric filters (``AWS::Logs::MetricFilter``), one metric each."""
+    filters = []
+    for resource in template_resources().values():
+        if resource["Type"] != "AWS::Logs::MetricFilter":
+            continue
+        properties = resource["Properties"]
+        (metric,) = properties["MetricTransformations"]
+        filters.append(
+            MetricFilter(
+                log_group=properties["LogGroupName"],
+                pattern=properties["FilterPattern"],
+                metric=metric["MetricName"],
+                namespace=metric["MetricNamespace"],
+                unit=metric["Unit"],
+                value=metric["MetricValue"].removeprefix("$."),
+                dimensions={d["Key"]: d["Value"].removeprefix("$.") for d in metric.get("Dimensions", [])},
+            )
+        )
+    return filters
 
 
 def lambda_process(mirror_root: Path, tmp_path: Path) -> dict[str, str]:

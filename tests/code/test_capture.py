@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
-from cfnlint.decode import decode
 
 from bundle.capture import CAPTURES, object_prefix, parse_line, parse_lines
 from bundle.layout import ContractError
@@ -31,21 +30,19 @@ from tests.helpers import (
     free_port,
     lambda_process,
     stored_folder,
+    template_resources,
     upload_tree,
 )
 
 ONE_MORE = "Scientists mapped the genome of a rare orchid"
 TEXTS = [SEED_TEXT, "The Lakers beat the Celtics in overtime", "Oil prices rose as supply fell", "Rain delays final"]
-# The request's line for one text without the text: the issue asked for at most 600 bytes, which the line cannot
-# meet while it keeps every metric as CloudWatch extracted it before (the EMF directives with their units and
-# dimensions, and their values, are 486 bytes alone) and the record's two sha256 digests in full (64 hex digits
-# each). This is what it takes, with room for a longer model name or latency: docs/capture.md has the arithmetic.
-ONE_TEXT_LINE_BYTES = 950
+# The request's line for one text without the text (docs/capture.md has what it holds, byte by byte).
+ONE_TEXT_LINE_BYTES = 600
 
 
 def lines_of(out: str) -> list[dict]:
-    """The request lines (with EMF metrics) among what the handler printed."""
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"_aws"' in line]
+    """The requests' lines among what the handler printed (the other log lines have a message)."""
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"status"' in line]
 
 
 def one_request(invoke, capsys: pytest.CaptureFixture[str], event: dict) -> tuple[dict, dict]:
@@ -63,13 +60,13 @@ def good_line() -> dict:
         "status": 200,
         "model": MODEL_NAME,
         "version": 3,
-        "manifest_sha256": "a" * 64,
-        "Latency": 4.5,
-        "_aws": {"Timestamp": 1_796_000_000_000, "CloudWatchMetrics": []},
+        "manifest": "a" * 64,
+        "ms": 4.5,
+        "time": 1_796_000_000_000,
         CAPTURES: [
             {
                 "class": "Sports",
-                "probabilities": {"World": 0.1, "Sports": 0.7, "Business": 0.1, "Sci/Tech": 0.1},
+                "p": {"World": 0.1, "Sports": 0.7, "Business": 0.1, "Sci/Tech": 0.1},
                 "tokens": 12,
                 "cut": False,
                 "text_sha256": hashlib.sha256(b"x").hexdigest(),
@@ -101,22 +98,27 @@ def broken(change) -> str:
     [
         ("[]", "is not a JSON object"),
         ("{oops", "is not valid JSON"),
-        (broken(lambda line, e: line.pop("_aws")), "lacks '_aws'"),
-        (broken(lambda line, e: line["_aws"].update(Timestamp="now")), "'Timestamp' is str"),
+        (broken(lambda line, e: line.pop("time")), "lacks 'time'"),
+        (broken(lambda line, e: line.update(time="now")), "'time' is str"),
+        (broken(lambda line, e: line.update(time=1.5e12)), "'time' is float"),
+        (broken(lambda line, e: line.update(time=-1)), "'time' -1 is not milliseconds since the epoch"),
+        (broken(lambda line, e: line.update(time=10**30)), "is not milliseconds since the epoch"),
         (broken(lambda line, e: line.update(version=True)), "'version' must not be a boolean"),
-        (broken(lambda line, e: line.update(Latency=float("nan"))), "'Latency' nan is not a duration"),
+        (broken(lambda line, e: line.update(ms=float("nan"))), "'ms' nan is not a duration"),
+        (broken(lambda line, e: line.update(ms=-1)), "'ms' -1 is not a duration"),
         (broken(lambda line, e: line.update(version=0)), "is not a version number"),
-        (broken(lambda line, e: line.update(manifest_sha256="abc")), "'manifest_sha256' is not a sha256"),
+        (broken(lambda line, e: line.update(manifest="abc")), "'manifest' is not a sha256"),
         (broken(lambda line, e: line.update(request_id=5)), "'request_id' is int"),
         (broken(lambda line, e: line.update(captures={})), "'captures' is dict"),
-        (broken(lambda line, e: e.update({"class": "Weather"})), "not among the probabilities' labels"),
-        (broken(lambda line, e: e["probabilities"].update(World=1.5)), "not in [0, 1]"),
-        (broken(lambda line, e: e["probabilities"].update(World="high")), "'World' is str"),
+        (broken(lambda line, e: e.update({"class": "Weather"})), "not among the labels of 'p'"),
+        (broken(lambda line, e: e["p"].update(World=1.5)), "not in [0, 1]"),
+        (broken(lambda line, e: e["p"].update(World="high")), "'World' is str"),
+        (broken(lambda line, e: e.update(p={})), "'p' is empty"),
         (broken(lambda line, e: e.update(tokens=-1)), "'tokens' is negative"),
         (broken(lambda line, e: e.update(cut=0)), "'cut' is int"),
         (broken(lambda line, e: e.update(text_sha256="A" * 64)), "'text_sha256' is not a sha256"),
         (broken(lambda line, e: e.update(text="not x")), "is not the sha256 of 'text'"),
-        (broken(lambda line, e: e.pop("probabilities")), "lacks 'probabilities'"),
+        (broken(lambda line, e: e.pop("p")), "lacks 'p'"),
     ],
 )
 def test_a_line_that_breaks_the_schema_is_refused_naming_the_field(line: str, message: str) -> None:
@@ -320,12 +322,6 @@ def test_local_server_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> No
 
 
 # The template's way to storage, on the moto server: log group -> subscription filter -> Firehose -> S3.
-def template_resources() -> dict:
-    template, problems = decode(str(LAMBDA_DIR / "template.yaml"))
-    assert not problems
-    return template["Resources"]
-
-
 def substituted(value: object, names: dict[str, str]) -> str:
     """A template string (``!Sub`` or plain) with ``names`` put in."""
     text = value["Fn::Sub"] if isinstance(value, dict) else value
@@ -398,7 +394,7 @@ def test_logs_go_through_the_subscription_filter_and_firehose_into_the_capture_p
     logs.put_log_events(
         logGroupName=group,
         logStreamName="instance",
-        logEvents=[{"timestamp": line["_aws"]["Timestamp"], "message": json.dumps(line)}],
+        logEvents=[{"timestamp": line["time"], "message": json.dumps(line)}],
     )
     s3 = boto3.client("s3", endpoint_url=s3_env)
     (key,) = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=f"{CAPTURES}/")["Contents"]]

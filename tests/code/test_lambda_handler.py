@@ -26,6 +26,7 @@ from bundle.capture import parse_line
 from bundle.layout import INPUTS, OUTPUT
 from bundle.predictor import Predictor, Reading
 from tests.helpers import (
+    EXISTS,
     LABELS,
     LAMBDA_DIR,
     MODEL_NAME,
@@ -33,6 +34,8 @@ from tests.helpers import (
     LocalServer,
     cache_folder,
     lambda_process,
+    lambda_template,
+    metric_filters,
     mirror_version,
     stored_folder,
 )
@@ -429,29 +432,91 @@ def test_the_work_on_any_text_is_bounded_by_what_the_model_reads(predictor: Pred
     assert predictor.most_chars == 32 * 128  # MOST_CHARS_PER_TOKEN times the tiny bundle's max_length
 
 
-# The request's line: its log fields, EMF metrics and capture records in one JSON line on stdout, where Lambda sends
-# it to CloudWatch Logs; other log lines (a load, errors) are JSON too.
+# The request's line: its log fields, the fields that the template's metric filters make metrics of, and capture
+# records, in one JSON line on stdout, where Lambda sends it to CloudWatch Logs; other log lines (a load, errors) are
+# JSON too, with a message.
 def printed(out: str) -> tuple[list[dict], list[dict]]:
-    """The other JSON log lines, and the lines with EMF metrics (the requests' and their further predictions')."""
+    """The other JSON log lines, and the requests' lines (with their further predictions' lines)."""
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return [line for line in lines if "_aws" not in line], [line for line in lines if "_aws" in line]
+    return [line for line in lines if "message" in line], [line for line in lines if "message" not in line]
 
 
-def metrics_of(blobs: list[dict]) -> dict[str, float]:
-    """Each metric's total over ``blobs``, by name (``Predictions`` by predicted class), each directive with the one
-    dimension its metrics have had since they were first extracted."""
+SERVICE_METRICS = {"Latency": "Milliseconds", "Texts": "Count", "4XXError": "Count", "5XXError": "Count"}
+# Each metric with the unit and the one dimension it has had since it was first extracted
+METRICS = {name: (unit, "service") for name, unit in SERVICE_METRICS.items()}
+METRICS |= {"ModelSwaps": ("Count", "service"), "Predictions": ("Count", "predicted_class")}
+
+
+def metrics_of(lines: list[dict]) -> dict[str, float]:
+    """Each metric's total over ``lines``, as the template's metric filters take them (by name, ``Predictions`` by
+    predicted class): a filter takes its value from each line that holds the fields its pattern selects."""
     totals: dict[str, float] = {}
-    for blob in blobs:
-        for directive in blob["_aws"]["CloudWatchMetrics"]:
-            assert directive["Namespace"] == "agnews"
-            for metric in directive["Metrics"]:
-                name = metric["Name"]
-                dimension = "predicted_class" if name == "Predictions" else "service"
-                assert directive["Dimensions"] == [[dimension]]
-                assert metric["Unit"] == ("Milliseconds" if name == "Latency" else "Count")
-                key = f"{name}:{blob['predicted_class']}" if name == "Predictions" else name
-                totals[key] = totals.get(key, 0) + blob[name]
+    for metric_filter in metric_filters():
+        unit, dimension = METRICS[metric_filter.metric]
+        assert (metric_filter.unit, list(metric_filter.dimensions)) == (unit, [dimension])
+        for line in filter(metric_filter.counts, lines):
+            label = line[metric_filter.dimensions[dimension]]
+            assert dimension != "service" or label == "agnews"
+            key = f"{metric_filter.metric}:{label}" if dimension == "predicted_class" else metric_filter.metric
+            totals[key] = totals.get(key, 0) + line[metric_filter.value]
     return totals
+
+
+def test_each_metric_filter_finds_its_fields_in_the_lines_the_handler_prints(
+    serve, mirror_root: Path, tiny_bundle: Path, lambda_module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every metric filter of the template against the lines that the handler prints for the requests it counts:
+    each holds the fields that the filter's pattern selects, a number where it reads the value and a string where it
+    reads a dimension. The patterns ask only that their fields exist (CloudWatch applies them; this checks that the
+    lines have what they name). The tiny model gives every text one class: a fake predictor gives a batch four."""
+    invoke = serve(mirror_root, MODEL_REFRESH_SECONDS="0")
+    several = lambda_module.Service(FakeStore(lambda_module.Settings.from_env({}))).handle  # a class by length
+    gone = FakeStore(lambda_module.Settings.from_env({}), lambda_module.NoModelError("gone"))
+    cases = {
+        "one text": (invoke, {"text": SEED_TEXT}),
+        "batch": (several, {"texts": ["a", "bb", "ccc", "dddd", "eeeee"]}),
+        "400": (invoke, {"text": ""}),
+        "503": (lambda_module.Service(gone).handle, {"text": SEED_TEXT}),
+        "swap": (invoke, {"text": SEED_TEXT}),
+    }
+    lines = {}
+    for case, (handle, event) in cases.items():
+        if case == "swap":
+            mirror_version(tiny_bundle, mirror_root, 2)  # a promotion: the next request swaps
+        capsys.readouterr()
+        handle(event, SimpleNamespace(aws_request_id=case))
+        lines[case] = printed(capsys.readouterr().out)[1]
+    assert [len(case_lines) for case_lines in lines.values()] == [1, 4, 1, 1, 1]  # the batch: a line per class
+    everything = [line for case_lines in lines.values() for line in case_lines]
+    requests = [case_lines[0] for case_lines in lines.values()]
+
+    filters = {metric_filter.metric: metric_filter for metric_filter in metric_filters()}
+    assert filters.keys() == METRICS.keys()
+    assert lambda_template()["Parameters"]["MetricsNamespace"]["Default"] == "agnews"
+    for name, metric_filter in filters.items():
+        assert metric_filter.log_group == {"Ref": "ClassifierLogGroup"}
+        assert metric_filter.namespace == {"Ref": "MetricsNamespace"}
+        assert EXISTS.fullmatch(metric_filter.pattern), metric_filter.pattern
+        # CloudWatch takes a value or a dimension only from a field that the pattern matched
+        assert {metric_filter.value, *metric_filter.dimensions.values()} <= metric_filter.selected
+        counted = [line for line in everything if metric_filter.counts(line)]
+        for line in counted:
+            value = line[metric_filter.value]
+            assert isinstance(value, int | float) and not isinstance(value, bool) and value >= 0, (name, line)
+            assert all(isinstance(line[field], str) and line[field] for field in metric_filter.dimensions.values())
+        if name in SERVICE_METRICS:  # every request's line, whatever its status
+            assert counted == requests
+        elif name == "ModelSwaps":
+            assert counted == lines["swap"]
+        else:  # the texts answered, by class: the batch's further classes in lines of their own
+            assert counted == [*lines["one text"], *lines["batch"], *lines["swap"]]
+    assert metrics_of(lines["batch"]) == {
+        "Latency": lines["batch"][0]["ms"],
+        "Texts": 5,
+        "4XXError": 0,
+        "5XXError": 0,
+        **{"Predictions:Business": 1, "Predictions:Sci/Tech": 1, "Predictions:Sports": 2, "Predictions:World": 1},
+    }
 
 
 def test_each_request_writes_one_line_with_its_log_fields_metrics_and_captures(
@@ -466,20 +531,21 @@ def test_each_request_writes_one_line_with_its_log_fields_metrics_and_captures(
         assert all(log["request_id"] == request_id for log in logs)
         line, *more = blobs
         assert line["request_id"] == request_id
-        assert all(set(blob) == {"_aws", "predicted_class", "Predictions"} for blob in more)
+        assert all(set(blob) == {"class", "predictions"} for blob in more)
         return response, line, logs, metrics_of(blobs)
 
     texts = [SEED_TEXT, "The Lakers beat the Celtics in overtime", "Oil prices rose"]
     response, line, logs, metrics = handle(v2_event(json.dumps({"texts": texts})), "req-1")
     assert response["statusCode"] == 200
     manifest = hashlib.sha256((stored_folder(mirror_root, 1) / "manifest.json").read_bytes()).hexdigest()
-    assert (line["level"], line["status"], line["service"]) == ("INFO", 200, "agnews")
-    assert (line["model"], line["version"], line["manifest_sha256"]) == (MODEL_NAME, 1, manifest)
+    assert "level" not in line  # INFO, as Lambda reads a line without one
+    assert (line["status"], line["service"], line["request_id"]) == (200, "agnews", "req-1")
+    assert (line["model"], line["version"], line["manifest"]) == (MODEL_NAME, 1, manifest)
     assert any(log["message"].startswith("serving version 1") for log in logs)  # the load, in this request
     answers = json.loads(response["body"])
     predicted = [body["predicted_class"] for body in answers]
     assert metrics == {
-        "Latency": line["Latency"],
+        "Latency": line["ms"],
         "Texts": 3,
         "4XXError": 0,
         "5XXError": 0,
