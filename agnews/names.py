@@ -50,6 +50,7 @@ REGISTERED_ALIAS, REGISTERED_REASON = "registered_alias", "registered_reason"
 # Run tags that mirror (and a register that promotes) write.
 MIRROR_VERSION, MIRROR_POINTER, MIRROR_CHANGED = "mirror.version", "mirror.pointer", "mirror.changed"
 MIRROR_FOLDER, MIRROR_HOW, MIRROR_VIA, MIRROR_RECORDED = "mirror.folder", "mirror.how", "mirror.via", "mirror.recorded"
+MIRROR_CANDIDATE = "mirror.candidate"  # the rollout's candidate that champion.json serves beside the champion
 
 # How @champion came to name a version: the gate, registry.version, registry.rollback, or a move outside the
 # project's steps (the MLflow UI, or its REST API); and a rollout's steps: a candidate started in shadow or canary

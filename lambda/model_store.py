@@ -1,9 +1,12 @@
-"""The champion model, loaded from the mirror layout in S3 or a folder, verified, cached and swapped when promoted.
+"""The champion model, loaded from the mirror layout in S3 or a folder, verified, cached and swapped when promoted;
+and a rollout's candidate beside it.
 
 Layout under the model's root (``bundle.layout`` owns it): ``champion.json`` names ``v<N>-<digest>/manifest.json``
 and its sha256 (``<digest>`` is the start of that sha256); the manifest lists the sha256 of every bundle file beside
 it. Each version is downloaded to its own folder of the store's cache (``Settings.cache_dir``), and every file is
-checked against the manifest before it is loaded.
+checked against the manifest before it is loaded. During a rollout, ``champion.json``'s ``candidate`` names a second
+version, loaded the same way; a candidate that can't be loaded, or that this reader does not understand, costs no
+answer: the champion serves alone, and one log line says why.
 
 A failure is a ``NoModelError`` with a short reason for callers (one of the constants below) and the details, which
 name buckets, keys, paths and digests, for the log only.
@@ -30,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 from settings import LOGGER, NO_MODEL, NoModelError, Settings
 
-from bundle.layout import POINTER, ContractError, Pointer, parse_manifest, parse_pointer, sha256
+from bundle.layout import POINTER, Candidate, ContractError, Pointer, parse_manifest, parse_pointer, sha256
 
 if TYPE_CHECKING:
     from bundle.predictor import Predictor
@@ -180,6 +183,14 @@ class LoadedModel:
     load_s: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """A candidate loaded beside the champion: how it meets traffic (``champion.json``'s candidate) and its model."""
+
+    candidate: Candidate
+    model: LoadedModel
+
+
 def load_version(source: Source, pointer: Pointer, cache_dir: Path) -> LoadedModel:
     """Download (or keep) and verify the files of the version that ``pointer`` names, then load them. Its phases:
     the manifest read and checked, the files fetched (downloaded and hashed as they stream), the onnxruntime
@@ -229,6 +240,8 @@ class ModelStore:
         self._source = source
         self._clock = clock
         self._current: LoadedModel | None = None
+        self._rollout: Rollout | None = None
+        self._refused: str | None = None  # the candidate last refused, so that its log line is written once
         self._problem = NoModelError(UNLOADABLE, "no model loaded yet")
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
@@ -247,6 +260,10 @@ class ModelStore:
             problem = self._problem
             raise NoModelError(problem.reason, problem.detail)  # a new one: a re-raised one would grow its traceback
         return current
+
+    def rollout(self) -> Rollout | None:
+        """The candidate to serve beside the model that ``get`` returned, if a rollout is under way."""
+        return self._rollout
 
     def refresh(self) -> None:
         """Load the champion if it changed. With a model in place, a refresh under way elsewhere is not waited for;
@@ -282,13 +299,38 @@ class ModelStore:
             threading.Thread(target=_import_predictor, daemon=True).start()
         source = self._source = self._source or open_source(self.settings)
         pointer = _parse(source, POINTER, _read(source, POINTER), parse_pointer)
-        old = self._current
+        old, rollout = self._current, self._rollout
         # The manifest's digest, not only the version: the same version number mirrored again with other bytes (a
         # second registry's v1 in a shared bucket) is another model.
-        if old is not None and old.manifest_sha256 == pointer.manifest_sha256:
-            return
-        new = load_version(source, pointer, self.settings.cache_dir)
-        self._current = new
-        log.info("serving version %s from %s", new.version, source.url(POINTER), extra={"load_s": new.load_s})
-        if old is not None and old.folder != new.folder:
-            shutil.rmtree(old.folder, ignore_errors=True)
+        if old is None or old.manifest_sha256 != pointer.manifest_sha256:
+            if rollout is not None and rollout.model.manifest_sha256 == pointer.manifest_sha256:
+                new = rollout.model  # a promoted candidate: loaded already
+            else:
+                new = load_version(source, pointer, self.settings.cache_dir)
+            self._current = new
+            log.info("serving version %s from %s", new.version, source.url(POINTER), extra={"load_s": new.load_s})
+        self._rollout = self._load_candidate(source, pointer)
+        kept = {loaded.folder for loaded in (self._current, self._rollout.model if self._rollout else None) if loaded}
+        for loaded in (old, rollout.model if rollout else None):
+            if loaded is not None and loaded.folder not in kept:
+                shutil.rmtree(loaded.folder, ignore_errors=True)
+
+    def _load_candidate(self, source: Source, pointer: Pointer) -> Rollout | None:
+        """The candidate that ``pointer`` names, loaded (or kept) beside the champion; None when there is none, or
+        it can't be served (one log line says why, once per candidate)."""
+        candidate, current = pointer.candidate, self._rollout
+        if candidate is None:
+            if pointer.refused is not None and pointer.refused != self._refused:
+                log.error("serving version %s alone: %s", pointer.version, pointer.refused)
+            self._refused = pointer.refused
+            return None
+        if current is not None and current.model.manifest_sha256 == candidate.manifest_sha256:
+            return Rollout(candidate, current.model)  # its mode or weight may have changed
+        try:
+            as_pointer = Pointer(pointer.model_name, candidate.version, candidate.manifest, candidate.manifest_sha256)
+            model = load_version(source, as_pointer, self.settings.cache_dir)
+        except NoModelError as exc:
+            log.error("serving version %s alone: candidate %s: %s", pointer.version, candidate.version, exc.detail)
+            return None
+        log.info("candidate version %s beside %s: %s", candidate.version, pointer.version, candidate.mode)
+        return Rollout(candidate, model)

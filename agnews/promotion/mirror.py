@@ -38,6 +38,7 @@ from agnews.names import (
     CANDIDATE,
     CHAMPION,
     GATE_TAG,
+    MIRROR_CANDIDATE,
     MIRROR_CHANGED,
     MIRROR_FOLDER,
     MIRROR_HOW,
@@ -96,6 +97,7 @@ class Mirrored:
     recorded: str | None = None  # what record_champion did, when @champion had been moved outside the pipeline
     how: How = "gate"
     via: Via = "mirror"
+    candidate: int | None = None  # the candidate served beside it, during a rollout
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -106,7 +108,8 @@ class Mirrored:
             MIRROR_HOW: self.how,
             MIRROR_VIA: self.via,
         }
-        return tags | ({MIRROR_RECORDED: self.recorded} if self.recorded else {})
+        tags |= {MIRROR_RECORDED: self.recorded} if self.recorded else {}
+        return tags | ({MIRROR_CANDIDATE: str(self.candidate)} if self.candidate is not None else {})
 
 
 def stored_digest(storage: Storage, key: str) -> dict[str, str | int] | None:
@@ -392,7 +395,9 @@ def publish(
                 f"{storage.url(model.pointer)} names {name} v{number} now, but {exc}; the next register, mirror or "
                 "webhook reconcile records the move (marked recovered)"
             ) from None
-    return Mirrored(number, storage.url(model.pointer), bool(written) or moved, folder, recorded, how, via)
+    changed = bool(written) or moved
+    beside = candidate.version if candidate else None
+    return Mirrored(number, storage.url(model.pointer), changed, folder, recorded, how, via, beside)
 
 
 @dataclass(frozen=True)
@@ -405,6 +410,7 @@ class Reconciliation:
     served: int | None
     mirrored: Mirrored | None
     recovered: history.Entry | None = None
+    candidate: int | None = None  # the candidate that storage serves after it
 
 
 def candidate_agrees(client: MlflowClient, name: str, pointer: Pointer | None) -> bool:
@@ -433,7 +439,8 @@ def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -
         client.delete_registered_model_alias(model.name, CANDIDATE)
         log.warning("v%s is @%s and still @%s: its promotion is completed", champion, CHAMPION, CANDIDATE)
     if champion is None or (champion == served and candidate_agrees(client, model.name, pointer)):
-        return Reconciliation(champion, served, None, found)
+        beside = pointer.candidate.version if pointer and pointer.candidate else None
+        return Reconciliation(champion, served, None, found, beside)
     candidate = f" and @{CANDIDATE} v{current[CANDIDATE]}" if current.get(CANDIDATE, champion) != champion else ""
     log.warning(
         "storage serves %s, but @%s is v%s%s: mirroring %s first",
@@ -444,7 +451,7 @@ def reconcile(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -
         "them" if candidate else f"v{champion}",
     )
     mirrored = publish(model, lease, client, via, recorded=recorded)
-    return Reconciliation(champion, mirrored.version, mirrored, found)
+    return Reconciliation(champion, mirrored.version, mirrored, found, mirrored.candidate)
 
 
 def mirror(registry: RegistrySettings, storage: StorageSettings) -> Mirrored:

@@ -20,9 +20,11 @@ A retry resends the same delivery id, timestamp and signature. The receiver answ
 - 401, doing nothing, when the signature is missing or wrong, or the timestamp is more than ``TOLERANCE_SECONDS``
   (300) from now;
 - 400 for a signed body that is not a webhook payload (not JSON, or nested beyond what the parser takes);
-- 200 ``ignored`` for other entities, other models and other aliases than @champion (the test deliveries of
-  ``register`` name MLflow's ``example_model``, and so are answered this way once their signature checks out);
-- 200 ``noted`` when @champion was deleted: there is nothing new to serve, and storage keeps serving its version;
+- 200 ``ignored`` for other entities, other models and other aliases than @champion and @candidate (the test
+  deliveries of ``register`` name MLflow's ``example_model``, and so are answered this way once their signature
+  checks out);
+- 200 ``noted`` when @champion was deleted: there is nothing new to serve, and storage keeps serving its version (a
+  deleted @candidate is accepted: the rollout's candidate leaves ``champion.json``);
 - 200 ``duplicate`` for a delivery id it has accepted before;
 - 202 ``accepted`` otherwise, and the reconcile runs at once.
 """
@@ -50,7 +52,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 
 from agnews.errors import ConfigError, PipelineError
-from agnews.names import CHAMPION, WEBHOOK_SECRET_ENV, Via
+from agnews.names import CANDIDATE, CHAMPION, WEBHOOK_SECRET_ENV, Via
 from agnews.promotion.mirror import ModelStore, model_lease, reconcile
 from agnews.settings import RegistrySettings, StorageSettings, WebhookSettings
 
@@ -138,6 +140,7 @@ class Reconciled:
     ok: bool
     registry: int | None
     served: int | None
+    candidate: int | None = None  # the rollout's candidate that storage serves beside the champion
 
 
 class Receiver:
@@ -191,6 +194,7 @@ class Receiver:
             "reconcile_s": self.reconcile_s,
             "last_reconcile": asdict(self.last) if self.last else None,
             "champion": {"registry": self.last.registry, "served": self.last.served} if self.last else None,
+            "candidate": {"served": self.last.candidate} if self.last else None,
             "seconds_since_agreed": since,
             "deliveries": dict(self.deliveries),
         }
@@ -227,11 +231,12 @@ class Receiver:
             self._seen[delivery_id] = None
             if len(self._seen) > REMEMBERED:
                 self._seen.popitem(last=False)
-        if event.action == "deleted":
+        if event.action == "deleted" and event.alias == CHAMPION:
             note = f"@{CHAMPION} of {event.name} was deleted: storage keeps serving its version"
             log.warning("delivery %s: %s", delivery_id, note)
             return 200, {"status": "noted", "reason": note}
-        log.info("delivery %s: @%s of %s moved to v%s", delivery_id, CHAMPION, event.name, event.version)
+        moved = "was deleted" if event.action == "deleted" else f"moved to v{event.version}"
+        log.info("delivery %s: @%s of %s %s", delivery_id, event.alias, event.name, moved)
         self._pending.set()
         return 202, {"status": "accepted", "delivery": delivery_id}
 
@@ -240,25 +245,26 @@ class Receiver:
             return f"entity {event.entity!r}: only {ENTITY} events move the champion"
         if event.name != self.model_name:
             return f"model {event.name!r}: this receiver serves {self.model_name!r}"
-        if event.alias != CHAMPION:
-            return f"alias @{event.alias}: only @{CHAMPION} is served"
+        if event.alias not in (CHAMPION, CANDIDATE):
+            return f"alias @{event.alias}: only @{CHAMPION} and @{CANDIDATE} are served"
         return None
 
     def reconcile(self, via: Via) -> Reconciled:
         """Compare @champion with ``champion.json`` and mirror when they differ (``mirror.reconcile``, under the
         model's lease); never raises: a failure is its outcome, and one log line."""
-        registry = served = None
+        registry = served = candidate = None
         try:
             model = ModelStore.open(self.registry, self.storage)
             with model_lease(model, self.storage, "reconcile") as (lease, client):
                 found = reconcile(model, lease, client, via)
-            registry, served = found.champion, found.served
+            registry, served, candidate = found.champion, found.served, found.candidate
+            beside = f" with @{CANDIDATE} v{candidate}" if candidate is not None else ""
             if found.mirrored is not None:
-                outcome = f"mirrored @{CHAMPION} v{found.mirrored.version} to {found.mirrored.pointer}"
+                outcome = f"mirrored @{CHAMPION} v{found.mirrored.version}{beside} to {found.mirrored.pointer}"
             elif registry is None:
                 outcome = f"the registry has no @{CHAMPION} for {self.model_name}: nothing to serve"
             else:
-                outcome = f"storage serves @{CHAMPION} v{served}"
+                outcome = f"storage serves @{CHAMPION} v{served}{beside}"
             if found.recovered is not None:
                 outcome = f"recorded the move to v{found.recovered.to.version} that the history lacked; {outcome}"
             if found.mirrored is not None or found.recovered is not None:
@@ -277,7 +283,7 @@ class Receiver:
         elif self.disagreed_at is None:
             self.disagreed_at = time.time()
         at = datetime.now(UTC).isoformat(timespec="seconds")
-        self.last = Reconciled(at, outcome, ok, registry, served)
+        self.last = Reconciled(at, outcome, ok, registry, served, candidate)
         return self.last
 
     def _work(self) -> None:
