@@ -13,10 +13,11 @@ import re
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -151,12 +152,11 @@ TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 
 def without_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
     """An HTTP(S) URI without its user info, and the (username, password) that it carried, if any."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+    rest, userinfo = split_userinfo(uri)
+    if urlsplit(rest).scheme not in ("http", "https") or userinfo is None:
         return uri, None
-    userinfo, _, host = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=host)), (unquote(username), unquote(password))
+    return rest, (unquote(username), unquote(password))
 
 
 def credentials_out_of_environment() -> None:
@@ -193,6 +193,16 @@ def redact(text: str) -> str:
     digits followed by an unencoded ``/`` reads as a port and stays: percent-encode it (``%2F``).
     """
     return _USERINFO.sub(r"\1***@", text)
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None]:
+    """``uri`` without its user info, and the user info (None if it has none), as ``redact`` reads them: the user
+    info ends at the last ``@`` before the host, though the password holds an unencoded ``/``, ``#`` or ``?``."""
+    match = _USERINFO.match(uri)
+    if match is None:
+        return uri, None
+    scheme = match.group(1)
+    return scheme + uri[match.end() :], match.group(0)[len(scheme) : -1]
 
 
 def _redacted(node: Any) -> Any:
@@ -244,16 +254,42 @@ def code_version() -> str:
 Args = ParamSpec("Args")
 
 
+@functools.cache
+def redact_log_records() -> None:
+    """Every log record from now on, its message and its traceback, with ``redact``: a library's warning (MLflow's
+    retries, a driver's message) that quotes a URI shows no credentials."""
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            record.msg, record.args = redact(record.getMessage()), None
+        except (TypeError, ValueError):  # arguments that do not fit the format: logging reports those itself
+            return record
+        if record.exc_info:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
+
+
 def command(main: Callable[Args, None]) -> Callable[Args, None]:
     """Wrap a command line's ``main`` so that a PipelineError ends it as one line, ``error: <message>``, with exit
-    status 1. Every entry point goes through it: the Hydra steps through ``entrypoint``, the argparse ones directly."""
+    status 1. Every entry point goes through it: the Hydra steps through ``entrypoint``, the argparse ones directly.
+
+    Nothing it prints holds credentials: the line, the log records (``redact_log_records``) and the traceback of any
+    other exception, which it prints itself (exit status 1), so that Hydra does not echo the overrides."""
 
     @functools.wraps(main)
     def guarded(*args: Args.args, **kwargs: Args.kwargs) -> None:
+        redact_log_records()
         try:
             main(*args, **kwargs)
         except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact(str(exc))}", file=sys.stderr)
+            sys.exit(1)
+        except Exception:
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
             sys.exit(1)
 
     return guarded

@@ -27,6 +27,7 @@ from agnews.config import (
     to_yaml,
     without_credentials,
 )
+from agnews.database import tracking_store, unreachable
 from agnews.errors import TrackingError
 from agnews.settings import Settings, TrackingSettings
 
@@ -52,20 +53,26 @@ def quiet_artifact_bars() -> None:
 
 
 def connect(tracking: TrackingSettings) -> None:
-    """Point MLflow at ``tracking.uri`` and its experiment; a server that does not answer fails in seconds.
+    """Point MLflow at ``tracking.uri`` and its experiment; a server or database that does not answer fails in
+    seconds, and a malformed URI at once, each in one line without the URI's credentials.
 
     Under ``mlflow run``, which has started the run already, the run's own experiment stays.
     """
     quiet_artifact_bars()
     # Credentials in an http(s) URI move to MLflow's MLFLOW_TRACKING_USERNAME/PASSWORD, and MLflow gets the URI
     # without them: MLflow prints its tracking URI ("View run ... at http://...") and passes it on to subprocesses.
+    store = tracking_store(str(tracking.uri))  # a malformed URI fails here, in one line
     uri, credentials = without_credentials(str(tracking.uri))
     shown = redact(str(tracking.uri))
     if credentials:
         os.environ[USERNAME_VARIABLE], os.environ[PASSWORD_VARIABLE] = credentials
     scheme = urlparse(uri).scheme
     artifact_location = None
-    if scheme in ("http", "https"):
+    if store is not None and scheme != "sqlite":
+        # before MLflow, which retries for minutes, printing the driver's messages
+        if why := unreachable(store, tracking.connect_timeout_s):
+            raise TrackingError(f"cannot reach the tracking store at {shown}: {why}")
+    elif scheme in ("http", "https"):
         auth = (
             (os.environ[USERNAME_VARIABLE], os.environ.get(PASSWORD_VARIABLE, ""))
             if os.environ.get(USERNAME_VARIABLE)

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from agnews import names
 from agnews.config import redact
 from agnews.data import StoredDataset
+from agnews.database import database_url, reason
 from agnews.errors import ConfigError, TuneError
 from agnews.pipeline import train_and_register
 from agnews.promotion.registry import Verdict
@@ -62,7 +63,9 @@ def storage_url(tune: TuneSettings, tracking: TrackingSettings) -> str:
             f"tune.storage=null puts the study beside a SQLite tracking store, but tracking.uri is "
             f"{redact(str(tracking.uri))}: set tune.storage to an RDB URL that every worker reaches"
         )
-    return f"sqlite:///{Path(store.path[1:]).resolve().parent / 'optuna.db'}"
+    folder = Path(store.path[1:]).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)  # as connect() makes it for the tracking store
+    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def mark_lost(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -79,6 +82,7 @@ def study_storage(tune: TuneSettings, tracking: TrackingSettings) -> optuna.stor
     """The study's RDB storage, with heartbeats: a trial whose worker dies is failed (not re-queued) by the next
     worker that asks for a trial, which also fails its MLflow run (``mark_lost``)."""
     url = storage_url(tune, tracking)
+    database_url("tune.storage", url)  # a malformed URL fails here, in one line
 
     def connect_storage() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
@@ -95,16 +99,16 @@ def study_storage(tune: TuneSettings, tracking: TrackingSettings) -> optuna.stor
             time.sleep(1)
         return connect_storage()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # unreachable, refused, or no driver installed
-        reason = redact(str(exc).strip().splitlines()[0])
-        raise TuneError(f"tune.storage={redact(url)} cannot be opened: {type(exc).__name__}: {reason}") from None
+        raise TuneError(f"tune.storage={redact(url)} cannot be opened: {reason(exc)}") from None
 
 
-def open_study(tune: TuneSettings, tracking: TrackingSettings, seed: int) -> tuple[optuna.Study, bool]:
-    """Create ``tune.study`` or join it; True when this process created it (creation is atomic in the RDB).
+def open_study(tune: TuneSettings, storage: optuna.storages.RDBStorage, seed: int) -> tuple[optuna.Study, bool]:
+    """Create ``tune.study`` in ``storage`` or join it; True when this process created it (creation is atomic in the
+    RDB).
 
     The creator seeds TPE with ``seed``; a joining worker draws its own seed, or it would propose the same points.
     """
-    storage, name = study_storage(tune, tracking), str(tune.study)
+    name = str(tune.study)
 
     def sampler(seed: int | None) -> optuna.samplers.TPESampler:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials)
@@ -314,13 +318,14 @@ def check_recipe_free(tune: TuneSettings) -> None:
 def tune(cfg: Settings) -> Verdict | None:
     """Create or join the study, run trials, and (``tune.retrain``) re-train and register its winner."""
     check_recipe_free(cfg.tune)
+    storage = study_storage(cfg.tune, cfg.tracking)  # first: a storage that fails says so in its one line, alone
     connect(cfg.tracking)
-    study, created = open_study(cfg.tune, cfg.tracking, cfg.seed)
+    study, created = open_study(cfg.tune, storage, cfg.seed)
     if created:
         with step_run(cfg, "tune") as parent:
             study.set_user_attr(names.STUDY_PARENT_ATTR, parent.info.run_id)
-            storage = redact(storage_url(cfg.tune, cfg.tracking))
-            mlflow.set_tags({names.STUDY_TAG: study.study_name, names.STUDY_STORAGE_TAG: storage})
+            shown = redact(storage_url(cfg.tune, cfg.tracking))
+            mlflow.set_tags({names.STUDY_TAG: study.study_name, names.STUDY_STORAGE_TAG: shown})
             mlflow.log_dict(cfg.model.search, names.SEARCH_SPACE_ARTIFACT)
             search(cfg.tune, study, functools.partial(run_trial, cfg, parent=parent))
             return finish(cfg, study, parent) if cfg.tune.retrain else None
