@@ -117,6 +117,13 @@ def _closest(word: str, choices: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+@functools.cache
+def _config_keys(chosen: tuple[str, ...]) -> list[str]:
+    """Every dotted key of the config composed with these group options: the same for each override that chooses
+    them, so composed once per choice (most commands choose none)."""
+    return _dotted_keys(OmegaConf.to_container(_compose(list(chosen)), resolve=False))
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Refuse, in one line that names the closest key or option, an override the config cannot take.
 
@@ -136,7 +143,7 @@ def check_overrides(overrides: list[str]) -> None:
             raise ConfigError(
                 f"{override}: no such option{_closest(option, groups[name])} (choose from {', '.join(groups[name])})"
             )
-    keys = _dotted_keys(OmegaConf.to_container(_compose(chosen), resolve=False))
+    keys = _config_keys(tuple(chosen))
     for o in parsed:
         key = o.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups or key in keys:
