@@ -131,6 +131,9 @@ def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "mlflow.db"
 
 
+MAKE_CFG_DB = Path("mlflow", "mlflow.db")  # make_cfg's tracking store, under tmp_path
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Compose the config with local storage and tracking under tmp_path, plus any overrides."""
@@ -141,13 +144,21 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return compose(
             [
                 f"storage.uri={tmp_path / 'store'}",
-                f"tracking.uri=sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+                f"tracking.uri=sqlite:///{tmp_path / MAKE_CFG_DB}",
                 f"train.output_dir={tmp_path / 'checkpoints'}",
                 *overrides,
             ]
         )
 
     return make
+
+
+@pytest.fixture
+def make_cfg_store(mlflow_db: Path, tmp_path: Path) -> Path:
+    """make_cfg's tracking store with its tables made (a copy of ``mlflow_db``), for a test that logs a run but does
+    not test the store's creation: MLflow takes seconds to make a store's tables."""
+    (tmp_path / MAKE_CFG_DB).parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(mlflow_db, tmp_path / MAKE_CFG_DB))
 
 
 # Seconds that `mlflow server` may take to create its SQLite schema and answer /health from every worker.

@@ -164,7 +164,13 @@ def test_the_monitor_profile_runs_the_monitor_step_against_the_stack(cli: list[s
 
 @pytest.mark.parametrize(("sample_size", "expected"), [("", 5000), ("1234", 1234), ("0", 0)])
 def test_sample_size_in_env_sets_the_logged_sample_size(
-    cli: list[str], env_file: Path, make_cfg, monkeypatch: pytest.MonkeyPatch, sample_size: str, expected: int
+    cli: list[str],
+    env_file: Path,
+    make_cfg,
+    make_cfg_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sample_size: str,
+    expected: int,
 ) -> None:
     """SAMPLE_SIZE from .env reaches the trainer's environment, where it sets data.sample_size's default: an
     empty value leaves conf/'s 5000 (the image's entrypoint unsets empty variables), and an override still wins."""

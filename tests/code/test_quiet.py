@@ -29,7 +29,7 @@ def test_loading_a_pretrained_model_prints_no_layer_list(
 
 
 def test_artifact_transfers_draw_no_bars_in_a_log(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+    make_cfg, make_cfg_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     """A step's stderr here is captured, not a terminal, as in a log file: MLflow's artifact bars stay off."""
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset below, restored after the test")
