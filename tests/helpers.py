@@ -26,10 +26,8 @@ from typing import Any, NamedTuple, NoReturn
 import boto3
 import pytest
 import requests
-from cfnlint.decode import decode
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.promotion.mirror import point_to, put_verified
 from agnews.storage import LocalStorage
 from bundle.layout import MANIFEST, POINTER, manifest_bytes, sha256, version_folder
 
@@ -192,6 +190,8 @@ LAMBDA_ENV = (
 
 def lambda_template() -> dict[str, Any]:
     """lambda/template.yaml, read by cfn-lint's loader (which knows ``!Ref`` and ``!Sub``)."""
+    from cfnlint.decode import decode  # here, not at the top: every pytest process imports this module
+
     template, problems = decode(str(LAMBDA_DIR / "template.yaml"))
     assert not problems
     return template
@@ -358,6 +358,8 @@ def mirror_version(bundle: Path, root: Path, version: int, champion: bool = True
     """Lay ``bundle`` out as ``root/v<version>-<digest>/`` with its manifest, through the mirror step's own
     ``put_verified`` (the manifest last); then, if asked, point champion.json at it with its ``point_to``. Returns
     the folder."""
+    from agnews.promotion.mirror import point_to, put_verified  # MLflow loads only for the tests that mirror
+
     storage = LocalStorage(root)
     files = {path.name: path.read_bytes() for path in sorted(bundle.iterdir())}
     manifest = manifest_bytes(MODEL_NAME, version, "test", {}, files, datetime.now(UTC).isoformat())
@@ -379,6 +381,8 @@ def point_champion(folder: Path) -> Path:
     """Point the champion.json beside ``folder`` at its manifest with the mirror step's ``point_to``, for the version
     that the folder's name gives. A manifest changed since it was laid out first moves its folder to the name its
     digest gives, where the mirror would have written it. Returns the folder."""
+    from agnews.promotion.mirror import point_to
+
     version = int(re.fullmatch(r"v(\d+)-[0-9a-f]+", folder.name).group(1))
     manifest = (folder / MANIFEST).read_bytes()
     named = folder.rename(folder.with_name(version_folder(version, sha256(manifest))))
