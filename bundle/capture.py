@@ -9,12 +9,15 @@ entry:
 - ``time``: when the request was answered, milliseconds since the epoch (UTC);
 - ``request_id``: the Lambda request id (null where there is none, as on the command line);
 - ``model``, ``version``, ``manifest``: the model that answered (``champion.json``'s name, version and the sha256
-  of the manifest it was verified against, in hex);
+  of the manifest it was verified against);
 - ``ms``: milliseconds of the whole request (the ``Latency`` metric);
 - per entry: ``class`` (the predicted class), ``p`` (each label's probability, rounded to ``DECIMALS``; the
   confidence is the predicted class's), ``tokens`` (the text's tokens that the model read), ``cut`` (whether the
-  model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, in hex, so that labels given
-  later can be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
+  model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, so that labels given later can
+  be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
+
+The line writes both digests in unpadded base64url (``line_digest``: 43 characters, where hex takes 64, as CloudWatch
+bills every byte); a record holds them in hex, as ``champion.json`` and a labels file do.
 
 Lines without ``captures`` (errors, GET, a rate that kept none) are log lines only, and never reach the capture
 store. The store holds the lines as Amazon Data Firehose delivers them: ``captures/<model>/YYYY/MM/DD/HH/<object>``
@@ -23,16 +26,20 @@ store. The store holds the lines as Amazon Data Firehose delivers them: ``captur
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bundle.layout import ContractError, _field, _object, _sha, _version, sha256
+from bundle.layout import ContractError, _field, _object, _version, sha256
 
 CAPTURES = "captures"  # the key of the line's entries, and the store's prefix
 DECIMALS = 4  # of each captured probability
 PARTITION = "%Y/%m/%d/%H"  # Firehose's default time partition of a prefix, in UTC
+# 32 bytes in unpadded base64url: 42 characters and a last one that holds 4 bits (its 2 low bits 0)
+LINE_DIGEST = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,19 @@ def text_sha256(text: str) -> str:
     return sha256(text.encode("utf-8"))
 
 
+def line_digest(hex_digest: str) -> str:
+    """A sha256 hex digest as the line writes it: its 32 bytes in unpadded base64url."""
+    return base64.urlsafe_b64encode(bytes.fromhex(hex_digest)).rstrip(b"=").decode()
+
+
+def _digest(doc: dict[str, Any], name: str, where: str) -> str:
+    """The line's digest ``name`` (``line_digest``), in hex."""
+    value = _field(doc, name, str, where)
+    if not LINE_DIGEST.fullmatch(value):
+        raise ContractError(f"{where}: {name!r} is not a sha256 digest in unpadded base64url")
+    return base64.urlsafe_b64decode(value + "=").hex()
+
+
 def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: bool) -> dict[str, Any]:
     """The line's entry for one text, from its answer (``Predictor.results``' dict): the text itself only if
     ``keep_text``."""
@@ -67,7 +87,7 @@ def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: 
         "p": {label: round(p, DECIMALS) for label, p in result["probabilities"].items()},
         "tokens": tokens,
         "cut": cut,
-        "text_sha256": text_sha256(text),
+        "text_sha256": line_digest(text_sha256(text)),
     }
     return doc | {"text": text} if keep_text else doc
 
@@ -93,7 +113,7 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
     tokens = _field(item, "tokens", int, where)
     if tokens < 0:
         raise ContractError(f"{where}: 'tokens' is negative")
-    digest = _sha(item, "text_sha256", where)
+    digest = _digest(item, "text_sha256", where)
     text = _field(item, "text", str, where) if "text" in item else None
     if text is not None and text_sha256(text) != digest:
         raise ContractError(f"{where}: 'text_sha256' is not the sha256 of 'text'")
@@ -108,7 +128,7 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
         request_id=request_id,
         model_name=_field(line, "model", str, where),
         model_version=_version(line, where),
-        manifest_sha256=_sha(line, "manifest", where),
+        manifest_sha256=_digest(line, "manifest", where),
         predicted_class=predicted,
         confidence=float(probabilities[predicted]),
         probabilities={label: float(p) for label, p in probabilities.items()},

@@ -45,7 +45,7 @@ from events import BadRequest, HttpEvent, http_event, http_method, parse_texts
 from settings import LOGGER, NoModelError, Settings, SettingsError
 from snapshot_restore_py import register_after_restore, register_before_snapshot
 
-from bundle.capture import CAPTURES, entry
+from bundle.capture import CAPTURES, entry, line_digest
 
 if TYPE_CHECKING:
     from model_store import ModelStore
@@ -178,13 +178,14 @@ class Outcome:
 
 def request_lines(status: int, latency_ms: float, outcome: Outcome, request_id: str | None, time_ms: int) -> list[str]:
     """The request's line (see the module's docstring), and a ``predictions`` line for each class after the first.
-    The field names are short, as CloudWatch bills every byte: ``ms`` is the latency, ``err4xx`` and ``err5xx`` are
-    1 or 0, ``swaps`` is there when a new version answered; the template's metric filters name them."""
+    The field names are short, as CloudWatch bills every byte, and the digests are in base64url (``line_digest``):
+    ``ms`` is the latency, ``err4xx`` and ``err5xx`` are 1 or 0, ``swaps`` is there when a new version answered; the
+    template's metric filters name them."""
     line: dict[str, Any] = {"level": LEVELS[status]} if status in LEVELS else {}
     line |= {"time": time_ms, "request_id": request_id, "status": status}
     if outcome.model is not None:
         model = outcome.model
-        line |= {"model": model.model_name, "version": model.version, "manifest": model.manifest_sha256}
+        line |= {"model": model.model_name, "version": model.version, "manifest": line_digest(model.manifest_sha256)}
     if outcome.problem is not None:
         line["problem"] = outcome.problem
     line |= {"service": SERVICE, "ms": round(latency_ms, 3), "texts": outcome.texts}

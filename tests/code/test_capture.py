@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import boto3
 import pytest
 
-from bundle.capture import CAPTURES, object_prefix, parse_line, parse_lines
+from bundle.capture import CAPTURES, line_digest, object_prefix, parse_line, parse_lines
 from bundle.layout import ContractError
 from tests.helpers import (
     LAMBDA_DIR,
@@ -60,7 +60,7 @@ def good_line() -> dict:
         "status": 200,
         "model": MODEL_NAME,
         "version": 3,
-        "manifest": "a" * 64,
+        "manifest": line_digest("a" * 64),
         "ms": 4.5,
         "time": 1_796_000_000_000,
         CAPTURES: [
@@ -69,7 +69,7 @@ def good_line() -> dict:
                 "p": {"World": 0.1, "Sports": 0.7, "Business": 0.1, "Sci/Tech": 0.1},
                 "tokens": 12,
                 "cut": False,
-                "text_sha256": hashlib.sha256(b"x").hexdigest(),
+                "text_sha256": line_digest(hashlib.sha256(b"x").hexdigest()),
             }
         ],
     }
@@ -107,7 +107,11 @@ def broken(change) -> str:
         (broken(lambda line, e: line.update(ms=float("nan"))), "'ms' nan is not a duration"),
         (broken(lambda line, e: line.update(ms=-1)), "'ms' -1 is not a duration"),
         (broken(lambda line, e: line.update(version=0)), "is not a version number"),
-        (broken(lambda line, e: line.update(manifest="abc")), "'manifest' is not a sha256"),
+        (
+            broken(lambda line, e: line.update(manifest="abc")),
+            "'manifest' is not a sha256 digest in unpadded base64url",
+        ),
+        (broken(lambda line, e: line.update(manifest="a" * 64)), "'manifest' is not a sha256 digest"),  # hex
         (broken(lambda line, e: line.update(request_id=5)), "'request_id' is int"),
         (broken(lambda line, e: line.update(captures={})), "'captures' is dict"),
         (broken(lambda line, e: e.update({"class": "Weather"})), "not among the labels of 'p'"),
@@ -116,7 +120,8 @@ def broken(change) -> str:
         (broken(lambda line, e: e.update(p={})), "'p' is empty"),
         (broken(lambda line, e: e.update(tokens=-1)), "'tokens' is negative"),
         (broken(lambda line, e: e.update(cut=0)), "'cut' is int"),
-        (broken(lambda line, e: e.update(text_sha256="A" * 64)), "'text_sha256' is not a sha256"),
+        (broken(lambda line, e: e.update(text_sha256="A" * 43 + "=")), "'text_sha256' is not a sha256 digest"),
+        (broken(lambda line, e: e.update(text_sha256="A" * 42 + "B")), "'text_sha256' is not a sha256 digest"),
         (broken(lambda line, e: e.update(text="not x")), "is not the sha256 of 'text'"),
         (broken(lambda line, e: e.pop("p")), "lacks 'p'"),
     ],

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from agnews.config import PROJECT_ROOT
-from bundle.capture import parse_line
+from bundle.capture import line_digest, parse_line
 from bundle.layout import INPUTS, OUTPUT
 from bundle.predictor import Predictor, Reading
 from tests.helpers import (
@@ -540,7 +540,7 @@ def test_each_request_writes_one_line_with_its_log_fields_metrics_and_captures(
     manifest = hashlib.sha256((stored_folder(mirror_root, 1) / "manifest.json").read_bytes()).hexdigest()
     assert "level" not in line  # INFO, as Lambda reads a line without one
     assert (line["status"], line["service"], line["request_id"]) == (200, "agnews", "req-1")
-    assert (line["model"], line["version"], line["manifest"]) == (MODEL_NAME, 1, manifest)
+    assert (line["model"], line["version"], line["manifest"]) == (MODEL_NAME, 1, line_digest(manifest))
     assert any(log["message"].startswith("serving version 1") for log in logs)  # the load, in this request
     answers = json.loads(response["body"])
     predicted = [body["predicted_class"] for body in answers]
@@ -554,7 +554,7 @@ def test_each_request_writes_one_line_with_its_log_fields_metrics_and_captures(
     records = parse_line(json.dumps(line))
     assert [record.predicted_class for record in records] == predicted
     assert [record.text_sha256 for record in records] == [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    assert {record.request_id for record in records} == {"req-1"}
+    assert {(record.request_id, record.manifest_sha256) for record in records} == {("req-1", manifest)}
     assert all(record.text is None for record in records)
 
     response, line, _, metrics = handle({"text": ""}, "req-2")
