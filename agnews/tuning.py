@@ -82,7 +82,7 @@ def study_storage(tune: TuneSettings, tracking: TrackingSettings) -> optuna.stor
     """The study's RDB storage, with heartbeats: a trial whose worker dies is failed (not re-queued) by the next
     worker that asks for a trial, which also fails its MLflow run (``mark_lost``)."""
     url = storage_url(tune, tracking)
-    database_url("tune.storage", url)  # a malformed URL fails here, in one line
+    database_url(f"{tune.prefix}.storage", url)  # a malformed URL fails here, in one line
 
     def connect_storage() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
