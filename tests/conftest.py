@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
+import logging
 import os
 import pwd
 import re
@@ -24,9 +26,11 @@ import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from agnews.config import compose
+from agnews.config import PROJECT_ROOT, compose
 from agnews.settings import Settings
 from tests.helpers import (
+    STEP_UNSET,
+    Called,
     TrainRuns,
     WebhookReceiver,
     answers,
@@ -159,6 +163,38 @@ def make_cfg_store(mlflow_db: Path, tmp_path: Path) -> Path:
     not test the store's creation: MLflow takes seconds to make a store's tables."""
     (tmp_path / MAKE_CFG_DB).parent.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(mlflow_db, tmp_path / MAKE_CFG_DB))
+
+
+@pytest.fixture
+def call_step(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Called]]:
+    """``call(step, *args)``: ``python -m steps.<step> args...`` called in this process: the step module's ``main``
+    with those arguments in ``sys.argv``, from the project root and without ``STEP_UNSET``, as ``run_step`` runs it.
+    For a test of what a command line answers before it runs anything, where a process of its own would only add
+    its imports. Returns the exit status and what it printed. The log redaction that an entry point installs for
+    good (``redact_log_records``) is taken back after the test: no other test in this process finds it installed."""
+    from agnews.config import redact_log_records
+
+    factory, installed = logging.getLogRecordFactory(), redact_log_records.cache_info().currsize
+
+    def call(step: str, *args: str) -> Called:
+        main = importlib.import_module(f"steps.{step}").main
+        monkeypatch.setattr(sys, "argv", [f"steps.{step}", *args])
+        monkeypatch.chdir(PROJECT_ROOT)
+        for name in STEP_UNSET:
+            monkeypatch.delenv(name, raising=False)
+        capfd.readouterr()
+        try:
+            main()
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capfd.readouterr()
+        return Called(status, out, err)
+
+    yield call
+    logging.setLogRecordFactory(factory)
+    if not installed:
+        redact_log_records.cache_clear()
 
 
 # Seconds that `mlflow server` may take to create its SQLite schema and answer /health from every worker.

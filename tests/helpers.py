@@ -122,6 +122,14 @@ def run_step(
     return done
 
 
+class Called(NamedTuple):
+    """What a step called in the test's own process (the ``call_step`` fixture) answered: as ``run_step``'s."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

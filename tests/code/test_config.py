@@ -204,12 +204,6 @@ def test_a_number_keeps_the_type_it_was_written_in() -> None:
         ),
     ],
 )
-def test_the_command_line_answers_a_bad_value_in_one_line(step: str, override: str, message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", f"steps.{step}", override],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_the_command_line_answers_a_bad_value_in_one_line(call_step, step: str, override: str, message: str) -> None:
+    result = call_step(step, override)
     assert (result.returncode, result.stderr.splitlines()) == (1, [message])

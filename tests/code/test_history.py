@@ -11,7 +11,6 @@ import itertools
 import json
 import shlex
 import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,7 +113,7 @@ def test_history_lists_gate_manual_rollback_and_ui_moves_in_order(train_runs: Tr
     assert before == "at 2000-01-01 00:00:00+00:00: nothing served"
 
 
-def test_a_rewritten_removed_or_forged_entry_breaks_the_chain_where_it_is(tmp_path: Path) -> None:
+def test_a_rewritten_removed_or_forged_entry_breaks_the_chain_where_it_is(tmp_path: Path, call_step) -> None:
     """Each entry holds its own digest and that of the entry before it: an entry edited by hand, one replaced by a
     self-consistent forgery, or one removed stops the reading at the first broken link, named in one line."""
     storage, root = LocalStorage(tmp_path), "models/m"
@@ -140,13 +139,7 @@ def test_a_rewritten_removed_or_forged_entry_breaks_the_chain_where_it_is(tmp_pa
     storage.write_bytes(middle, original)
     assert [e.to.version for e in entries(storage, root)] == [3, 2, 1], "the original entry mends the chain"
     storage.write_bytes(first, storage.read_bytes(first).replace(b'"how": "gate"', b'"how": "manual"'))
-    printed = subprocess.run(
-        [sys.executable, "-m", "steps.history", f"storage.uri={tmp_path}", "registry.model_name=m"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    printed = call_step("history", f"storage.uri={tmp_path}", "registry.model_name=m")
     assert printed.returncode == 1 and printed.stdout == ""
     assert printed.stderr.splitlines() == [
         f"error: {urls[0]}: the promotion history's chain is broken here: its fields do not match its digest "
