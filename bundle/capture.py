@@ -14,7 +14,11 @@ entry:
 - per entry: ``class`` (the predicted class), ``p`` (each label's probability, rounded to ``DECIMALS``; the
   confidence is the predicted class's), ``tokens`` (the text's tokens that the model read), ``cut`` (whether the
   model read less than the whole text), ``text_sha256`` (of the text's UTF-8 bytes, so that labels given later can
-  be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``).
+  be joined to it), and ``text`` only where the Lambda was asked to keep it (``CAPTURE_TEXT=true``);
+- during a rollout (``bundle.layout.Candidate``), an entry from the candidate where the line names the champion (or
+  the other way round, in a batch) has its own ``version`` and ``manifest``: a canary's answer; and ``shadow: true``
+  where it is the candidate's shadow run on a text that the champion answered (the champion's own entry for the
+  text is in the same line).
 
 The line writes both digests in unpadded base64url (``line_digest``: 43 characters, where hex takes 64, as CloudWatch
 bills every byte); a record holds them in hex, as ``champion.json`` and a labels file do.
@@ -59,6 +63,7 @@ class CaptureRecord:
     latency_ms: float
     text_sha256: str
     text: str | None
+    shadow: bool = False  # a rollout's shadow run on the text: the candidate's, which did not answer
 
 
 def text_sha256(text: str) -> str:
@@ -92,6 +97,13 @@ def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: 
     return doc | {"text": text} if keep_text else doc
 
 
+def by_model(doc: dict[str, Any], version: int, manifest_sha256: str, shadow: bool) -> dict[str, Any]:
+    """An entry from another model than the line's (a rollout's candidate): its version and manifest, and whether it
+    is the candidate's shadow run on a text that the champion answered."""
+    doc |= {"version": version, "manifest": line_digest(manifest_sha256)}
+    return doc | {"shadow": True} if shadow else doc
+
+
 def object_prefix(model_name: str, when: datetime) -> str:
     """The store's prefix for the objects of ``when`` (UTC): ``captures/<model>/YYYY/MM/DD/HH/``."""
     return f"{CAPTURES}/{model_name}/{when.astimezone(UTC).strftime(PARTITION)}/"
@@ -123,12 +135,16 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
     latency = _field(line, "ms", (int, float), where)
     if not math.isfinite(latency) or latency < 0:
         raise ContractError(f"{where}: 'ms' {latency} is not a duration")
+    model = item if "version" in item else line  # an entry from another model than the line's names it
+    shadow = _field(item, "shadow", bool, where) if "shadow" in item else False
+    if shadow and model is line:
+        raise ContractError(f"{where}: a 'shadow' entry names no 'version' of its own")
     return CaptureRecord(
         time=time,
         request_id=request_id,
         model_name=_field(line, "model", str, where),
-        model_version=_version(line, where),
-        manifest_sha256=_digest(line, "manifest", where),
+        model_version=_version(model, where),
+        manifest_sha256=_digest(model, "manifest", where),
         predicted_class=predicted,
         confidence=float(probabilities[predicted]),
         probabilities={label: float(p) for label, p in probabilities.items()},
@@ -137,6 +153,7 @@ def _record(line: dict[str, Any], time: datetime, item: object, where: str) -> C
         latency_ms=float(latency),
         text_sha256=digest,
         text=text,
+        shadow=shadow,
     )
 
 

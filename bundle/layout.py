@@ -205,6 +205,15 @@ class Candidate:
     def to_doc(self) -> dict[str, Any]:
         return asdict(self)
 
+    def answers(self, text_sha256: str) -> bool:
+        """Whether the candidate answers the text with this sha256 (hex): a canary does for ``weight`` of the texts,
+        by a stable hash of the text's digest and the rollout's id, so that a text gets the same version on every
+        request of one rollout, and another share in the next; a shadow answers none."""
+        if self.mode != "canary":
+            return False
+        draw = hashlib.sha256(f"{self.rollout}:{text_sha256}".encode()).digest()
+        return int.from_bytes(draw[:8], "big") < self.weight * 2**64
+
 
 @dataclass(frozen=True)
 class Pointer:

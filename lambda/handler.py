@@ -45,11 +45,12 @@ from events import BadRequest, HttpEvent, http_event, http_method, parse_texts
 from settings import LOGGER, NoModelError, Settings, SettingsError
 from snapshot_restore_py import register_after_restore, register_before_snapshot
 
-from bundle.capture import CAPTURES, entry, line_digest
+from bundle.capture import CAPTURES, by_model, entry, line_digest, text_sha256
 
 if TYPE_CHECKING:
     from model_store import ModelStore
 
+    from bundle.layout import Candidate
     from bundle.predictor import Reading
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -127,13 +128,23 @@ class Model(Protocol):
     def predictor(self) -> Classifier: ...
 
 
+class Rollout(Protocol):
+    """A rollout's candidate, served beside the champion: how it meets traffic, and its model."""
+
+    @property
+    def candidate(self) -> Candidate: ...
+    @property
+    def model(self) -> Model: ...
+
+
 class Store(Protocol):
-    """Where the handler gets its limits and its model. ``settings`` may raise SettingsError (a 500), ``get()``
-    NoModelError (a 503)."""
+    """Where the handler gets its limits, its model and a rollout's candidate. ``settings`` may raise SettingsError
+    (a 500), ``get()`` NoModelError (a 503); ``rollout()`` is None outside a rollout."""
 
     @property
     def settings(self) -> Settings: ...
     def get(self) -> Model: ...
+    def rollout(self) -> Rollout | None: ...
 
 
 _store_lock = threading.Lock()
@@ -163,13 +174,17 @@ class ContainerStore:
     def get(self) -> Model:
         return model_store().get()
 
+    def rollout(self) -> Rollout | None:
+        return model_store().rollout()
+
 
 @dataclass
 class Outcome:
     """What the request's line says of it, beyond its status."""
 
-    model: Model | None = None  # the model that answered
-    swapped: bool = False  # a different version from the one that answered the request before
+    model: Model | None = None  # the model that answered (the first text, where a canary answered some of a batch)
+    swapped: bool = False  # a different champion from the one that answered the request before
+    shadow_ms: float | None = None  # the candidate's shadow run, in shadow mode
     texts: int = 0
     predicted: Counter[str] = field(default_factory=Counter)
     captures: list[dict[str, Any]] = field(default_factory=list)
@@ -192,6 +207,8 @@ def request_lines(status: int, latency_ms: float, outcome: Outcome, request_id: 
     line |= {"err4xx": int(400 <= status < 500), "err5xx": int(status >= 500)}
     if outcome.swapped:
         line["swaps"] = 1
+    if outcome.shadow_ms is not None:
+        line["shadow_ms"] = round(outcome.shadow_ms, 3)
     classes = [{"class": label, "predictions": count} for label, count in sorted(outcome.predicted.items())]
     if classes:
         line |= classes[0]
@@ -201,6 +218,35 @@ def request_lines(status: int, latency_ms: float, outcome: Outcome, request_id: 
 
 
 CaptureSink = Callable[[str, str], None]  # (model name, line): where lambda/local.py stores capture lines
+
+
+def _why(exc: Exception) -> tuple[str, Exception]:
+    return type(exc).__name__, exc
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One text's answer: the model that gave it, its prediction and what the model read."""
+
+    model: Model
+    prediction: dict[str, Any]
+    reading: Reading
+
+    @staticmethod
+    def fill(answers: dict[int, Answer], positions: list[int], texts: list[str], model: Model) -> None:
+        """Answer the texts at ``positions`` with ``model``, in one call."""
+        if not positions:
+            return
+        predictions, readings = model.predictor.predict_read([texts[i] for i in positions])
+        for i, prediction, reading in zip(positions, predictions, readings, strict=True):
+            answers[i] = Answer(model, prediction, reading)
+
+    def entry(self, text: str, keep_text: bool, line_model: Model | None, shadow: bool) -> dict[str, Any]:
+        """The capture entry: with its own version and manifest where its model is not the line's."""
+        doc = entry(self.prediction, self.reading.tokens, self.reading.cut, text, keep_text)
+        if self.model is line_model and not shadow:
+            return doc
+        return by_model(doc, self.model.version, self.model.manifest_sha256, shadow)
 
 
 class Service:
@@ -232,12 +278,7 @@ class Service:
                 error = "method not allowed: POST a JSON object to classify, GET to see the model version"
                 return 405, {"error": error}
             texts, single = parse_texts(event, http, settings)
-            model = self._model(outcome)
-            predictions, readings = model.predictor.predict_read(texts)
-            outcome.texts = len(texts)
-            outcome.predicted.update(prediction["predicted_class"] for prediction in predictions)
-            results = [prediction | {"model_version": model.version} for prediction in predictions]
-            self._capture(texts, predictions, readings, settings, outcome)
+            results = self._predict(texts, self._model(outcome), self.store.rollout(), settings, outcome)
             return 200, results[0] if single else results
         except BadRequest as exc:
             outcome.problem = str(exc)
@@ -250,23 +291,52 @@ class Service:
             return 500, {"error": f"configuration error: {exc}"}
 
     @staticmethod
+    def _predict(
+        texts: list[str], champion: Model, rollout: Rollout | None, settings: Settings, outcome: Outcome
+    ) -> list[dict[str, Any]]:
+        """The answers to ``texts``, each naming the version that gave it: the champion's, or a canary's for the
+        texts it draws (``Candidate.answers``); a shadow runs on every text after the champion answered. A candidate
+        that fails costs no answer: the champion answers, and one log line says why."""
+        by_position: dict[int, Answer] = {}
+        if rollout is not None and rollout.candidate.mode == "canary":
+            drawn = [i for i, text in enumerate(texts) if rollout.candidate.answers(text_sha256(text))]
+            try:
+                Answer.fill(by_position, drawn, texts, rollout.model)
+            except Exception as exc:  # the champion answers instead
+                by_position.clear()
+                logger.error("candidate v%s failed, the champion answered: %s: %s", rollout.model.version, *_why(exc))
+        Answer.fill(by_position, [i for i in range(len(texts)) if i not in by_position], texts, champion)
+        answered = [by_position[i] for i in range(len(texts))]
+        shadow: dict[int, Answer] = {}
+        if rollout is not None and rollout.candidate.mode == "shadow":
+            started = time.perf_counter()
+            try:
+                Answer.fill(shadow, list(range(len(texts))), texts, rollout.model)
+            except Exception as exc:  # the answers stand; the shadow's records are left out
+                shadow.clear()
+                logger.error("shadow v%s failed: %s: %s", rollout.model.version, *_why(exc))
+            outcome.shadow_ms = (time.perf_counter() - started) * 1000
+        outcome.model, outcome.texts = answered[0].model, len(texts)
+        outcome.predicted.update(answer.prediction["predicted_class"] for answer in answered)
+        Service._capture(texts, answered, shadow, settings, outcome)
+        return [answer.prediction | {"model_version": answer.model.version} for answer in answered]
+
+    @staticmethod
     def _capture(
-        texts: list[str],
-        predictions: list[dict[str, Any]],
-        readings: list[Reading],
-        settings: Settings,
-        outcome: Outcome,
+        texts: list[str], answered: list[Answer], shadow: dict[int, Answer], settings: Settings, outcome: Outcome
     ) -> None:
-        """The capture records of a random share (``CAPTURE_RATE``) of the texts; a failure leaves the answers as
-        they are and logs one line."""
+        """The capture records of a random share (``CAPTURE_RATE``) of the texts (with the shadow's run on each text
+        kept); a failure leaves the answers as they are and logs one line."""
         try:
-            outcome.captures = [
-                entry(prediction, reading.tokens, reading.cut, text, settings.capture_text)
-                for text, prediction, reading in zip(texts, predictions, readings, strict=True)
-                if settings.capture_rate >= 1 or random.random() < settings.capture_rate
-            ]
+            for i, (text, answer) in enumerate(zip(texts, answered, strict=True)):
+                if settings.capture_rate < 1 and random.random() >= settings.capture_rate:
+                    continue
+                outcome.captures.append(answer.entry(text, settings.capture_text, outcome.model, shadow=False))
+                if i in shadow:
+                    outcome.captures.append(shadow[i].entry(text, settings.capture_text, outcome.model, shadow=True))
         except Exception as exc:  # a record is never worth an answer
-            logger.error("capture failed: %s: %s", type(exc).__name__, exc)
+            outcome.captures = []
+            logger.error("capture failed: %s: %s", *_why(exc))
 
     def handle(self, event: Any, context: Any) -> dict[str, Any]:
         """The response to one Lambda event: a proxy response for an HTTP event, else statusCode and body."""
