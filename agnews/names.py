@@ -72,6 +72,12 @@ REFERENCE_ARTIFACT = "reference/reference.parquet"
 # What `monitor` tags on its run and on each version it judged, and its verdicts.
 MONITOR_VERDICT_TAG = "monitor.verdict"
 OK, DRIFT, TOO_FEW, NO_REFERENCE = "ok", "drift", "too few answers", "no reference"
+# What `monitor` says of a rollout under way, on its run and on the candidate's version: the verdict, why, and what
+# it did with it (monitor.rollout.act); its verdicts; and the prefix of the comparison's metrics on its run.
+ROLLOUT_VERDICT_TAG, ROLLOUT_WHY_TAG = "monitor.rollout.verdict", "monitor.rollout.why"
+ROLLOUT_ACTED_TAG = "monitor.rollout.acted"
+PROMOTE, ABORT, WAIT = "promote", "abort", "wait"
+ROLLOUT_METRIC_PREFIX = "rollout."
 
 # Metrics that the train step logs beside the test metrics, and tune and the benchmarks read.
 BEST_VAL_ACCURACY = "best_val_accuracy"  # the kept checkpoint's validation accuracy (a study's objective)

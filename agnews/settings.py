@@ -344,6 +344,17 @@ ON_DRIFT = ("none", "retrain")  # monitor.on_drift: what a drift verdict does be
 
 
 @dataclass
+class RolloutJudgeSettings:  # monitor.rollout: its ranges are MonitorSettings'
+    min_answers: int = MISSING
+    min_agreement: int | float = MISSING
+    max_confidence_drop: int | float = MISSING
+    max_low_confidence_rise: int | float = MISSING
+    max_accuracy_drop: int | float = MISSING
+    max_latency_ratio: int | float = MISSING
+    act: bool = MISSING
+
+
+@dataclass
 class MonitorSettings(Schema):
     prefix: ClassVar[str] = "monitor"
     window: str = MISSING
@@ -359,8 +370,10 @@ class MonitorSettings(Schema):
     bad_line_samples: int = MISSING
     fail_on: str = MISSING
     on_drift: str = MISSING
+    rollout: RolloutJudgeSettings = field(default_factory=RolloutJudgeSettings)
 
     def ranges(self) -> dict[str, tuple[bool, str]]:
+        judge = self.rollout
         return {
             "window": (WINDOW.fullmatch(self.window) is not None and int(self.window[:-1]) > 0, "<n>m, <n>h or <n>d"),
             "since": (_time_or_none(self.since), "an ISO 8601 time or null"),
@@ -374,6 +387,12 @@ class MonitorSettings(Schema):
             "bad_line_samples": (self.bad_line_samples >= 0, ">= 0"),
             "fail_on": (self.fail_on in FAIL_ON, f"one of {', '.join(FAIL_ON)}"),
             "on_drift": (self.on_drift in ON_DRIFT, f"one of {', '.join(ON_DRIFT)}"),
+            "rollout.min_answers": (judge.min_answers > 0, "> 0"),
+            "rollout.min_agreement": (0 <= judge.min_agreement <= 1, "in [0, 1]"),
+            "rollout.max_confidence_drop": (0 <= judge.max_confidence_drop <= 1, "in [0, 1]"),
+            "rollout.max_low_confidence_rise": (0 <= judge.max_low_confidence_rise <= 1, "in [0, 1]"),
+            "rollout.max_accuracy_drop": (0 <= judge.max_accuracy_drop <= 1, "in [0, 1]"),
+            "rollout.max_latency_ratio": (judge.max_latency_ratio >= 1, ">= 1"),
         }
 
 

@@ -26,7 +26,7 @@ DRIFT_STATUS = 3  # not 1, which every step's user errors end with
 @entrypoint
 def main(cfg: Settings) -> None:
     with step_run(cfg, "monitor") as run:
-        outcome = watch(cfg.monitor, cfg.storage, cfg.registry.model_name, cfg.seed)
+        outcome = watch(cfg.monitor, cfg.storage, cfg.registry, cfg.seed)
         done = f"tagged run {run.info.run_id} {MONITOR_VERDICT_TAG}={outcome.verdict}"
         if outcome.verdict == DRIFT and cfg.monitor.on_drift == "retrain":
             from agnews.pipeline import pipeline  # torch and transformers, only to retrain

@@ -79,7 +79,9 @@ class BadLines:
 
 class Answers:
     """The window's answers, one entry per text answered, as columns; captured texts as a uniform sample of at most
-    ``text_sample`` per version (reservoir sampling, seeded)."""
+    ``text_sample`` per version (reservoir sampling, seeded). A rollout's shadow answers (the candidate's run on a
+    text that the champion answered) are entries of the candidate's version, marked ``shadow``; each entry keeps its
+    request's latency and a key of its request and text, which pairs a shadow answer with the champion's."""
 
     def __init__(self, text_sample: int, seed: int) -> None:
         self.classes: dict[str, int] = {}
@@ -89,6 +91,9 @@ class Answers:
         self.tokens = array("i")
         self.cut = array("B")
         self.digests = bytearray()
+        self.shadow = array("B")
+        self.latency = array("f")
+        self.requests = array("q")  # the request id's hash (this process's), paired with the text in ``pair_keys``
         self.text_sample = text_sample
         self.texts: dict[int, list[str]] = {}
         self.texts_seen: dict[int, int] = {}
@@ -104,6 +109,9 @@ class Answers:
         self.tokens.append(record.tokens)
         self.cut.append(record.cut)
         self.digests += bytes.fromhex(record.text_sha256)
+        self.shadow.append(record.shadow)
+        self.latency.append(record.latency_ms)
+        self.requests.append(hash(record.request_id))
         if record.text is not None:
             self._keep_text(record.model_version, record.text)
 
@@ -121,9 +129,26 @@ class Answers:
         versions, counts = np.unique(np.frombuffer(self.version, dtype=np.int32), return_counts=True)
         return {int(v): int(c) for v, c in zip(versions, counts, strict=True)}
 
-    def rows(self, version: int) -> np.ndarray:
-        """The positions of ``version``'s answers."""
-        return np.flatnonzero(np.frombuffer(self.version, dtype=np.int32) == version)
+    def rows(self, version: int, shadow: bool | None = None) -> np.ndarray:
+        """The positions of ``version``'s answers; only its shadow answers, or only the others, if ``shadow`` says."""
+        mine = np.frombuffer(self.version, dtype=np.int32) == version
+        if shadow is not None:
+            mine &= np.frombuffer(self.shadow, dtype=np.uint8) == shadow
+        return np.flatnonzero(mine)
+
+    def pair_keys(self, rows: np.ndarray) -> np.ndarray:
+        """A 64-bit key of the request and the text of each answer at ``rows``: the same for the champion's answer
+        and the shadow's of one text in one request."""
+        texts = np.frombuffer(self.digests, dtype=np.uint64).reshape(-1, DIGEST_BYTES // 8)[rows, 0]
+        return texts ^ np.frombuffer(self.requests, dtype=np.uint64)[rows]
+
+    def latencies(self, rows: np.ndarray) -> np.ndarray:
+        """The latency in milliseconds of the request of each answer at ``rows``."""
+        return np.frombuffer(self.latency, dtype=np.float32)[rows]
+
+    def codes(self, rows: np.ndarray) -> np.ndarray:
+        """The class answered at ``rows``, as the index of its name in ``classes``."""
+        return np.frombuffer(self.predicted, dtype=np.uint8)[rows]
 
     def frame(self, version: int) -> pd.DataFrame:
         """``version``'s answers as the reference's columns (``reference.COLUMNS``)."""
@@ -131,7 +156,7 @@ class Answers:
         names = list(self.classes)
         return pd.DataFrame(
             {
-                PREDICTED: pd.Categorical.from_codes(np.frombuffer(self.predicted, dtype=np.uint8)[rows], names),
+                PREDICTED: pd.Categorical.from_codes(self.codes(rows), names),
                 CONFIDENCE: np.frombuffer(self.confidence, dtype=np.float32)[rows].astype(np.float64),
                 TOKENS: np.frombuffer(self.tokens, dtype=np.int32)[rows],
                 CUT: np.frombuffer(self.cut, dtype=np.uint8)[rows].astype(bool),
@@ -144,7 +169,7 @@ class Answers:
 
     def predicted_class(self, rows: np.ndarray) -> np.ndarray:
         """The classes answered at ``rows``."""
-        return np.array(list(self.classes), dtype=object)[np.frombuffer(self.predicted, dtype=np.uint8)[rows]]
+        return np.array(list(self.classes), dtype=object)[self.codes(rows)]
 
 
 @dataclass

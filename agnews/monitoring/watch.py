@@ -6,6 +6,10 @@ of its columns drifted or its live accuracy fell more than ``monitor.max_accurac
 accuracy, ``ok`` otherwise, and ``no reference`` when it has neither a reference nor labels to be judged by. The
 run's verdict is ``drift`` if a version drifted, else ``ok`` if one was judged; a window with no version to judge
 is ``too few answers``. The run and each version judged get the verdict as the ``monitor.verdict`` tag.
+
+During a rollout the candidate is also judged against the champion (``candidate``): its verdict, ``promote``,
+``abort`` or ``wait``, is tagged on the run and on the candidate's version, and carried out with
+``monitor.rollout.act=true``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,23 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from agnews.monitoring import reference
+from agnews.monitoring.candidate import Judgement, Rollout, carry_out, judge_rollout, under_way
 from agnews.monitoring.captures import Read, Window, read_window, window
 from agnews.monitoring.labels import Labels, Live, live_accuracy, matched, read_labels
-from agnews.names import DRIFT, MONITOR_VERDICT_TAG, NO_REFERENCE, OK, REFERENCE_ARTIFACT, TEST_ACCURACY, TOO_FEW
+from agnews.names import (
+    DRIFT,
+    MONITOR_VERDICT_TAG,
+    NO_REFERENCE,
+    OK,
+    REFERENCE_ARTIFACT,
+    ROLLOUT_ACTED_TAG,
+    ROLLOUT_VERDICT_TAG,
+    ROLLOUT_WHY_TAG,
+    TEST_ACCURACY,
+    TOO_FEW,
+)
 from agnews.promotion.registry import version_accuracy
-from agnews.settings import MonitorSettings, StorageSettings
+from agnews.settings import MonitorSettings, RegistrySettings, StorageSettings
 from agnews.storage import open_storage
 
 if TYPE_CHECKING:
@@ -74,6 +90,7 @@ class Outcome:
     versions: list[VersionReport]
     labels_rows: int | None = None
     labels_matched: int | None = None
+    rollout: Judgement | None = None  # the candidate against the champion, during a rollout
 
     @property
     def verdict(self) -> str:
@@ -98,7 +115,8 @@ class Outcome:
                 what += f" ({v.note})"
             parts.append(what)
         bad = f"; {self.bad_lines} capture lines skipped" if self.bad_lines else ""
-        return f"{self.verdict}: {'; '.join(parts)}, from {self.span}{bad}"
+        rollout = f"; {self.rollout.line()}" if self.rollout else ""
+        return f"{self.verdict}: {'; '.join(parts)}, from {self.span}{bad}{rollout}"
 
 
 def _reference(client: MlflowClient, model_name: str, version: int, tmp: Path) -> tuple[object, str | None]:
@@ -119,12 +137,20 @@ def _reference(client: MlflowClient, model_name: str, version: int, tmp: Path) -
 
 
 def judge(
-    read: Read, settings: MonitorSettings, model_name: str, labels: Labels | None, client: MlflowClient, tmp: Path
+    read: Read,
+    settings: MonitorSettings,
+    model_name: str,
+    labels: Labels | None,
+    client: MlflowClient,
+    tmp: Path,
+    candidate: int | None = None,
 ) -> list[VersionReport]:
-    """A report for each version in the window."""
+    """A report for each version in the window; a rollout's ``candidate`` is judged from ``monitor.rollout``'s
+    ``min_answers`` on."""
     reports = []
     answers = read.answers
     for version, count in sorted(answers.counts().items()):
+        needed = settings.rollout.min_answers if version == candidate else settings.min_answers
         frame = answers.frame(version)
         shares = frame[reference.PREDICTED].value_counts(normalize=True)
         report = VersionReport(
@@ -135,9 +161,10 @@ def judge(
             class_shares={str(k): float(v) for k, v in shares.items()},
         )
         reports.append(report)
-        if count < settings.min_answers:
+        if count < needed:
             report.answers_short = True
-            report.note = f"fewer than monitor.min_answers={settings.min_answers}"
+            setting = "monitor.rollout.min_answers" if version == candidate else "monitor.min_answers"
+            report.note = f"fewer than {setting}={needed}"
             continue
         registered, found = _reference(client, model_name, version, tmp)
         if registered is not None:
@@ -161,14 +188,19 @@ def judge(
     return reports
 
 
-def watch(settings: MonitorSettings, storage: StorageSettings, model_name: str, seed: int) -> Outcome:
-    """Read ``monitor``'s window of ``model_name``'s captures, judge each version, and log it into the active run."""
+def watch(settings: MonitorSettings, storage: StorageSettings, registry: RegistrySettings, seed: int) -> Outcome:
+    """Read ``monitor``'s window of the model's captures, judge each version and, during a rollout, the candidate
+    against the champion, and log it all into the active run; with ``monitor.rollout.act``, carry the rollout's
+    verdict out."""
+    model_name = registry.model_name
     span = window(settings, datetime.now(UTC))
     read = read_window(open_storage(storage), model_name, span, settings, seed)
     labels = read_labels(settings.labels) if settings.labels else None
     client = MlflowClient()
+    rollout = under_way(registry, storage, client)
+    candidate = rollout.candidate if rollout else None
     with tempfile.TemporaryDirectory() as tmp:
-        versions = judge(read, settings, model_name, labels, client, Path(tmp)) if len(read.answers) else []
+        versions = judge(read, settings, model_name, labels, client, Path(tmp), candidate) if len(read.answers) else []
     outcome = Outcome(
         span=span,
         answers=len(read.answers),
@@ -178,9 +210,21 @@ def watch(settings: MonitorSettings, storage: StorageSettings, model_name: str, 
         versions=versions,
         labels_rows=labels.rows if labels else None,
         labels_matched=matched(read.answers, labels) if labels else None,
+        rollout=_judge_rollout(read, versions, rollout, settings),
     )
     log_outcome(outcome, client, model_name)
+    if outcome.rollout is not None and settings.rollout.act:
+        outcome.rollout.acted = carry_out(outcome.rollout, registry, storage, client)
+        mlflow.set_tag(ROLLOUT_ACTED_TAG, outcome.rollout.acted)
     return outcome
+
+
+def _judge_rollout(
+    read: Read, versions: list[VersionReport], rollout: Rollout | None, settings: MonitorSettings
+) -> Judgement | None:
+    if rollout is None:
+        return None
+    return judge_rollout(read.answers, {v.version: v for v in versions}, rollout, settings.rollout)
 
 
 def _metrics(v: VersionReport) -> dict[str, float]:
@@ -250,3 +294,24 @@ def log_outcome(outcome: Outcome, client: MlflowClient, model_name: str) -> None
     for v in outcome.versions:
         if v.verdict != TOO_FEW and not (v.note or "").endswith("not in the registry"):
             client.set_model_version_tag(model_name, str(v.version), MONITOR_VERDICT_TAG, v.verdict)
+    if outcome.rollout is not None:
+        _log_rollout(outcome.rollout, client, model_name)
+
+
+def _log_rollout(judgement: Judgement, client: MlflowClient, model_name: str) -> None:
+    """The comparison as the run's metrics; the verdict and why as tags of the run and of the candidate's version."""
+    rollout = judgement.rollout
+    why = "; ".join(judgement.why)
+    mlflow.log_metrics({k: float(v) for k, v in judgement.metrics.items()})
+    mlflow.set_tags(
+        {
+            ROLLOUT_VERDICT_TAG: judgement.verdict,
+            ROLLOUT_WHY_TAG: why,
+            "monitor.rollout.candidate": str(rollout.candidate),
+            "monitor.rollout.champion": str(rollout.champion),
+            "monitor.rollout.mode": rollout.mode,
+            "monitor.rollout.id": rollout.rollout,
+        }
+    )
+    client.set_model_version_tag(model_name, str(rollout.candidate), ROLLOUT_VERDICT_TAG, judgement.verdict)
+    client.set_model_version_tag(model_name, str(rollout.candidate), ROLLOUT_WHY_TAG, why)
