@@ -9,6 +9,9 @@ v2, so that no test trains.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from agnews.config import compose
+from agnews.config import PROJECT_ROOT, compose
 from agnews.errors import RolloutError
 from agnews.names import CANDIDATE, CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY, ROLLOUT_MODE_TAG
 from agnews.promotion import rollout
@@ -317,3 +320,89 @@ def test_the_rollout_command_prints_one_line_per_step(configure: Callable[..., S
     assert status.returncode == 0 and "storage serves v1 with candidate v2 (canary)" in status.stdout
     shown = run_step("history", *common)
     assert "how: canary" in shown.stdout and "candidate: v2" in shown.stdout
+
+
+# Killed and racing processes, as the promotion tests run them.
+
+# `python -m steps.rollout` with a registry function wrapped so that the process kills itself (SIGKILL) once
+# @candidate has moved, before anything is mirrored.
+KILLED_AFTER_THE_ALIAS = """
+import os, signal, sys
+from agnews.promotion import registry, rollout
+from steps.rollout import main
+real = registry.make_candidate
+def killed(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+rollout.make_candidate = killed
+sys.argv[0] = "steps.rollout"
+main()
+"""
+
+
+def settings_args(cfg: Settings) -> list[str]:
+    return [
+        f"tracking.uri={cfg.tracking.uri}",
+        f"storage.uri={cfg.storage.uri}",
+        f"registry.model_name={cfg.registry.model_name}",
+        "registry=open",
+        "storage.lease_s=10",
+    ]
+
+
+def test_a_start_killed_after_its_alias_leaves_champion_json_valid_and_the_next_step_finishes_it(
+    configure: Callable[..., Settings],
+) -> None:
+    cfg = configure()
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_AFTER_THE_ALIAS,
+            "start",
+            "--version",
+            "2",
+            "--mode",
+            "canary",
+            *settings_args(cfg),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert aliases(MlflowClient(), cfg.registry.model_name).get(CANDIDATE) == 2
+    doc = served(cfg)
+    assert doc["version"] == 1 and "candidate" not in doc  # valid, and as before the start
+    status = run_step("rollout", "status", *settings_args(cfg))
+    assert "@candidate v2 in canary mode" in status.stdout and status.stdout.rstrip().endswith("storage serves v1")
+    done = run_step("mirror", *settings_args(cfg))  # the next step reconciles first
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert served(cfg)["candidate"]["version"] == 2
+    assert history(cfg)[-1] == (1, 2, "canary", "mirror")
+
+
+def test_a_promote_racing_a_register_ends_as_if_one_ran_after_the_other(configure: Callable[..., Settings]) -> None:
+    cfg = configure()
+    rollout.start(cfg.registry, cfg.storage, 2, "canary", 0.1)
+    args = settings_args(cfg)
+    racing = [
+        subprocess.Popen(
+            [sys.executable, "-m", f"steps.{step}", *extra, *args],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for step, extra in (("rollout", ["promote"]), ("register", []))
+    ]
+    outputs = [process.communicate(timeout=600) for process in racing]
+    assert [process.returncode for process in racing] == [0, 0], [err[-2000:] for _, err in outputs]
+    found = aliases(MlflowClient(), cfg.registry.model_name)
+    # promote then register: v3 passes the open gate over v2; register then promote: v2 over v3
+    assert found in ({CHAMPION: 3, PREVIOUS: 2, CHALLENGER: 2}, {CHAMPION: 3, PREVIOUS: 2}, {CHAMPION: 2, PREVIOUS: 3})
+    doc = served(cfg)
+    assert doc["version"] == found[CHAMPION] and "candidate" not in doc
+    moves = [(champion, how) for champion, _, how, _ in history(cfg)][-2:]
+    assert moves in ([(2, "promote"), (3, "gate")], [(3, "gate"), (2, "promote")])

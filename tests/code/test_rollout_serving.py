@@ -5,7 +5,10 @@ that can't be served costs no answer."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,50 @@ def test_a_candidate_this_lambda_does_not_understand_is_refused_in_one_line(mirr
     refused = [line for line in printed if "serving version 1 alone" in line]
     assert len(refused) == 1 and "has fields this reader does not know" not in refused[0]
     assert "lacks" in refused[0] or "is not one of" in refused[0]
+
+
+def test_no_request_fails_while_a_rollout_starts_promotes_and_aborts(
+    mirror_root: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Four clients ask without pause while champion.json moves as the rollout steps move it (the mirror's own
+    ``point_to``): a canary starts, is promoted, a shadow starts and is aborted. The Lambda re-reads the pointer on
+    every request (MODEL_REFRESH_SECONDS=0)."""
+    storage = LocalStorage(mirror_root)
+    manifests = {1: (mirror_root / parse_pointer((mirror_root / POINTER).read_bytes()).manifest).read_bytes()}
+    for version in (2, 3):
+        manifests[version] = (mirror_version(tiny_bundle, mirror_root, version, champion=False) / MANIFEST).read_bytes()
+    steps = [
+        (1, candidate_for(2, manifests[2], "canary", 0.5, ROLLOUT)),  # start
+        (2, None),  # promote
+        (2, candidate_for(3, manifests[3], "shadow", 0.0, ROLLOUT)),  # start
+        (2, None),  # abort
+    ]
+    server = LocalServer(lambda_process(mirror_root, tmp_path) | {"MODEL_REFRESH_SECONDS": "0"})
+    statuses: list[int] = []
+    served: list[int] = []
+    moving = threading.Event()
+
+    def client() -> None:
+        for text in itertools.cycle(texts(50)):
+            status, body = server.request(data=json.dumps({"text": text}).encode())
+            statuses.append(status)
+            served.append(body.get("model_version", 0))
+            if not moving.is_set():
+                return
+
+    try:
+        moving.set()
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        for champion, candidate in steps:
+            time.sleep(0.5)
+            point_to(storage, POINTER, MODEL_NAME, champion, manifests[champion], candidate)
+        time.sleep(0.5)
+        moving.clear()
+        for thread in clients:
+            thread.join(timeout=60)
+    finally:
+        server.stop()
+    assert len(statuses) > 40 and set(statuses) == {200}
+    assert {1, 2} <= set(served) and 3 not in served and served[-1] == 2  # a shadow never answers
