@@ -136,8 +136,9 @@ def _checks(
     if candidate.drift is None:
         checks.append(Check(True, f"drift not checked ({candidate.note})"))
     else:
-        drifted = ", ".join(candidate.drift.drifted) or "nothing"
-        checks.append(Check(not candidate.drifted, f"drifted on {drifted} from its reference"))
+        drifted = ", ".join(candidate.drift.drifted)
+        what = f"drifted on {drifted} from its reference" if candidate.drifted else "no drift from its reference"
+        checks.append(Check(not candidate.drifted, what))
     if champion is None:
         checks.append(Check(True, f"no answers of v{rollout.champion} to compare with"))
         return checks
