@@ -6,6 +6,8 @@ labels, its test accuracy, in one MLflow run (docs/monitoring.md).
 It prints one line: the verdict and what was done. With ``monitor.fail_on=drift`` (the default) a ``drift`` verdict
 ends it with exit status 3 (``DRIFT_STATUS``), for a scheduler to alarm on; every other verdict with 0.
 ``monitor.on_drift=retrain`` runs the `main` pipeline as a child run on drift; its model still goes through the gate.
+During a rollout the line also gives the candidate's verdict (promote, abort or wait) and why;
+``monitor.rollout.act=true`` carries it out.
 """
 
 from __future__ import annotations
