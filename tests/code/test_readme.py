@@ -68,3 +68,19 @@ def test_promote_in_the_ui_as_written_serves_the_version_moved(tmp_path: Path) -
             assert time.monotonic() < deadline, done.output()[-4000:]
             time.sleep(0.5)
         assert client.get_model_version_by_alias("distilbert-agnews", "previous").version == "1"
+
+
+@pytest.mark.integration  # trains twice, registers and serves
+def test_rollout_as_written_serves_a_canary_then_promotes_it(tmp_path: Path) -> None:
+    """The README's "Train and serve locally", then "Rollout" in the same shell."""
+    root = checkout(tmp_path)
+    with run_as_written("\n".join([readme_sequence("train-and-serve"), readme_sequence("rollout")]), root) as done:
+        output = done.output()
+    assert done.returncode == 0, output[-4000:]
+    assert "distilbert-agnews v2 is @candidate" in output
+    assert "@candidate v2 in canary mode answering 50% of the texts" in output
+    assert "storage serves v1 with candidate v2 (canary)" in output
+    hows = re.findall(r"how: (\w+)", output)
+    assert hows[-3:] == ["promote", "canary", "gate"]  # newest first
+    pointer = json.loads((root / ".store" / "models" / "distilbert-agnews" / "champion.json").read_text())
+    assert pointer["version"] == 2 and "candidate" not in pointer
