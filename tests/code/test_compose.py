@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow.exceptions import MlflowException
-from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from agnews.config import PROJECT_ROOT, compose
@@ -246,6 +245,8 @@ def as_user(monkeypatch: pytest.MonkeyPatch, user: str | None, password: str | N
 
 
 def test_an_unauthenticated_client_cannot_move_an_alias(auth_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.server import get_app_client  # here: the server's modules take a second to import in every worker
+
     admin = (FILLED["MLFLOW_AUTH_ADMIN_USERNAME"], FILLED["MLFLOW_AUTH_ADMIN_PASSWORD"])
     client = MlflowClient(auth_server)
     as_user(monkeypatch, *admin)
