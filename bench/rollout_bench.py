@@ -67,7 +67,7 @@ rollout = handler.model_store().rollout()
 print(json.dumps({
     "p50_ms": statistics.median(times),
     "p95_ms": statistics.quantiles(times, n=20)[-1],
-    "peak_rss_mb": status_kb("VmHWM") / 1024,
+    "rss_peak_mb": status_kb("VmHWM") / 1024,
     "answered_by_version": answered,
     "candidate_loaded": rollout is not None,
 }))
@@ -136,7 +136,7 @@ def main() -> None:
         "ratios": {
             "shadow_p50_vs_champion": cases["shadow"]["p50_ms"] / alone["p50_ms"],
             "canary_p50_vs_champion": cases["canary"]["p50_ms"] / alone["p50_ms"],
-            "two_bundles_rss_vs_one": cases["shadow"]["peak_rss_mb"] / alone["peak_rss_mb"],
+            "two_bundles_rss_vs_one": cases["shadow"]["rss_peak_mb"] / alone["rss_peak_mb"],
         },
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def entry(result: dict[str, Any], tokens: int, cut: bool, text: str, keep_text: 
 def by_model(doc: dict[str, Any], version: int, manifest_sha256: str, shadow: bool) -> dict[str, Any]:
     """An entry from another model than the line's (a rollout's candidate): its version and manifest, and whether it
     is the candidate's shadow run on a text that the champion answered."""
-    doc |= {"version": version, "manifest": line_digest(manifest_sha256)}
+    doc = doc | {"version": version, "manifest": line_digest(manifest_sha256)}
     return doc | {"shadow": True} if shadow else doc
 
 

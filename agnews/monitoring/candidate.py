@@ -221,9 +221,9 @@ def carry_out(judgement: Judgement, registry: RegistrySettings, storage: Storage
         return f"not carried out: the registry has {now} now"
     try:
         if judgement.verdict == PROMOTE:
-            promote_candidate(registry, storage, via="monitor")
+            promote_candidate(registry, storage, via="monitor", rollout=rollout.rollout)
             return f"promoted v{rollout.candidate} to @{CHAMPION}"
-        abort(registry, storage, via="monitor")
+        abort(registry, storage, via="monitor", rollout=rollout.rollout)
         return f"aborted the rollout: @{CHAMPION} v{rollout.champion} serves alone"
     except RolloutError as exc:
         return f"not carried out: {exc}"

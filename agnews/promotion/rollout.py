@@ -81,13 +81,17 @@ def start(
         return publish(model, lease, client, via, cast(How, mode))
 
 
-def _candidate(registry: RegistrySettings, storage: StorageSettings, step: str, via: Via, promoting: bool) -> Mirrored:
+def _candidate(
+    registry: RegistrySettings, storage: StorageSettings, step: str, via: Via, promoting: bool, rollout: str | None
+) -> Mirrored:
     model = ModelStore.open(registry, storage)
     with model_lease(model, storage, f"rollout {step}") as (lease, client):
         reconcile(model, lease, client, via)
         found = registry_candidate(client, model.name)
         if found is None:
             raise RolloutError(f"no rollout of {model.name} is under way: start one with `steps.rollout start`")
+        if rollout is not None and found[3] != rollout:
+            raise RolloutError(f"the rollout under way is {found[3]} (v{found[0]}), not {rollout}: nothing done")
         version = found[0]
         if promoting:
             promote(client, model.name, version, BY_ROLLOUT)
@@ -96,14 +100,19 @@ def _candidate(registry: RegistrySettings, storage: StorageSettings, step: str, 
         return publish(model, lease, client, via, "promote" if promoting else "abort")
 
 
-def promote_candidate(registry: RegistrySettings, storage: StorageSettings, via: Via = "rollout") -> Mirrored:
-    """Make @candidate @champion (the champion it replaces becomes @previous) and serve it alone."""
-    return _candidate(registry, storage, "promote", via, promoting=True)
+def promote_candidate(
+    registry: RegistrySettings, storage: StorageSettings, via: Via = "rollout", rollout: str | None = None
+) -> Mirrored:
+    """Make @candidate @champion (the champion it replaces becomes @previous) and serve it alone; with ``rollout``,
+    only if that is still the rollout under way (checked under the lease)."""
+    return _candidate(registry, storage, "promote", via, True, rollout)
 
 
-def abort(registry: RegistrySettings, storage: StorageSettings, via: Via = "rollout") -> Mirrored:
-    """Drop @candidate: @champion serves alone."""
-    return _candidate(registry, storage, "abort", via, promoting=False)
+def abort(
+    registry: RegistrySettings, storage: StorageSettings, via: Via = "rollout", rollout: str | None = None
+) -> Mirrored:
+    """Drop @candidate: @champion serves alone; with ``rollout``, only if that is still the rollout under way."""
+    return _candidate(registry, storage, "abort", via, False, rollout)
 
 
 def status(registry: RegistrySettings, storage: StorageSettings) -> Status:
