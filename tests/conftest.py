@@ -585,31 +585,42 @@ def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return register_trained(tmp_path_factory.mktemp("registered-tiny"), "preset=test")
 
 
+def upload_and_train(root: Path, *overrides: str) -> list[str]:
+    """Upload AG News and train with ``overrides`` in a SQLite store and local storage under ``root`` (in this
+    process): returns the overrides that reach them."""
+    from agnews.tracking import step_run
+    from agnews.training import train as train_model
+    from agnews.upload import upload_and_log
+
+    settings_overrides = [
+        f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+        f"storage.uri={root / 'store'}",
+        f"train.output_dir={root / 'checkpoints'}",
+        f"data.source={require_agnews()}",
+        *overrides,
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("S3_BUCKET", raising=False)
+        settings = compose(settings_overrides)
+        with step_run(settings, "upload"):
+            upload_and_log(settings)
+        with step_run(settings, "train"):
+            train_model(settings)
+    return settings_overrides
+
+
 def register_trained(root: Path, *train: str) -> list[str]:
     """Upload, train with ``train`` overrides and register as @champion (gate opened) in a SQLite store under
     ``root``, mirrored to local storage there: returns the overrides that reach it."""
     from agnews.promotion.register import register
     from agnews.tracking import step_run
-    from agnews.training import train as train_model
-    from agnews.upload import upload_and_log
 
-    overrides = [
-        f"tracking.uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
-        f"storage.uri={root / 'store'}",
-        f"train.output_dir={root / 'checkpoints'}",
-        f"data.source={require_agnews()}",
-        *train,
-        "registry.min_accuracy=0",
-        "registry.min_behaviour_pass_rate=0",
-    ]
+    overrides = upload_and_train(root, *train, "registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("S3_BUCKET", raising=False)
         settings = compose(overrides)
-        with step_run(settings, "upload"):
-            upload_and_log(settings)
-        with step_run(settings, "train"):
-            train_model(settings)
         with step_run(settings, "register"):
             verdict = register(settings.registry, settings.storage, settings.tracking.experiment)
     assert verdict.version == 1

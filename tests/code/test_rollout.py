@@ -28,10 +28,9 @@ from agnews.promotion.register import register
 from agnews.promotion.registry import aliases, make_candidate, promote
 from agnews.settings import Settings
 from agnews.tracking import connect, step_run
-from agnews.training import train
-from agnews.upload import upload_and_log
 from bundle.layout import MANIFEST, ContractError, parse_manifest, parse_pointer, pointer_bytes, sha256
-from tests.helpers import require_agnews, run_step
+from tests.conftest import upload_and_train
+from tests.helpers import run_step
 
 SHA = "a" * 64
 
@@ -91,25 +90,7 @@ def test_a_broken_champion_is_still_refused_whatever_the_candidate() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """One tiny training run in a local SQLite store: the overrides that reach it."""
-    root = tmp_path_factory.mktemp("rollout")
-    overrides = [
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-        f"storage.uri={root / 'data'}",
-        f"train.output_dir={root / 'checkpoints'}",
-        f"data.source={require_agnews()}",
-        "preset=test",
-        "registry=open",
-        "storage.lease_s=10",
-    ]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("S3_BUCKET", raising=False)
-        settings = compose(overrides)
-        with step_run(settings, "upload"):
-            upload_and_log(settings)
-        with step_run(settings, "train"):
-            train(settings)
-    return overrides
+    return upload_and_train(tmp_path_factory.mktemp("rollout"), "preset=test", "registry=open", "storage.lease_s=10")
 
 
 @pytest.fixture
