@@ -24,7 +24,7 @@ from mlflow.entities.webhook import WebhookEvent
 from mlflow.exceptions import MlflowException
 
 from agnews.config import PROJECT_ROOT, compose
-from agnews.names import CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
+from agnews.names import CANDIDATE, CHALLENGER, CHAMPION, PREVIOUS, PROMOTED_BY
 from agnews.names import WEBHOOK_KEY_ENV as KEY_ENV
 from agnews.names import WEBHOOK_SECRET_ENV as SECRET_ENV
 from agnews.promotion.mirror import promotion_history
@@ -75,6 +75,16 @@ def wait_for_pointer(
     while (found := pointer(bucket, name)) is None or found["version"] != version:
         if time.monotonic() > deadline:
             pytest.fail(f"champion.json still names {found} after {within_s}s:\n{receiver.output()[-3000:]}")
+        time.sleep(0.2)
+    return found
+
+
+def wait_for_candidate(bucket: str, name: str, version: int | None, receiver: WebhookReceiver) -> dict:
+    """Poll champion.json until its candidate is ``version`` (None: it has none); fail after DEADLINE_S."""
+    deadline = time.monotonic() + DEADLINE_S
+    while (found := pointer(bucket, name) or {}).get("candidate", {}).get("version") != version:
+        if time.monotonic() > deadline:
+            pytest.fail(f"champion.json is still {found} after {DEADLINE_S}s:\n{receiver.output()[-3000:]}")
         time.sleep(0.2)
     return found
 
@@ -511,3 +521,24 @@ def test_a_move_right_after_register_is_delivered_by_a_server_started_as_the_rea
                 time.sleep(0.2)
         finally:
             webhook_command(uri, "unregister")
+
+
+def test_a_candidate_set_and_deleted_in_the_registry_reaches_champion_json(
+    train_runs: TrainRuns, webhook_receiver: Callable[[Settings], WebhookReceiver], s3_env: str, bucket: str
+) -> None:
+    """@candidate set on v2 (as the UI does, without the rollout step's tags): the receiver serves it beside v1 as a
+    shadow; @candidate deleted: the candidate leaves champion.json. Both from deliveries, both in the history."""
+    name = f"candidate-{uuid.uuid4().hex[:8]}"
+    receiver = webhook_receiver(model_config(train_runs.tracking_uri, bucket, name, *GATE_OPEN))
+    champion_and_challenger(train_runs, bucket, name)
+    client = MlflowClient(train_runs.tracking_uri)
+    client.set_registered_model_alias(name, CANDIDATE, "2")
+    served = wait_for_candidate(bucket, name, 2, receiver)
+    assert served["version"] == 1 and served["candidate"]["mode"] == "shadow"
+    client.delete_registered_model_alias(name, CANDIDATE)
+    assert wait_for_candidate(bucket, name, None, receiver)["version"] == 1
+    cfg = model_config(train_runs.tracking_uri, bucket, name)
+    entries = promotion_history(cfg.registry, cfg.storage)
+    steps = [(e.to.version, e.candidate and e.candidate.version, e.how) for e in entries]
+    assert steps[::-1] == [(1, None, "gate"), (1, 2, "shadow"), (1, None, "abort")]
+    assert "@candidate of" in receiver.output()
