@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline smoke test test-fast test-model test-slow test-container test-spark lint lambda-zip clean
+.PHONY: setup pipeline smoke test test-fast test-model test-slow test-e2e test-container test-spark lint lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ test-model: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The README's paths, run as written in a shell of their own (tests/code/test_readme.py): minutes each.
+test-e2e: $(STAMP)
+	$(PY) -m pytest -m e2e
 
 test-container: $(STAMP)
 	$(PY) -m pytest -m container

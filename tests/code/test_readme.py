@@ -29,6 +29,7 @@ def test_every_marked_sequence_is_run_by_a_test() -> None:
     assert {name: str(doc.relative_to(PROJECT_ROOT)) for name, (doc, _) in marked.items() if name not in run} == {}
 
 
+@pytest.mark.e2e
 @pytest.mark.integration  # trains, registers and serves
 def test_train_and_serve_as_written_answers_from_the_mirrored_champion(tmp_path: Path) -> None:
     root = checkout(tmp_path)
@@ -47,6 +48,7 @@ def test_train_and_serve_as_written_answers_from_the_mirrored_champion(tmp_path:
     assert len(answer["probabilities"]) == 4
 
 
+@pytest.mark.e2e
 @pytest.mark.integration  # trains, registers, starts a tracking server and the webhook receiver
 def test_promote_in_the_ui_as_written_serves_the_version_moved(tmp_path: Path) -> None:
     """The README's "Train and serve locally", then "Promote in the MLflow UI" in the same shell: the server with its
@@ -70,6 +72,7 @@ def test_promote_in_the_ui_as_written_serves_the_version_moved(tmp_path: Path) -
         assert client.get_model_version_by_alias("distilbert-agnews", "previous").version == "1"
 
 
+@pytest.mark.e2e
 @pytest.mark.integration  # trains twice, registers and serves
 def test_rollout_as_written_serves_a_canary_then_promotes_it(tmp_path: Path) -> None:
     """The README's "Train and serve locally", then "Rollout" in the same shell."""
