@@ -8,8 +8,8 @@ to with their manifests' sha256, how (@champion moved by the ``gate``, ``manual`
 outside the project's steps; a rollout's ``shadow`` or ``canary`` start, ``promote`` and ``abort``, with the
 candidate served after it), how storage learned of it (``via``: a webhook ``delivery``, the receiver's ``timer``, a
 ``register``, a ``mirror``, a ``rollout`` step or the ``monitor`` acting on its verdict), who (the MLflow user where
-the tracking server has auth, else the version's ``promoted_by``), when, and the gate's verdict at registration. The
-Lambda never reads it.
+the tracking server has auth, else the version's ``promoted_by``, else the step), when, and the gate's verdict at
+registration (the candidate's, for a rollout's start or abort). The Lambda never reads it.
 
 The entries form a chain: each holds the sha256 of its own fields (``digest``) and of the stored bytes of the entry
 before it (``after``), and reading checks both, so an entry rewritten, removed or put in between by hand stops the

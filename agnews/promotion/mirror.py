@@ -273,9 +273,10 @@ def history_entry(
     recovered: bool = False,
     candidate: history.Served | None = None,
 ) -> history.Entry:
-    """The history entry of a change of what is served: the champion from ``previous`` to ``to``, a manifest of
-    ``version``, with ``candidate`` beside it."""
-    who = os.environ.get(USERNAME_VARIABLE) or version.tags.get(PROMOTED_BY, "unknown")
+    """The history entry of a change of what is served: the champion from ``previous`` to ``to``, with ``candidate``
+    beside it; who made it and the gate's verdict are ``version``'s (the champion's, or the candidate's for a
+    rollout's start or abort: ``subject``)."""
+    who = os.environ.get(USERNAME_VARIABLE) or version.tags.get(PROMOTED_BY) or via
     gate = version.tags.get(GATE_TAG, "")
     return history.Entry(datetime.now(UTC), to, previous, how, who, gate, via, recovered, candidate)
 
@@ -297,6 +298,18 @@ def how_changed(version: ModelVersion, previous: Pointer | None, candidate: Cand
         if previous.candidate is not None:
             return "abort"
     return how_tagged(version)
+
+
+def subject(
+    client: MlflowClient, champion: ModelVersion, how: How, candidate: Candidate | None, previous: Pointer | None
+) -> ModelVersion:
+    """The version that a history entry speaks of: the candidate for a rollout's start (``how`` its mode) or abort,
+    else the champion."""
+    if how in MODES and candidate is not None:
+        return client.get_model_version(champion.name, str(candidate.version))
+    if how == "abort" and previous is not None and previous.candidate is not None:
+        return client.get_model_version(champion.name, str(previous.candidate.version))
+    return champion
 
 
 def record_served(model: ModelStore, lease: Lease, client: MlflowClient, via: Via) -> history.Entry | None:
@@ -387,7 +400,8 @@ def publish(
         lease.check()
         to = history.Served(number, sha256(files[MANIFEST]))
         served = history.Served(candidate.version, candidate.manifest_sha256) if candidate else None
-        entry = history_entry(version, to, champion_of(previous), how, via, candidate=served)
+        about = subject(client, version, how, candidate, previous)
+        entry = history_entry(about, to, champion_of(previous), how, via, candidate=served)
         try:
             log.info("recorded in the promotion history: %s", history.append(storage, root, entry))
         except HistoryError as exc:
