@@ -166,7 +166,24 @@ def make_cfg_store(mlflow_db: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def call_step(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Called]]:
+def kept_logging() -> Iterator[None]:
+    """Every logger's handlers, level and flags put back after the test: a Hydra entry point run in the test's process
+    configures logging with dictConfig, which takes the handlers off each logger its config names (``agnews``, which
+    is the Lambda handler's logger too, so that later tests of the handler would print no log lines)."""
+    known = logging.Logger.manager.loggerDict.values()
+    loggers = [logging.getLogger(), *(logger for logger in known if isinstance(logger, logging.Logger))]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate, logger.disabled) for logger in loggers]
+    yield
+    for logger, handlers, level, propagate, disabled in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+
+
+@pytest.fixture
+def call_step(
+    capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, kept_logging: None
+) -> Iterator[Callable[..., Called]]:
     """``call(step, *args)``: ``python -m steps.<step> args...`` called in this process: the step module's ``main``
     with those arguments in ``sys.argv``, from the project root and without ``STEP_UNSET``, as ``run_step`` runs it.
     For a test of what a command line answers before it runs anything, where a process of its own would only add

@@ -179,7 +179,7 @@ def test_credentials_with_raw_separators_leave_an_http_tracking_uri() -> None:
 
 
 def test_an_unexpected_error_is_printed_redacted_without_hydras_echo(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kept_logging: None
 ) -> None:
     """A Hydra step whose task fails with other than a PipelineError: its traceback, redacted, and no "Error executing
     job with overrides" line, which echoes the overrides as given."""
