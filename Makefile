@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # Hydra overrides for `make pipeline`, e.g. ARGS="model=minilm data.source=../shared/data/ag_news"
 ARGS ?=
 
-.PHONY: setup pipeline smoke test test-fast test-model test-slow test-e2e test-container test-spark lint lambda-zip clean
+.PHONY: setup pipeline smoke test test-fast test-model test-slow test-promotion test-e2e test-container test-spark \
+	lint lambda-zip clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,11 @@ test-model: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The promotion wing against real servers, kills and races (tests marked promotion): concurrent registers and
+# mirrors on SQLite and PostgreSQL, webhooks, rollouts. Its unit tests run in make test-fast too.
+test-promotion: $(STAMP)
+	$(PY) -m pytest -m promotion
 
 # The README's paths, run as written in a shell of their own (tests/code/test_readme.py): minutes each.
 test-e2e: $(STAMP)

@@ -48,6 +48,8 @@ from bundle.predictor import Predictor
 from tests.code import test_rollout
 from tests.helpers import run_step
 
+pytestmark = pytest.mark.promotion  # make test-promotion
+
 # test_rollout's fixtures: the module's tiny model, and each test's model registered as v1 (@champion) and v2.
 trained = test_rollout.trained
 configure = test_rollout.configure

@@ -36,6 +36,8 @@ from agnews.storage import open_storage
 from bundle.layout import MANIFEST, POINTER, sha256
 from tests.helpers import TrainRuns, moto_environ
 
+pytestmark = pytest.mark.promotion  # make test-promotion
+
 ROUNDS = 10
 EXPERIMENT = "registry-tests"
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0", "registry.tolerance=0"]

@@ -37,6 +37,8 @@ from agnews.tracking import step_run
 from bundle.layout import POINTER
 from tests.helpers import SEED_TEXT, Sequence, TrainRuns, WebhookReceiver, checkout, readme_sequence, run_as_written
 
+pytestmark = pytest.mark.promotion  # make test-promotion
+
 GATE_OPEN = ["registry.min_accuracy=0", "registry.min_behaviour_pass_rate=0"]
 DEADLINE_S = 60  # how long the receiver may take to mirror after the alias moved
 

@@ -32,6 +32,8 @@ from bundle.layout import MANIFEST, ContractError, parse_manifest, parse_pointer
 from tests.conftest import upload_and_train
 from tests.helpers import run_step
 
+pytestmark = pytest.mark.promotion  # make test-promotion
+
 SHA = "a" * 64
 
 

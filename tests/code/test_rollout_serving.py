@@ -21,7 +21,7 @@ from bundle.capture import CAPTURES, parse_lines
 from bundle.layout import MANIFEST, POINTER, candidate_for, parse_pointer
 from tests.helpers import MODEL_NAME, LocalServer, lambda_process, metric_filters, mirror_version, require_agnews
 
-pytestmark = pytest.mark.integration  # a server process, and 2,000 requests
+pytestmark = [pytest.mark.integration, pytest.mark.promotion]  # a server process, and 2,000 requests
 
 ROLLOUT = "3f2a9c1e7b00"
 
